@@ -1,0 +1,154 @@
+"""The consumer's configuration: read once at start-up from flags and ``SMARTGAS_CONSUMER_*`` variables.
+
+Every setting has one row in ``SETTINGS`` (flag, environment variable, type, default, help); the same
+table builds the argument parser and the README's configuration table. A flag beats its environment
+variable, which beats the default. Values are checked here, before anything opens a socket or a file,
+and nothing else in the consumer reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SMARTGAS_CONSUMER_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the consumer cannot run with; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    """Everything the consumer is told at start-up."""
+
+    coap_host: str = "::"
+    coap_port: int = 5683
+    db: Path = Path("var/smartgas.db")
+    group_window_ms: float = 2.0
+    udp_receive_buffer_bytes: int = 4 * 1024 * 1024
+    status_interval_s: float = 10.0
+    log_level: str = "INFO"
+    log_readings: bool = False
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be between 0 and 65535 (0 picks a free port)")
+    return port
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a number above 0")
+    return value
+
+
+def _window_ms(text: str) -> float:
+    value = float(text)
+    # Beyond ~50 ms the answer can no longer ride on the ACK (aiocoap sends an empty ACK at 100 ms).
+    if not 0 <= value <= 50:
+        raise ValueError("must be between 0 and 50 milliseconds")
+    return value
+
+
+def _buffer_bytes(text: str) -> int:
+    value = int(text)
+    if value < 65536:
+        raise ValueError("must be at least 65536 bytes")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("must be true or false")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configurable value: its field in ConsumerConfig, flag, parser and help."""
+
+    field: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("coap_host", "--coap-host", str, "address the CoAP server binds (UDP); '::' is every address"),
+    Setting("coap_port", "--coap-port", _port, "UDP port of the CoAP server"),
+    Setting("db", "--db", Path, "path of the SQLite store (created if missing)"),
+    Setting("group_window_ms", "--group-window-ms", _window_ms,
+            "how long a commit waits to group readings into one transaction (0 to 50 ms)"),
+    Setting("udp_receive_buffer_bytes", "--udp-receive-buffer-bytes", _buffer_bytes,
+            "SO_RCVBUF asked for the CoAP socket, so bursts are queued rather than dropped"),
+    Setting("status_interval_s", "--status-interval", _positive_float,
+            "seconds between status lines in the log"),
+    Setting("log_level", "--log-level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("log_readings", "--log-readings", _boolean, "log every accepted reading at INFO (true/false)"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; its default is None so that unset flags fall back to the environment."""
+    defaults = ConsumerConfig()
+    for setting in SETTINGS:
+        parser.add_argument(
+            setting.flag,
+            dest=setting.field,
+            default=None,
+            metavar=setting.field.split("_")[0].upper(),
+            help=f"{setting.help} [env {setting.env}, default {getattr(defaults, setting.field)}]",
+        )
+
+
+def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> ConsumerConfig:
+    """Build the config from parsed flags (raw strings or None) and the environment, checking each value."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = flags.get(setting.field)
+        source = setting.flag
+        if raw is None:
+            raw = environ.get(setting.env)
+            source = setting.env
+        if raw is None:
+            continue
+        try:
+            values[setting.field] = setting.parse(str(raw))
+        except ValueError as err:
+            raise ConfigError(f"{source}={raw!r}: {err}") from err
+    return ConsumerConfig(**values)
+
+
+def settings_table(settings: Sequence[Setting] = SETTINGS) -> str:
+    """The configuration table in Markdown, as the README shows it."""
+    defaults = ConsumerConfig()
+    known = {f.name for f in fields(ConsumerConfig)}
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for setting in settings:
+        assert setting.field in known
+        rows.append(
+            f"| `{setting.flag}` | `{setting.env}` | `{getattr(defaults, setting.field)}` | {setting.help} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,53 @@
+"""Domain errors of the consumer, each carrying the CoAP response code it stands for.
+
+As in aiocoap, raising one of these from a resource *is* the response: aiocoap renders the code and uses
+the message as the diagnostic payload (RFC 7252 §5.5.2), so a person reading a meter's log sees why.
+"""
+
+from aiocoap import error as coap_error
+from aiocoap.numbers.codes import Code
+
+
+class InvalidReading(coap_error.ConstructionRenderableError):
+    """The body is not a valid reading (malformed, wrong fields, impossible values): 4.00."""
+
+    code = Code.BAD_REQUEST
+
+
+class InvalidMeterId(coap_error.ConstructionRenderableError):
+    """The meter id in the path does not follow the documented pattern: 4.00."""
+
+    code = Code.BAD_REQUEST
+
+
+class PayloadTooLarge(coap_error.ConstructionRenderableError):
+    """The body is over the documented size limit: 4.13 with Size1 giving the limit."""
+
+    code = Code.REQUEST_ENTITY_TOO_LARGE
+
+    def __init__(self, message: str, limit_bytes: int) -> None:
+        super().__init__(message)
+        self.limit_bytes = limit_bytes
+
+    def to_message(self):  # type: ignore[no-untyped-def]
+        response = super().to_message()
+        response.opt.size1 = self.limit_bytes
+        return response
+
+
+class UnsupportedFormat(coap_error.ConstructionRenderableError):
+    """A Content-Format other than JSON (50) or CBOR (60): 4.15."""
+
+    code = Code.UNSUPPORTED_CONTENT_FORMAT
+
+
+class MeterNotFound(coap_error.ConstructionRenderableError):
+    """No reading is stored for this meter: 4.04."""
+
+    code = Code.NOT_FOUND
+
+
+class StoreUnavailable(coap_error.ConstructionRenderableError):
+    """The durable store could not commit (disk full, shutting down): 5.03, the meter retries later."""
+
+    code = Code.SERVICE_UNAVAILABLE

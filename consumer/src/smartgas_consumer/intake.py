@@ -1,0 +1,108 @@
+"""The ingest pipeline, free of CoAP: body → validate → transform (moles) → durable store → answer.
+
+``ReadingIntake.accept`` is what a PUT on ``/meters/{id}/reading`` does; the CoAP resource only
+translates. Counters here feed the status log (and later the metrics endpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiocoap.error import ConstructionRenderableError
+
+from smartgas_consumer import physics
+from smartgas_consumer.error import StoreUnavailable
+from smartgas_consumer.reading import Reading, check_meter_id, decode_body, parse_reading
+from smartgas_consumer.store import ReadingStore, StoreClosed
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The answer to an accepted reading."""
+
+    meter_id: str
+    seq: int
+    moles: float
+    stored: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"meter_id": self.meter_id, "seq": self.seq, "moles": self.moles, "stored": self.stored}
+
+
+@dataclass(slots=True)
+class IntakeCounters:
+    """Running totals since start: what arrived, what was stored, what was refused and why."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def describe(self) -> str:
+        refused = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items()))
+        return (
+            f"received={self.received} stored={self.stored} duplicates={self.duplicates} "
+            f"rejected={sum(self.rejected.values())}" + (f" ({refused})" if refused else "")
+        )
+
+
+def rejection_reason(error: Exception) -> str:
+    """A stable snake_case name for a rejection, e.g. InvalidReading → invalid_reading."""
+    name = type(error).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+class ReadingIntake:
+    """Accepts readings for the store; one instance per consumer, shared by every CoAP request."""
+
+    def __init__(
+        self,
+        store: ReadingStore,
+        *,
+        log_readings: bool = False,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.counters = IntakeCounters()
+        self._log_readings = log_readings
+        self._clock = clock
+
+    async def accept(self, meter_id: str, payload: bytes, content_format: int | None) -> Accepted:
+        """Validate, compute and durably store one reading; raise a CoAP-coded error if it is refused."""
+        self.counters.received += 1
+        try:
+            reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format))
+            return await self._store(reading)
+        except ConstructionRenderableError as err:
+            self.counters.rejected[rejection_reason(err)] += 1
+            _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
+            raise
+
+    async def _store(self, reading: Reading) -> Accepted:
+        moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)
+        try:
+            result = await self.store.add(reading, moles, self._clock())
+        except StoreClosed as err:
+            raise StoreUnavailable(f"reading not stored, retry later: {err}") from err
+        if result.stored:
+            self.counters.stored += 1
+        else:
+            self.counters.duplicates += 1
+        if self._log_readings:
+            _LOG.info(
+                "reading %s meter=%s seq=%d pressure_bar=%.2f temperature_c=%.2f moles=%.2f",
+                "stored" if result.stored else "re-sent",
+                reading.meter_id,
+                reading.seq,
+                reading.pressure_bar,
+                reading.temperature_c,
+                result.moles,
+            )
+        return Accepted(reading.meter_id, reading.seq, result.moles, result.stored)

@@ -1,0 +1,105 @@
+"""Assembly and lifecycle of the consumer: the store, the intake and the CoAP site, started and stopped.
+
+The whole resource tree is built in one place (``build_site``). ``Consumer.start`` opens the store before
+the socket, so no reading can arrive that cannot be stored; ``Consumer.stop`` closes the socket first,
+then lets the store commit what it holds. Acknowledgements are only sent after commit, so a reading that
+was acknowledged is on disk whatever the moment of the stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import aiocoap
+from aiocoap import resource
+
+from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.intake import ReadingIntake
+from smartgas_consumer.resource import MeterList, MeterReading
+from smartgas_consumer.store import ReadingStore
+
+_LOG = logging.getLogger(__name__)
+
+
+def build_site(intake: ReadingIntake) -> resource.Site:
+    """The CoAP resource tree: /.well-known/core, /meters and /meters/{meter_id}/reading."""
+    root = resource.Site()
+    root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
+    root.add_resource(["meters"], MeterList(intake))
+    root.add_resource(["meters"], MeterReading(intake))
+    return root
+
+
+def udp_socket(context: aiocoap.Context) -> socket.socket:
+    """The UDP socket under aiocoap's udp6 transport (the only transport the consumer starts)."""
+    (interface,) = context.request_interfaces
+    return interface.token_interface.message_interface.transport.get_extra_info("socket")
+
+
+class Consumer:
+    """One running consumer. ``await start()``, then ``await stop()`` (idempotent)."""
+
+    def __init__(self, config: ConsumerConfig) -> None:
+        self.config = config
+        self.store = ReadingStore(config.db, group_window_s=config.group_window_ms / 1000)
+        self.intake = ReadingIntake(self.store, log_readings=config.log_readings)
+        self._context: aiocoap.Context | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        await self.store.open()
+        # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
+        self._context = await aiocoap.Context.create_server_context(
+            build_site(self.intake),
+            bind=(self.config.coap_host, self.config.coap_port),
+            transports=["udp6"],
+            loggername="smartgas_consumer.coap",
+        )
+        sock = udp_socket(self._context)
+        self._raise_receive_buffer(sock)
+        self.port = sock.getsockname()[1]
+        summary = await self.store.summary()
+        _LOG.info(
+            "consumer listening on coap://[%s]:%d (UDP), store %s: %d readings from %d meters",
+            self.config.coap_host, self.port, self.config.db, summary.readings, summary.meters,
+        )
+        self._status_task = asyncio.create_task(self._log_status(), name="status-log")
+
+    def _raise_receive_buffer(self, sock: socket.socket) -> None:
+        # The default buffer (~208 KiB) holds only ~190 readings; a pause longer than that (a slow
+        # fsync, a GC) drops datagrams that a CON meter re-sends only seconds later.
+        wanted = self.config.udp_receive_buffer_bytes
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if granted < wanted:  # Linux caps at net.core.rmem_max (and reports double what it keeps)
+            _LOG.warning(
+                "UDP receive buffer is %d bytes, less than the %d asked: raise net.core.rmem_max",
+                granted, wanted,
+            )
+
+    async def _log_status(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            _LOG.info("status: %s", self.intake.counters.describe())
+
+    async def stop(self) -> None:
+        if self._status_task is not None:
+            self._status_task.cancel()
+            await asyncio.gather(self._status_task, return_exceptions=True)
+            self._status_task = None
+        if self._context is not None:
+            await self._context.shutdown()
+            self._context = None
+        await self.store.close()
+        _LOG.info("consumer stopped: %s", self.intake.counters.describe())
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (by SIGTERM/SIGINT in the CLI), then stop cleanly."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

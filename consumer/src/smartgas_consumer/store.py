@@ -1,0 +1,304 @@
+"""The durable store: every accepted reading is committed to SQLite (WAL mode) before it is acknowledged.
+
+One thread owns the SQLite connection; the event loop hands it work and awaits the result, so CoAP
+traffic is never blocked on disk. Writes are grouped: readings that arrive within ``group_window_s`` of
+each other share one transaction and one fsync, and every waiter is released only after that transaction
+has committed. The window is kept far below aiocoap's 100 ms empty-ACK delay so that answers still travel
+piggybacked on the ACK.
+
+Tables (schema version in ``PRAGMA user_version``):
+
+- ``readings``: one row per (meter_id, seq), with the meter's fields, the computed moles, the meter's
+  timestamp and the receive time. ``id`` is the commit order, the cursor that sinks ship from.
+- ``meters``: the meter registry; a meter is created on first sight, with first/last seen and last seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from smartgas_consumer.reading import Reading
+
+_LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (
+    id            INTEGER PRIMARY KEY,
+    meter_id      TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    ts            TEXT    NOT NULL,
+    received_at   TEXT    NOT NULL,
+    pressure_bar  REAL    NOT NULL,
+    temperature_c REAL    NOT NULL,
+    volume_l      REAL    NOT NULL,
+    moles         REAL    NOT NULL,
+    UNIQUE (meter_id, seq)
+);
+CREATE TABLE IF NOT EXISTS meters (
+    meter_id    TEXT    PRIMARY KEY,
+    first_seen  TEXT    NOT NULL,
+    last_seen   TEXT    NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    readings    INTEGER NOT NULL
+);
+"""
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC with microseconds and 'Z': sortable as text, the form every table uses."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class StoreClosed(Exception):
+    """The store is closed or closing and takes no more readings."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReading:
+    """A reading as the store holds it: the meter's fields plus what the consumer added."""
+
+    id: int
+    meter_id: str
+    seq: int
+    ts: str
+    received_at: str
+    pressure_bar: float
+    temperature_c: float
+    volume_l: float
+    moles: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "meter_id": self.meter_id,
+            "seq": self.seq,
+            "ts": self.ts,
+            "pressure_bar": self.pressure_bar,
+            "temperature_c": self.temperature_c,
+            "volume_l": self.volume_l,
+            "moles": self.moles,
+            "received_at": self.received_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What became of one reading: newly stored, or a re-send of one stored before (then its moles)."""
+
+    stored: bool
+    moles: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSummary:
+    """Counts for the status command and logs."""
+
+    readings: int
+    meters: int
+    newest_received_at: str | None
+
+
+@dataclass(slots=True)
+class _PendingReading:
+    reading: Reading
+    moles: float
+    received_at: datetime
+    done: asyncio.Future[CommitResult]
+
+
+_READING_COLUMNS = "id, meter_id, seq, ts, received_at, pressure_bar, temperature_c, volume_l, moles"
+
+
+class ReadingStore:
+    """SQLite-backed durable store with group commit. Create, ``await open()``, use, ``await close()``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        group_window_s: float = 0.002,
+        max_group_size: int = 1024,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.group_window_s = group_window_s
+        self.max_group_size = max_group_size
+        # Called on the loop after each group commit with (rows, seconds): a hook for metrics.
+        self._on_commit = on_commit
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._connection: sqlite3.Connection | None = None
+        self._queue: asyncio.Queue[_PendingReading] = asyncio.Queue()
+        self._committer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open_connection)
+        self._committer = asyncio.create_task(self._commit_loop(), name="store-committer")
+
+    async def close(self) -> None:
+        """Commit everything already queued, then close. Later ``add`` calls raise StoreClosed."""
+        self._closing = True
+        if self._committer is not None:
+            await self._queue.join()
+            self._committer.cancel()
+            await asyncio.gather(self._committer, return_exceptions=True)
+            self._committer = None
+        if self._connection is not None:
+            await self._run(self._close_connection)
+        self._executor.shutdown(wait=True)
+
+    def _open_connection(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.row_factory = sqlite3.Row
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"{self.path}: could not switch to WAL mode (got {mode})")
+        # FULL: in WAL mode, NORMAL may lose the last transactions on power loss, and an
+        # acknowledged reading must survive that.
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA busy_timeout=5000")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{self.path} has schema version {version}, newer than this consumer's {SCHEMA_VERSION}"
+            )
+        connection.executescript(_SCHEMA)
+        connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._connection = connection
+
+    def _close_connection(self) -> None:
+        assert self._connection is not None
+        self._connection.close()
+        self._connection = None
+
+    async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    async def add(self, reading: Reading, moles: float, received_at: datetime) -> CommitResult:
+        """Store a reading durably; return only once its transaction has committed."""
+        if self._closing or self._committer is None:
+            raise StoreClosed("the store is closed")
+        done: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_PendingReading(reading, moles, received_at, done))
+        return await done
+
+    async def _commit_loop(self) -> None:
+        while True:
+            group = [await self._queue.get()]
+            if self.group_window_s > 0:
+                await asyncio.sleep(self.group_window_s)
+            while len(group) < self.max_group_size and not self._queue.empty():
+                group.append(self._queue.get_nowait())
+            started = time.perf_counter()
+            try:
+                results = await self._run(self._commit_group, group)
+            except Exception as err:  # any failure to commit: nobody in this group is acknowledged
+                _LOG.error("commit of %d reading(s) failed: %s", len(group), err)
+                for pending in group:
+                    if not pending.done.done():
+                        pending.done.set_exception(StoreClosed(f"could not commit: {err}"))
+            else:
+                for pending, result in zip(group, results, strict=True):
+                    if not pending.done.done():
+                        pending.done.set_result(result)
+                if self._on_commit is not None:
+                    self._on_commit(len(group), time.perf_counter() - started)
+            finally:
+                for _ in group:
+                    self._queue.task_done()
+
+    def _commit_group(self, group: Sequence[_PendingReading]) -> list[CommitResult]:
+        connection = self._connection
+        assert connection is not None
+        results: list[CommitResult] = []
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for pending in group:
+                results.append(self._insert(connection, pending))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return results
+
+    @staticmethod
+    def _insert(connection: sqlite3.Connection, pending: _PendingReading) -> CommitResult:
+        reading = pending.reading
+        received_at = format_timestamp(pending.received_at)
+        cursor = connection.execute(
+            "INSERT OR IGNORE INTO readings (meter_id, seq, ts, received_at, pressure_bar,"
+            " temperature_c, volume_l, moles) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                reading.meter_id,
+                reading.seq,
+                format_timestamp(reading.ts),
+                received_at,
+                reading.pressure_bar,
+                reading.temperature_c,
+                reading.volume_l,
+                pending.moles,
+            ),
+        )
+        if cursor.rowcount == 0:
+            # A re-send: the first copy stays, and its moles are the answer.
+            row = connection.execute(
+                "SELECT moles FROM readings WHERE meter_id = ? AND seq = ?",
+                (reading.meter_id, reading.seq),
+            ).fetchone()
+            return CommitResult(stored=False, moles=float(row["moles"]))
+        connection.execute(
+            "INSERT INTO meters (meter_id, first_seen, last_seen, last_seq, readings)"
+            " VALUES (?, ?, ?, ?, 1)"
+            " ON CONFLICT (meter_id) DO UPDATE SET last_seen = excluded.last_seen,"
+            " last_seq = max(last_seq, excluded.last_seq), readings = readings + 1",
+            (reading.meter_id, received_at, received_at, reading.seq),
+        )
+        return CommitResult(stored=True, moles=pending.moles)
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    async def latest(self, meter_id: str) -> StoredReading | None:
+        """The meter's stored reading with the highest seq, or None."""
+        return await self._run(self._latest, meter_id)
+
+    def _latest(self, meter_id: str) -> StoredReading | None:
+        assert self._connection is not None
+        row = self._connection.execute(
+            f"SELECT {_READING_COLUMNS} FROM readings WHERE meter_id = ? ORDER BY seq DESC LIMIT 1",
+            (meter_id,),
+        ).fetchone()
+        return StoredReading(**dict(row)) if row is not None else None
+
+    async def meter_ids(self) -> list[str]:
+        return await self._run(self._meter_ids)
+
+    def _meter_ids(self) -> list[str]:
+        assert self._connection is not None
+        rows = self._connection.execute("SELECT meter_id FROM meters ORDER BY meter_id").fetchall()
+        return [row["meter_id"] for row in rows]
+
+    async def summary(self) -> StoreSummary:
+        return await self._run(self._summary)
+
+    def _summary(self) -> StoreSummary:
+        assert self._connection is not None
+        readings, newest = self._connection.execute(
+            "SELECT count(*), max(received_at) FROM readings"
+        ).fetchone()
+        (meters,) = self._connection.execute("SELECT count(*) FROM meters").fetchone()
+        return StoreSummary(readings=readings, meters=meters, newest_received_at=newest)
