@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,23 @@ class ConsumerConfig:
     status_interval_s: float = 10.0
     log_level: str = "INFO"
     log_readings: bool = False
+    # Elasticsearch sink: off unless a URL is given; then every stored reading is shipped.
+    elasticsearch_url: str | None = None
+    elasticsearch_username: str | None = None
+    elasticsearch_password: str | None = field(default=None, repr=False)
+    elasticsearch_api_key: str | None = field(default=None, repr=False)
+    elasticsearch_ca_certs: Path | None = None
+    elasticsearch_index: str = "smartgas-readings"
+    ship_batch_size: int = 500
+    ship_backoff_max_s: float = 60.0
+    retention_hours: float = 168.0
+    kibana_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.elasticsearch_password is not None and self.elasticsearch_username is None:
+            raise ConfigError("an Elasticsearch password needs a user name (--elasticsearch-username)")
+        if self.elasticsearch_api_key is not None and self.elasticsearch_username is not None:
+            raise ConfigError("give either an Elasticsearch API key or a user name and password, not both")
 
 
 def _port(text: str) -> int:
@@ -62,6 +79,25 @@ def _buffer_bytes(text: str) -> int:
     value = int(text)
     if value < 65536:
         raise ValueError("must be at least 65536 bytes")
+    return value
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+def _index_name(text: str) -> str:
+    if not text or text != text.lower() or any(c in text for c in ' "*\\<|,>/?#:') or text[0] in "-_+":
+        raise ValueError("must be a valid Elasticsearch index name (lower case, no spaces or \\/*?\"<>|,#:)")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a whole number above 0")
     return value
 
 
@@ -107,6 +143,22 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between status lines in the log"),
     Setting("log_level", "--log-level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_readings", "--log-readings", _boolean, "log every accepted reading at INFO (true/false)"),
+    Setting("elasticsearch_url", "--elasticsearch-url", _http_url,
+            "Elasticsearch to ship readings to; unset, the consumer runs on its store alone"),
+    Setting("elasticsearch_username", "--elasticsearch-username", str, "Elasticsearch user (basic auth)"),
+    Setting("elasticsearch_password", "--elasticsearch-password", str,
+            "password of that user (prefer the environment variable: flags show in `ps`)"),
+    Setting("elasticsearch_api_key", "--elasticsearch-api-key", str,
+            "Elasticsearch API key (base64 'id:key'), instead of user and password"),
+    Setting("elasticsearch_ca_certs", "--elasticsearch-ca-certs", Path,
+            "CA certificate file to trust for an https:// Elasticsearch"),
+    Setting("elasticsearch_index", "--elasticsearch-index", _index_name, "index the readings go to"),
+    Setting("ship_batch_size", "--ship-batch-size", _positive_int, "readings per bulk request"),
+    Setting("ship_backoff_max_s", "--ship-backoff-max", _positive_float,
+            "longest wait, in seconds, between retries while Elasticsearch is failing"),
+    Setting("retention_hours", "--retention-hours", _positive_float,
+            "how long shipped readings stay in the local store before they are pruned"),
+    Setting("kibana_url", "--kibana-url", _http_url, "Kibana, for `smartgas-consumer setup` to import objects"),
 )
 
 
@@ -132,7 +184,7 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Consume
         if raw is None:
             raw = environ.get(setting.env)
             source = setting.env
-        if raw is None:
+        if raw is None or raw == "":
             continue
         try:
             values[setting.field] = setting.parse(str(raw))
