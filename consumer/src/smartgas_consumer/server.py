@@ -9,6 +9,7 @@ was acknowledged is on disk whatever the moment of the stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -21,6 +22,8 @@ from smartgas_consumer.resource import MeterList, MeterReading
 from smartgas_consumer.store import ReadingStore
 
 _LOG = logging.getLogger(__name__)
+#: Linux's SO_RCVBUFFORCE (not exported by Python's socket module).
+SO_RCVBUFFORCE = 33
 
 
 def build_site(intake: ReadingIntake) -> resource.Site:
@@ -36,6 +39,11 @@ def udp_socket(context: aiocoap.Context) -> socket.socket:
     """The UDP socket under aiocoap's udp6 transport (the only transport the consumer starts)."""
     (interface,) = context.request_interfaces
     return interface.token_interface.message_interface.transport.get_extra_info("socket")
+
+
+def receive_buffer_bytes(sock: socket.socket) -> int:
+    """The receive buffer the kernel keeps for ``sock`` (Linux reports double, counting its overhead)."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
 
 
 class Consumer:
@@ -73,8 +81,12 @@ class Consumer:
         # fsync, a GC) drops datagrams that a CON meter re-sends only seconds later.
         wanted = self.config.udp_receive_buffer_bytes
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if granted < wanted:  # Linux caps at net.core.rmem_max (and reports double what it keeps)
+        if receive_buffer_bytes(sock) < wanted:
+            # SO_RCVBUF is capped at net.core.rmem_max; SO_RCVBUFFORCE is not, for a privileged process.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+        granted = receive_buffer_bytes(sock)
+        if granted < wanted:
             _LOG.warning(
                 "UDP receive buffer is %d bytes, less than the %d asked: raise net.core.rmem_max",
                 granted, wanted,

@@ -1,0 +1,54 @@
+"""Shared fixtures: the wire contract's files, a real consumer on a loopback ephemeral port, a CoAP client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import pytest
+
+from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.server import Consumer
+
+WIRE_DIR = Path(__file__).resolve().parents[2] / "docs" / "wire-format"
+
+
+def wire_example(name: str) -> Any:
+    return json.loads((WIRE_DIR / "examples" / name).read_text())
+
+
+@pytest.fixture
+def reading_schema() -> dict[str, Any]:
+    return json.loads((WIRE_DIR / "reading.schema.json").read_text())
+
+
+@pytest.fixture
+def consumer_config(tmp_path: Path) -> ConsumerConfig:
+    # Port 0: the kernel picks a free port, so parallel runs never collide (and never touch 5683).
+    return ConsumerConfig(coap_host="127.0.0.1", coap_port=0, db=tmp_path / "store.db", status_interval_s=3600)
+
+
+@pytest.fixture
+async def consumer(consumer_config: ConsumerConfig) -> AsyncIterator[Consumer]:
+    running = Consumer(consumer_config)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def coap() -> AsyncIterator[aiocoap.Context]:
+    context = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        yield context
+    finally:
+        await context.shutdown()
+
+
+def reading_uri(consumer: Consumer, meter_id: str = "bottle-0001") -> str:
+    return f"coap://127.0.0.1:{consumer.port}/meters/{meter_id}/reading"

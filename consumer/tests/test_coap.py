@@ -1,0 +1,167 @@
+"""The consumer's CoAP interface, exercised by a real aiocoap client over loopback (ephemeral port)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import aiocoap
+import cbor2
+import pytest
+from aiocoap.numbers.codes import Code
+
+from conftest import reading_uri, wire_example
+from smartgas_consumer.reading import MAX_PAYLOAD_BYTES
+from smartgas_consumer.server import Consumer
+
+INVALID = wire_example("invalid-readings.json")
+
+
+async def request(context: aiocoap.Context, code: Code, uri: str, payload: bytes = b"", **options: object) -> aiocoap.Message:
+    message = aiocoap.Message(code=code, uri=uri, payload=payload, **options)
+    return await asyncio.wait_for(context.request(message).response, timeout=10)
+
+
+async def put_json(context: aiocoap.Context, uri: str, body: object) -> aiocoap.Message:
+    return await request(context, Code.PUT, uri, json.dumps(body).encode(), content_format=50)
+
+
+async def test_put_stores_and_answers_moles(consumer: Consumer, coap: aiocoap.Context) -> None:
+    response = await put_json(coap, reading_uri(consumer), wire_example("reading-250bar.json"))
+    assert response.code == Code.CHANGED
+    assert response.opt.content_format == 50
+    answer = json.loads(response.payload)
+    expected = wire_example("response-250bar.json")
+    assert answer == pytest.approx(expected)
+    assert (await consumer.store.summary()).readings == 1
+
+
+async def test_cbor_in_cbor_out(consumer: Consumer, coap: aiocoap.Context) -> None:
+    body = cbor2.dumps(wire_example("reading-200bar.json"))
+    response = await request(coap, Code.PUT, reading_uri(consumer, "cbor-meter"), body, content_format=60)
+    assert response.code == Code.CHANGED and response.opt.content_format == 60
+    assert cbor2.loads(response.payload)["moles"] == pytest.approx(205.1379, abs=1e-3)
+
+
+async def test_resend_acknowledged_again_stored_once(consumer: Consumer, coap: aiocoap.Context) -> None:
+    body = wire_example("reading-250bar.json")
+    first = json.loads((await put_json(coap, reading_uri(consumer), body)).payload)
+    again = await put_json(coap, reading_uri(consumer), body)
+    assert again.code == Code.CHANGED
+    assert first["stored"] is True and json.loads(again.payload)["stored"] is False
+    assert (await consumer.store.summary()).readings == 1
+    assert consumer.intake.counters.duplicates == 1
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c["name"] for c in INVALID])
+async def test_invalid_bodies_get_400_with_diagnostic(consumer: Consumer, coap: aiocoap.Context, case: dict[str, str]) -> None:
+    response = await request(coap, Code.PUT, reading_uri(consumer), case["payload"].encode(), content_format=50)
+    assert str(response.code).startswith(case["code"])
+    assert case["diagnostic_contains"] in response.payload.decode()
+    assert (await consumer.store.summary()).readings == 0
+
+
+async def test_bad_input_never_touches_accepted_data(consumer: Consumer, coap: aiocoap.Context) -> None:
+    await put_json(coap, reading_uri(consumer), wire_example("reading-250bar.json"))
+    for case in INVALID:
+        await request(coap, Code.PUT, reading_uri(consumer), case["payload"].encode(), content_format=50)
+    latest = json.loads((await request(coap, Code.GET, reading_uri(consumer))).payload)
+    assert latest["pressure_bar"] == 250.0 and latest["seq"] == 0
+    assert (await consumer.store.summary()).readings == 1
+
+
+async def test_invalid_meter_id_is_400(consumer: Consumer, coap: aiocoap.Context) -> None:
+    response = await put_json(coap, reading_uri(consumer, "-bad"), wire_example("reading-250bar.json"))
+    assert response.code == Code.BAD_REQUEST
+    assert "meter id" in response.payload.decode()
+
+
+async def test_other_content_format_is_415(consumer: Consumer, coap: aiocoap.Context) -> None:
+    response = await request(coap, Code.PUT, reading_uri(consumer), b"seq=1", content_format=0)
+    assert response.code == Code.UNSUPPORTED_CONTENT_FORMAT
+    assert "Content-Format 0" in response.payload.decode()
+
+
+async def test_oversized_body_is_413_with_size1(consumer: Consumer, coap: aiocoap.Context) -> None:
+    body = wire_example("reading-250bar.json")
+    payload = json.dumps(body).encode().ljust(MAX_PAYLOAD_BYTES + 200)  # valid JSON padded with spaces
+    response = await request(coap, Code.PUT, reading_uri(consumer), payload, content_format=50)
+    assert response.code == Code.REQUEST_ENTITY_TOO_LARGE
+    assert response.opt.size1 == MAX_PAYLOAD_BYTES
+    assert str(MAX_PAYLOAD_BYTES) in response.payload.decode()
+
+
+@pytest.mark.parametrize("path", ["nothing", "meters/m1", "meters/m1/reading/extra", "meters/m1/pressure"])
+async def test_unknown_paths_are_404(consumer: Consumer, coap: aiocoap.Context, path: str) -> None:
+    response = await request(coap, Code.GET, f"coap://127.0.0.1:{consumer.port}/{path}")
+    assert response.code == Code.NOT_FOUND
+
+
+@pytest.mark.parametrize("code", [Code.POST, Code.DELETE])
+async def test_wrong_method_is_405(consumer: Consumer, coap: aiocoap.Context, code: Code) -> None:
+    response = await request(coap, code, reading_uri(consumer))
+    assert response.code == Code.METHOD_NOT_ALLOWED
+
+
+async def test_get_latest_reading(consumer: Consumer, coap: aiocoap.Context) -> None:
+    missing = await request(coap, Code.GET, reading_uri(consumer))
+    assert missing.code == Code.NOT_FOUND and "bottle-0001" in missing.payload.decode()
+    for seq, pressure in [(0, 250.0), (2, 240.0), (1, 245.0)]:  # seq 1 arrives late
+        await put_json(coap, reading_uri(consumer), {**wire_example("reading-250bar.json"), "seq": seq, "pressure_bar": pressure})
+    latest = await request(coap, Code.GET, reading_uri(consumer))
+    assert latest.code == Code.CONTENT
+    document = json.loads(latest.payload)
+    assert (document["seq"], document["pressure_bar"]) == (2, 240.0)
+    assert document["moles"] == pytest.approx(240 * 1e5 * 0.05 / (8.314462618 * 298.15))
+    assert document["received_at"].endswith("Z")
+
+
+async def test_well_known_core_and_meter_list(consumer: Consumer, coap: aiocoap.Context) -> None:
+    await put_json(coap, reading_uri(consumer, "b-1"), wire_example("reading-250bar.json"))
+    await put_json(coap, reading_uri(consumer, "b-2"), wire_example("reading-250bar.json"))
+    wkc = await request(coap, Code.GET, f"coap://127.0.0.1:{consumer.port}/.well-known/core")
+    assert wkc.code == Code.CONTENT and wkc.opt.content_format == 40
+    assert "</meters>" in wkc.payload.decode()
+    listing = await request(coap, Code.GET, f"coap://127.0.0.1:{consumer.port}/meters")
+    assert listing.payload.decode().split(",") == [
+        '</meters/b-1/reading>;rt="smartgas.reading"',
+        '</meters/b-2/reading>;rt="smartgas.reading"',
+    ]
+
+
+async def test_many_meters_concurrently_all_stored(consumer: Consumer) -> None:
+    # One client endpoint per meter, as real meters have; 200 meters x 5 readings, bounded by the timeout.
+    contexts = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(200)]
+    try:
+        async def meter(index: int, context: aiocoap.Context) -> list[int]:
+            codes = []
+            for seq in range(5):
+                body = {**wire_example("reading-250bar.json"), "seq": seq}
+                codes.append((await put_json(context, reading_uri(consumer, f"m{index}"), body)).code)
+            return codes
+        results = await asyncio.wait_for(asyncio.gather(*(meter(i, c) for i, c in enumerate(contexts))), 60)
+    finally:
+        await asyncio.gather(*(c.shutdown() for c in contexts))
+    assert all(code == Code.CHANGED for codes in results for code in codes)
+    assert (await consumer.store.summary()).readings == 1000
+
+
+async def test_receive_buffer_raised(consumer: Consumer) -> None:
+    from smartgas_consumer.server import receive_buffer_bytes, udp_socket
+
+    assert consumer._context is not None
+    # The Linux default is 208 KiB (~190 readings); the consumer asks for 4 MiB and must get it here.
+    assert receive_buffer_bytes(udp_socket(consumer._context)) >= consumer.config.udp_receive_buffer_bytes
+
+
+async def test_stopped_consumer_kept_what_it_acknowledged(consumer_config, coap: aiocoap.Context) -> None:  # type: ignore[no-untyped-def]
+    running = Consumer(consumer_config)
+    await running.start()
+    acknowledged = 0
+    for seq in range(20):
+        response = await put_json(coap, reading_uri(running), {**wire_example("reading-250bar.json"), "seq": seq})
+        acknowledged += response.code == Code.CHANGED
+    await running.stop()
+    with sqlite3.connect(consumer_config.db) as connection:
+        assert connection.execute("SELECT count(*) FROM readings").fetchone()[0] == acknowledged == 20

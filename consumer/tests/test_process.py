@@ -1,0 +1,138 @@
+"""The consumer as a real process: start, stop with SIGTERM/SIGINT under load, restart, nothing acknowledged lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiocoap
+import pytest
+from aiocoap.numbers.codes import Code
+
+from conftest import wire_example
+
+LISTENING = re.compile(rb"listening on coap://\[127\.0\.0\.1\]:(\d+)")
+
+
+@asynccontextmanager
+async def consumer_process(db: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smartgas_consumer", "serve",
+        "--coap-host", "127.0.0.1", "--coap-port", "0", "--db", str(db),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
+        match = LISTENING.search(line)
+        assert match, line
+        yield process, int(match.group(1))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def send_until_refused(port: int, meter_ids: list[str], acknowledged: set[tuple[str, int]], stop_after: asyncio.Event) -> None:
+    """Each meter sends readings with increasing seq until its requests stop being answered."""
+    async def meter(meter_id: str) -> None:
+        context = await aiocoap.Context.create_client_context(transports=["udp6"])
+        try:
+            for seq in range(10_000):  # bounded; the process stop ends it far earlier
+                body = json.dumps({**wire_example("reading-250bar.json"), "seq": seq}).encode()
+                message = aiocoap.Message(code=Code.PUT, uri=f"coap://127.0.0.1:{port}/meters/{meter_id}/reading",
+                                          payload=body, content_format=50)
+                try:
+                    response = await asyncio.wait_for(context.request(message).response, timeout=1.5)
+                except (aiocoap.error.Error, TimeoutError):
+                    return
+                if response.code == Code.CHANGED:
+                    acknowledged.add((meter_id, seq))
+                    if len(acknowledged) >= 100:
+                        stop_after.set()
+                else:
+                    return
+        finally:
+            await context.shutdown()
+    await asyncio.gather(*(meter(m) for m in meter_ids))
+
+
+def stored_keys(db: Path) -> set[tuple[str, int]]:
+    with sqlite3.connect(db) as connection:
+        return set(connection.execute("SELECT meter_id, seq FROM readings"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_stop_under_load_loses_nothing_acknowledged(tmp_path: Path, signum: signal.Signals) -> None:
+    db = tmp_path / "store.db"
+    acknowledged: set[tuple[str, int]] = set()
+    async with consumer_process(db) as (process, port):
+        enough = asyncio.Event()
+        senders = asyncio.create_task(send_until_refused(port, [f"m{i}" for i in range(10)], acknowledged, enough))
+        await asyncio.wait_for(enough.wait(), timeout=30)
+        process.send_signal(signum)  # mid-stream: requests are in flight
+        assert await asyncio.wait_for(process.wait(), timeout=20) == 0
+        await asyncio.wait_for(senders, timeout=30)
+    assert len(acknowledged) >= 100
+    assert acknowledged <= stored_keys(db)
+
+
+async def test_restart_keeps_readings_and_answers_resends(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    body = wire_example("reading-250bar.json")
+    context = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        async def put(port: int, seq: int) -> aiocoap.Message:
+            message = aiocoap.Message(code=Code.PUT, uri=f"coap://127.0.0.1:{port}/meters/m1/reading",
+                                      payload=json.dumps({**body, "seq": seq}).encode(), content_format=50)
+            return await asyncio.wait_for(context.request(message).response, timeout=10)
+
+        async with consumer_process(db) as (process, port):
+            for seq in range(5):
+                assert (await put(port, seq)).code == Code.CHANGED
+            process.terminate()
+            await asyncio.wait_for(process.wait(), timeout=20)
+        async with consumer_process(db) as (process, port):
+            resend = await put(port, 4)  # the meter never saw this answer: it sends again after restart
+            assert json.loads(resend.payload)["stored"] is False
+            latest = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{port}/meters/m1/reading")
+            answer = await asyncio.wait_for(context.request(latest).response, timeout=10)
+            assert json.loads(answer.payload)["seq"] == 4
+            process.terminate()
+            await asyncio.wait_for(process.wait(), timeout=20)
+    finally:
+        await context.shutdown()
+    assert stored_keys(db) == {("m1", seq) for seq in range(5)}
+
+
+async def test_bad_configuration_exits_2_naming_the_setting(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smartgas_consumer", "serve", "--coap-port", "70000", "--db", str(tmp_path / "x.db"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    assert process.returncode == 2
+    assert b"--coap-port='70000'" in stderr
+
+
+async def test_status_command_reports_store(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    async with consumer_process(db) as (process, port):
+        context = await aiocoap.Context.create_client_context(transports=["udp6"])
+        message = aiocoap.Message(code=Code.PUT, uri=f"coap://127.0.0.1:{port}/meters/m9/reading",
+                                  payload=json.dumps(wire_example("reading-250bar.json")).encode(), content_format=50)
+        await asyncio.wait_for(context.request(message).response, timeout=10)
+        await context.shutdown()
+        status = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "smartgas_consumer", "status", "--db", str(db), stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await asyncio.wait_for(status.communicate(), timeout=20)
+        report = json.loads(stdout)
+        assert (report["readings"], report["meters"]) == (1, 1)

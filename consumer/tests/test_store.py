@@ -1,0 +1,147 @@
+"""The durable store on a real SQLite file: WAL, group commit, duplicates, registry, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from smartgas_consumer.reading import Reading
+from smartgas_consumer.store import ReadingStore, StoreClosed
+
+T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+
+
+def reading(meter_id: str = "m1", seq: int = 0, pressure_bar: float = 200.0) -> Reading:
+    return Reading(meter_id, seq, T0 + timedelta(seconds=10 * seq), pressure_bar, 20.0, 50.0)
+
+
+async def open_store(path: Path, **kwargs: float) -> ReadingStore:
+    store = ReadingStore(path, **kwargs)  # type: ignore[arg-type]
+    await store.open()
+    return store
+
+
+async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+async def test_add_then_read_back(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        result = await store.add(reading(seq=3), 410.5, T0)
+        assert result.stored and result.moles == 410.5
+        latest = await store.latest("m1")
+        assert latest is not None
+        assert (latest.seq, latest.moles, latest.ts) == (3, 410.5, "2026-11-23T08:00:30.000000Z")
+        assert latest.received_at == "2026-11-23T08:00:00.000000Z"
+        assert await store.latest("nobody") is None
+    finally:
+        await store.close()
+
+
+async def test_resend_is_stored_once_and_answers_first_moles(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        first = await store.add(reading(seq=1), 100.0, T0)
+        again = await store.add(reading(seq=1, pressure_bar=999.0), 999.0, T0)
+        assert first.stored and not again.stored
+        assert again.moles == 100.0
+        summary = await store.summary()
+        assert summary.readings == 1
+    finally:
+        await store.close()
+
+
+async def test_concurrent_adds_share_commits_and_all_land(tmp_path: Path) -> None:
+    commits: list[int] = []
+    store = ReadingStore(tmp_path / "s.db", group_window_s=0.005, on_commit=lambda rows, _: commits.append(rows))
+    await store.open()
+    try:
+        results = await asyncio.gather(*(store.add(reading(f"m{i % 7}", i), float(i), T0) for i in range(300)))
+        assert all(r.stored for r in results)
+        assert sum(commits) == 300
+        assert len(commits) < 300  # readings were grouped, not one transaction each
+        assert (await store.summary()).readings == 300
+    finally:
+        await store.close()
+
+
+async def test_same_seq_twice_in_one_group(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db", group_window_s=0.01)
+    try:
+        a, b = await asyncio.gather(store.add(reading(seq=5), 1.0, T0), store.add(reading(seq=5), 1.0, T0))
+        assert sorted([a.stored, b.stored]) == [False, True]
+    finally:
+        await store.close()
+
+
+async def test_registry_tracks_first_last_and_last_seq(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        await store.add(reading(seq=4), 1.0, T0)
+        await store.add(reading(seq=2), 1.0, T0 + timedelta(seconds=5))  # late, out of order
+        await store.add(reading("m2", 0), 1.0, T0)
+        assert await store.meter_ids() == ["m1", "m2"]
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        row = connection.execute("SELECT first_seen, last_seen, last_seq, readings FROM meters WHERE meter_id='m1'").fetchone()
+    assert row == ("2026-11-23T08:00:00.000000Z", "2026-11-23T08:00:05.000000Z", 4, 2)
+
+
+async def test_everything_acknowledged_survives_reopen(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await asyncio.gather(*(store.add(reading(seq=i), float(i), T0) for i in range(50)))
+    await store.close()
+    reopened = await open_store(tmp_path / "s.db")
+    try:
+        assert (await reopened.summary()).readings == 50
+        latest = await reopened.latest("m1")
+        assert latest is not None and latest.seq == 49
+    finally:
+        await reopened.close()
+
+
+async def test_close_commits_what_is_queued_and_refuses_more(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db", group_window_s=0.02)
+    pending = [asyncio.create_task(store.add(reading(seq=i), 1.0, T0)) for i in range(20)]
+    await asyncio.sleep(0)  # let them queue
+    await store.close()
+    assert all(task.result().stored for task in pending)
+    with pytest.raises(StoreClosed):
+        await store.add(reading(seq=99), 1.0, T0)
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("SELECT count(*) FROM readings").fetchone()[0] == 20
+
+
+async def test_failed_commit_acknowledges_nobody(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        # Another writer holds the database: our commit cannot happen, and must say so, not pretend.
+        blocker = sqlite3.connect(tmp_path / "s.db", timeout=0)
+        blocker.execute("BEGIN EXCLUSIVE")
+        await store._run(lambda: store._connection.execute("PRAGMA busy_timeout=50"))  # fail fast
+        with pytest.raises(StoreClosed, match="could not commit"):
+            await store.add(reading(seq=1), 1.0, T0)
+        blocker.rollback()
+        blocker.close()
+        assert (await store.add(reading(seq=1), 1.0, T0)).stored  # and it recovers
+    finally:
+        await store.close()
+
+
+async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        connection.execute("PRAGMA user_version=99")
+    store = ReadingStore(tmp_path / "s.db")
+    with pytest.raises(sqlite3.DatabaseError, match="schema version 99"):
+        await store.open()
+    await store.close()
