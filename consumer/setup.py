@@ -6,6 +6,7 @@ Kept so that ``python setup.py test`` runs this package's pytest suite, as the o
 
 import subprocess
 import sys
+from typing import ClassVar
 
 from setuptools import Command, setup
 
@@ -14,7 +15,7 @@ class PytestCommand(Command):
     """``python setup.py test``: run the pytest suite under tests/ and fail if it fails."""
 
     description = "run the package's pytest suite"
-    user_options = [("pytest-args=", "a", "extra arguments for pytest")]
+    user_options: ClassVar[list[tuple[str, str, str]]] = [("pytest-args=", "a", "extra arguments for pytest")]
 
     def initialize_options(self) -> None:
         self.pytest_args = ""

@@ -15,10 +15,14 @@ from conftest import reading_uri, wire_example
 from smartgas_consumer.reading import MAX_PAYLOAD_BYTES
 from smartgas_consumer.server import Consumer
 
+pytestmark = pytest.mark.integration
+
 INVALID = wire_example("invalid-readings.json")
 
 
-async def request(context: aiocoap.Context, code: Code, uri: str, payload: bytes = b"", **options: object) -> aiocoap.Message:
+async def request(
+    context: aiocoap.Context, code: Code, uri: str, payload: bytes = b"", **options: object
+) -> aiocoap.Message:
     message = aiocoap.Message(code=code, uri=uri, payload=payload, **options)
     return await asyncio.wait_for(context.request(message).response, timeout=10)
 
@@ -55,8 +59,12 @@ async def test_resend_acknowledged_again_stored_once(consumer: Consumer, coap: a
 
 
 @pytest.mark.parametrize("case", INVALID, ids=[c["name"] for c in INVALID])
-async def test_invalid_bodies_get_400_with_diagnostic(consumer: Consumer, coap: aiocoap.Context, case: dict[str, str]) -> None:
-    response = await request(coap, Code.PUT, reading_uri(consumer), case["payload"].encode(), content_format=50)
+async def test_invalid_bodies_get_400_with_diagnostic(
+    consumer: Consumer, coap: aiocoap.Context, case: dict[str, str]
+) -> None:
+    response = await request(
+        coap, Code.PUT, reading_uri(consumer), case["payload"].encode(), content_format=50
+    )
     assert str(response.code).startswith(case["code"])
     assert case["diagnostic_contains"] in response.payload.decode()
     assert (await consumer.store.summary()).readings == 0
@@ -108,7 +116,11 @@ async def test_get_latest_reading(consumer: Consumer, coap: aiocoap.Context) -> 
     missing = await request(coap, Code.GET, reading_uri(consumer))
     assert missing.code == Code.NOT_FOUND and "bottle-0001" in missing.payload.decode()
     for seq, pressure in [(0, 250.0), (2, 240.0), (1, 245.0)]:  # seq 1 arrives late
-        await put_json(coap, reading_uri(consumer), {**wire_example("reading-250bar.json"), "seq": seq, "pressure_bar": pressure})
+        await put_json(
+            coap,
+            reading_uri(consumer),
+            {**wire_example("reading-250bar.json"), "seq": seq, "pressure_bar": pressure},
+        )
     latest = await request(coap, Code.GET, reading_uri(consumer))
     assert latest.code == Code.CONTENT
     document = json.loads(latest.payload)
@@ -134,12 +146,14 @@ async def test_many_meters_concurrently_all_stored(consumer: Consumer) -> None:
     # One client endpoint per meter, as real meters have; 200 meters x 5 readings, bounded by the timeout.
     contexts = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(200)]
     try:
+
         async def meter(index: int, context: aiocoap.Context) -> list[int]:
             codes = []
             for seq in range(5):
                 body = {**wire_example("reading-250bar.json"), "seq": seq}
                 codes.append((await put_json(context, reading_uri(consumer, f"m{index}"), body)).code)
             return codes
+
         results = await asyncio.wait_for(asyncio.gather(*(meter(i, c) for i, c in enumerate(contexts))), 60)
     finally:
         await asyncio.gather(*(c.shutdown() for c in contexts))
@@ -160,7 +174,9 @@ async def test_stopped_consumer_kept_what_it_acknowledged(consumer_config, coap:
     await running.start()
     acknowledged = 0
     for seq in range(20):
-        response = await put_json(coap, reading_uri(running), {**wire_example("reading-250bar.json"), "seq": seq})
+        response = await put_json(
+            coap, reading_uri(running), {**wire_example("reading-250bar.json"), "seq": seq}
+        )
         acknowledged += response.code == Code.CHANGED
     await running.stop()
     with sqlite3.connect(consumer_config.db) as connection:

@@ -17,9 +17,13 @@ from conftest import reading_uri, wire_example
 from smartgas_consumer.server import Consumer
 
 COAP_CLIENT = shutil.which("coap-client-notls")
-pytestmark = pytest.mark.skipif(
-    COAP_CLIENT is None, reason="coap-client-notls not installed (Debian libcoap3-bin; `make test` installs it)"
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        COAP_CLIENT is None,
+        reason="coap-client-notls not installed (Debian libcoap3-bin; `make test` installs it)",
+    ),
+]
 INVALID = wire_example("invalid-readings.json")
 
 
@@ -27,8 +31,12 @@ async def coap_client(*arguments: str) -> tuple[str, str]:
     """Run coap-client-notls, bounded in time; return (stdout, stderr)."""
     assert COAP_CLIENT is not None
     process = await asyncio.create_subprocess_exec(
-        COAP_CLIENT, "-B", "5", *arguments,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        COAP_CLIENT,
+        "-B",
+        "5",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=15)
     return stdout.decode(), stderr.decode()

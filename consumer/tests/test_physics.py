@@ -34,7 +34,14 @@ def test_empty_bottle_holds_no_gas() -> None:
 
 @pytest.mark.parametrize(
     ("pressure_bar", "temperature_c", "volume_l"),
-    [(-1, 20, 50), (200, -273.15, 50), (200, -300, 50), (200, 20, 0), (math.nan, 20, 50), (200, math.inf, 50)],
+    [
+        (-1, 20, 50),
+        (200, -273.15, 50),
+        (200, -300, 50),
+        (200, 20, 0),
+        (math.nan, 20, 50),
+        (200, math.inf, 50),
+    ],
 )
 def test_impossible_inputs_are_refused(pressure_bar: float, temperature_c: float, volume_l: float) -> None:
     with pytest.raises(ValueError):

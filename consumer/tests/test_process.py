@@ -1,4 +1,4 @@
-"""The consumer as a real process: start, stop with SIGTERM/SIGINT under load, restart, nothing acknowledged lost."""
+"""The consumer as a real process: stopped by SIGTERM/SIGINT under load and restarted, losing nothing."""
 
 from __future__ import annotations
 
@@ -18,14 +18,25 @@ from aiocoap.numbers.codes import Code
 
 from conftest import wire_example
 
+pytestmark = pytest.mark.integration
+
+
 LISTENING = re.compile(rb"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 
 
 @asynccontextmanager
 async def consumer_process(db: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "smartgas_consumer", "serve",
-        "--coap-host", "127.0.0.1", "--coap-port", "0", "--db", str(db),
+        sys.executable,
+        "-m",
+        "smartgas_consumer",
+        "serve",
+        "--coap-host",
+        "127.0.0.1",
+        "--coap-port",
+        "0",
+        "--db",
+        str(db),
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
@@ -40,15 +51,22 @@ async def consumer_process(db: Path) -> AsyncIterator[tuple[asyncio.subprocess.P
             await process.wait()
 
 
-async def send_until_refused(port: int, meter_ids: list[str], acknowledged: set[tuple[str, int]], stop_after: asyncio.Event) -> None:
+async def send_until_refused(
+    port: int, meter_ids: list[str], acknowledged: set[tuple[str, int]], stop_after: asyncio.Event
+) -> None:
     """Each meter sends readings with increasing seq until its requests stop being answered."""
+
     async def meter(meter_id: str) -> None:
         context = await aiocoap.Context.create_client_context(transports=["udp6"])
         try:
             for seq in range(10_000):  # bounded; the process stop ends it far earlier
                 body = json.dumps({**wire_example("reading-250bar.json"), "seq": seq}).encode()
-                message = aiocoap.Message(code=Code.PUT, uri=f"coap://127.0.0.1:{port}/meters/{meter_id}/reading",
-                                          payload=body, content_format=50)
+                message = aiocoap.Message(
+                    code=Code.PUT,
+                    uri=f"coap://127.0.0.1:{port}/meters/{meter_id}/reading",
+                    payload=body,
+                    content_format=50,
+                )
                 try:
                     response = await asyncio.wait_for(context.request(message).response, timeout=1.5)
                 except (aiocoap.error.Error, TimeoutError):
@@ -61,6 +79,7 @@ async def send_until_refused(port: int, meter_ids: list[str], acknowledged: set[
                     return
         finally:
             await context.shutdown()
+
     await asyncio.gather(*(meter(m) for m in meter_ids))
 
 
@@ -75,7 +94,9 @@ async def test_stop_under_load_loses_nothing_acknowledged(tmp_path: Path, signum
     acknowledged: set[tuple[str, int]] = set()
     async with consumer_process(db) as (process, port):
         enough = asyncio.Event()
-        senders = asyncio.create_task(send_until_refused(port, [f"m{i}" for i in range(10)], acknowledged, enough))
+        senders = asyncio.create_task(
+            send_until_refused(port, [f"m{i}" for i in range(10)], acknowledged, enough)
+        )
         await asyncio.wait_for(enough.wait(), timeout=30)
         process.send_signal(signum)  # mid-stream: requests are in flight
         assert await asyncio.wait_for(process.wait(), timeout=20) == 0
@@ -89,9 +110,14 @@ async def test_restart_keeps_readings_and_answers_resends(tmp_path: Path) -> Non
     body = wire_example("reading-250bar.json")
     context = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
+
         async def put(port: int, seq: int) -> aiocoap.Message:
-            message = aiocoap.Message(code=Code.PUT, uri=f"coap://127.0.0.1:{port}/meters/m1/reading",
-                                      payload=json.dumps({**body, "seq": seq}).encode(), content_format=50)
+            message = aiocoap.Message(
+                code=Code.PUT,
+                uri=f"coap://127.0.0.1:{port}/meters/m1/reading",
+                payload=json.dumps({**body, "seq": seq}).encode(),
+                content_format=50,
+            )
             return await asyncio.wait_for(context.request(message).response, timeout=10)
 
         async with consumer_process(db) as (process, port):
@@ -114,7 +140,14 @@ async def test_restart_keeps_readings_and_answers_resends(tmp_path: Path) -> Non
 
 async def test_bad_configuration_exits_2_naming_the_setting(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "smartgas_consumer", "serve", "--coap-port", "70000", "--db", str(tmp_path / "x.db"),
+        sys.executable,
+        "-m",
+        "smartgas_consumer",
+        "serve",
+        "--coap-port",
+        "70000",
+        "--db",
+        str(tmp_path / "x.db"),
         stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
@@ -124,14 +157,24 @@ async def test_bad_configuration_exits_2_naming_the_setting(tmp_path: Path) -> N
 
 async def test_status_command_reports_store(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
-    async with consumer_process(db) as (process, port):
+    async with consumer_process(db) as (_, port):
         context = await aiocoap.Context.create_client_context(transports=["udp6"])
-        message = aiocoap.Message(code=Code.PUT, uri=f"coap://127.0.0.1:{port}/meters/m9/reading",
-                                  payload=json.dumps(wire_example("reading-250bar.json")).encode(), content_format=50)
+        message = aiocoap.Message(
+            code=Code.PUT,
+            uri=f"coap://127.0.0.1:{port}/meters/m9/reading",
+            payload=json.dumps(wire_example("reading-250bar.json")).encode(),
+            content_format=50,
+        )
         await asyncio.wait_for(context.request(message).response, timeout=10)
         await context.shutdown()
         status = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "smartgas_consumer", "status", "--db", str(db), stdout=asyncio.subprocess.PIPE
+            sys.executable,
+            "-m",
+            "smartgas_consumer",
+            "status",
+            "--db",
+            str(db),
+            stdout=asyncio.subprocess.PIPE,
         )
         stdout, _ = await asyncio.wait_for(status.communicate(), timeout=20)
         report = json.loads(stdout)

@@ -62,10 +62,14 @@ async def test_resend_is_stored_once_and_answers_first_moles(tmp_path: Path) -> 
 
 async def test_concurrent_adds_share_commits_and_all_land(tmp_path: Path) -> None:
     commits: list[int] = []
-    store = ReadingStore(tmp_path / "s.db", group_window_s=0.005, on_commit=lambda rows, _: commits.append(rows))
+    store = ReadingStore(
+        tmp_path / "s.db", group_window_s=0.005, on_commit=lambda rows, _: commits.append(rows)
+    )
     await store.open()
     try:
-        results = await asyncio.gather(*(store.add(reading(f"m{i % 7}", i), float(i), T0) for i in range(300)))
+        results = await asyncio.gather(
+            *(store.add(reading(f"m{i % 7}", i), float(i), T0) for i in range(300))
+        )
         assert all(r.stored for r in results)
         assert sum(commits) == 300
         assert len(commits) < 300  # readings were grouped, not one transaction each
@@ -93,7 +97,9 @@ async def test_registry_tracks_first_last_and_last_seq(tmp_path: Path) -> None:
     finally:
         await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
-        row = connection.execute("SELECT first_seen, last_seen, last_seq, readings FROM meters WHERE meter_id='m1'").fetchone()
+        row = connection.execute(
+            "SELECT first_seen, last_seen, last_seq, readings FROM meters WHERE meter_id='m1'"
+        ).fetchone()
     assert row == ("2026-11-23T08:00:00.000000Z", "2026-11-23T08:00:05.000000Z", 4, 2)
 
 

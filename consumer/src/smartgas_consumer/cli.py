@@ -1,4 +1,4 @@
-"""Command line: ``smartgas-consumer serve`` runs the consumer; ``smartgas-consumer status`` reports on a store.
+"""Command line: ``smartgas-consumer serve`` runs the consumer; ``status`` reports on a store.
 
 Exit codes: 0 success, 2 bad configuration (the message names the setting), 1 failure at run time.
 """

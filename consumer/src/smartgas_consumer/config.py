@@ -90,7 +90,7 @@ def _http_url(text: str) -> str:
 
 def _index_name(text: str) -> str:
     if not text or text != text.lower() or any(c in text for c in ' "*\\<|,>/?#:') or text[0] in "-_+":
-        raise ValueError("must be a valid Elasticsearch index name (lower case, no spaces or \\/*?\"<>|,#:)")
+        raise ValueError('must be a valid Elasticsearch index name (lower case, no spaces or \\/*?"<>|,#:)')
     return text
 
 
@@ -135,30 +135,65 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("coap_host", "--coap-host", str, "address the CoAP server binds (UDP); '::' is every address"),
     Setting("coap_port", "--coap-port", _port, "UDP port of the CoAP server"),
     Setting("db", "--db", Path, "path of the SQLite store (created if missing)"),
-    Setting("group_window_ms", "--group-window-ms", _window_ms,
-            "how long a commit waits to group readings into one transaction (0 to 50 ms)"),
-    Setting("udp_receive_buffer_bytes", "--udp-receive-buffer-bytes", _buffer_bytes,
-            "SO_RCVBUF asked for the CoAP socket, so bursts are queued rather than dropped"),
-    Setting("status_interval_s", "--status-interval", _positive_float,
-            "seconds between status lines in the log"),
+    Setting(
+        "group_window_ms",
+        "--group-window-ms",
+        _window_ms,
+        "how long a commit waits to group readings into one transaction (0 to 50 ms)",
+    ),
+    Setting(
+        "udp_receive_buffer_bytes",
+        "--udp-receive-buffer-bytes",
+        _buffer_bytes,
+        "SO_RCVBUF asked for the CoAP socket, so bursts are queued rather than dropped",
+    ),
+    Setting(
+        "status_interval_s", "--status-interval", _positive_float, "seconds between status lines in the log"
+    ),
     Setting("log_level", "--log-level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_readings", "--log-readings", _boolean, "log every accepted reading at INFO (true/false)"),
-    Setting("elasticsearch_url", "--elasticsearch-url", _http_url,
-            "Elasticsearch to ship readings to; unset, the consumer runs on its store alone"),
+    Setting(
+        "elasticsearch_url",
+        "--elasticsearch-url",
+        _http_url,
+        "Elasticsearch to ship readings to; unset, the consumer runs on its store alone",
+    ),
     Setting("elasticsearch_username", "--elasticsearch-username", str, "Elasticsearch user (basic auth)"),
-    Setting("elasticsearch_password", "--elasticsearch-password", str,
-            "password of that user (prefer the environment variable: flags show in `ps`)"),
-    Setting("elasticsearch_api_key", "--elasticsearch-api-key", str,
-            "Elasticsearch API key (base64 'id:key'), instead of user and password"),
-    Setting("elasticsearch_ca_certs", "--elasticsearch-ca-certs", Path,
-            "CA certificate file to trust for an https:// Elasticsearch"),
+    Setting(
+        "elasticsearch_password",
+        "--elasticsearch-password",
+        str,
+        "password of that user (prefer the environment variable: flags show in `ps`)",
+    ),
+    Setting(
+        "elasticsearch_api_key",
+        "--elasticsearch-api-key",
+        str,
+        "Elasticsearch API key (base64 'id:key'), instead of user and password",
+    ),
+    Setting(
+        "elasticsearch_ca_certs",
+        "--elasticsearch-ca-certs",
+        Path,
+        "CA certificate file to trust for an https:// Elasticsearch",
+    ),
     Setting("elasticsearch_index", "--elasticsearch-index", _index_name, "index the readings go to"),
     Setting("ship_batch_size", "--ship-batch-size", _positive_int, "readings per bulk request"),
-    Setting("ship_backoff_max_s", "--ship-backoff-max", _positive_float,
-            "longest wait, in seconds, between retries while Elasticsearch is failing"),
-    Setting("retention_hours", "--retention-hours", _positive_float,
-            "how long shipped readings stay in the local store before they are pruned"),
-    Setting("kibana_url", "--kibana-url", _http_url, "Kibana, for `smartgas-consumer setup` to import objects"),
+    Setting(
+        "ship_backoff_max_s",
+        "--ship-backoff-max",
+        _positive_float,
+        "longest wait, in seconds, between retries while Elasticsearch is failing",
+    ),
+    Setting(
+        "retention_hours",
+        "--retention-hours",
+        _positive_float,
+        "how long shipped readings stay in the local store before they are pruned",
+    ),
+    Setting(
+        "kibana_url", "--kibana-url", _http_url, "Kibana, for `smartgas-consumer setup` to import objects"
+    ),
 )
 
 

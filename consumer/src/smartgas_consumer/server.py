@@ -29,7 +29,9 @@ SO_RCVBUFFORCE = 33
 def build_site(intake: ReadingIntake) -> resource.Site:
     """The CoAP resource tree: /.well-known/core, /meters and /meters/{meter_id}/reading."""
     root = resource.Site()
-    root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
+    root.add_resource(
+        [".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None)
+    )
     root.add_resource(["meters"], MeterList(intake))
     root.add_resource(["meters"], MeterReading(intake))
     return root
@@ -38,7 +40,8 @@ def build_site(intake: ReadingIntake) -> resource.Site:
 def udp_socket(context: aiocoap.Context) -> socket.socket:
     """The UDP socket under aiocoap's udp6 transport (the only transport the consumer starts)."""
     (interface,) = context.request_interfaces
-    return interface.token_interface.message_interface.transport.get_extra_info("socket")
+    sock: socket.socket = interface.token_interface.message_interface.transport.get_extra_info("socket")
+    return sock
 
 
 def receive_buffer_bytes(sock: socket.socket) -> int:
@@ -72,7 +75,11 @@ class Consumer:
         summary = await self.store.summary()
         _LOG.info(
             "consumer listening on coap://[%s]:%d (UDP), store %s: %d readings from %d meters",
-            self.config.coap_host, self.port, self.config.db, summary.readings, summary.meters,
+            self.config.coap_host,
+            self.port,
+            self.config.db,
+            summary.readings,
+            summary.meters,
         )
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
 
@@ -89,7 +96,8 @@ class Consumer:
         if granted < wanted:
             _LOG.warning(
                 "UDP receive buffer is %d bytes, less than the %d asked: raise net.core.rmem_max",
-                granted, wanted,
+                granted,
+                wanted,
             )
 
     async def _log_status(self) -> None:

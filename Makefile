@@ -1,0 +1,82 @@
+# SmartGas: one entry point for running, testing and measuring the system on one machine.
+#   make run    the local pipeline: consumer on its SQLite store + a small simulated fleet
+#   make test   every test tier that runs here, installing what it needs first (what CI runs)
+# Everything installs into .venv from constraints.txt (pinned), plus Debian packages via apt-get.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests use: libcoap's client (interop), docker-compose (compose file validation).
+DEBIAN_PACKAGES := libcoap3-bin docker-compose
+RUN_DIR := var
+RUN_PORT ?= 5683
+RUN_METERS ?= 5
+RUN_PERIOD ?= 2
+
+.PHONY: help run test test-unit test-integration test-live lint typecheck deps venv bench e2e clean
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+
+# --- installation -----------------------------------------------------------------------------------
+
+deps:
+	@missing=""; \
+	command -v coap-client-notls >/dev/null || missing="$$missing libcoap3-bin"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python constraints.txt consumer/pyproject.toml publisher/pyproject.toml
+	$(BIN)/pip install -q -c constraints.txt -e 'consumer[test]' -e 'publisher[test]' ruff mypy
+	touch $@
+
+venv: $(VENV)/.installed
+
+# --- the main job -----------------------------------------------------------------------------------
+
+run: venv
+	@mkdir -p $(RUN_DIR)
+	@echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT), store $(RUN_DIR)/smartgas.db," \
+	      "$(RUN_METERS) meters every $(RUN_PERIOD) s. Ctrl-C stops both."
+	@trap 'kill 0' INT TERM EXIT; \
+	$(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 --coap-port $(RUN_PORT) \
+	    --db $(RUN_DIR)/smartgas.db --log-readings true & \
+	sleep 2; \
+	$(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --meters $(RUN_METERS) \
+	    --period $(RUN_PERIOD) & \
+	wait
+
+# --- tests ------------------------------------------------------------------------------------------
+
+# Each package's suite runs through `python setup.py test`, as the original lab did.
+test: deps venv lint typecheck
+	cd consumer && ../$(BIN)/python setup.py -q test
+	cd publisher && ../$(BIN)/python setup.py -q test
+
+test-unit: venv
+	$(BIN)/python -m pytest -q -m 'not integration and not live' consumer/tests publisher/tests
+
+test-integration: deps venv
+	$(BIN)/python -m pytest -q -m integration consumer/tests publisher/tests
+
+# Needs ELASTICSEARCH_URL (and KIBANA_URL); without them every live test is skipped by name.
+test-live: venv
+	$(BIN)/python -m pytest -q -m live -rs consumer/tests
+
+lint: venv
+	$(BIN)/ruff check consumer publisher
+	$(BIN)/ruff format --check consumer publisher
+
+typecheck: venv
+	$(BIN)/mypy consumer/src publisher/src
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
