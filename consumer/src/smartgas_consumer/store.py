@@ -11,15 +11,21 @@ Tables (schema version in ``PRAGMA user_version``):
 - ``readings``: one row per (meter_id, seq), with the meter's fields, the computed moles, the meter's
   timestamp and the receive time. ``id`` is the commit order, the cursor that sinks ship from.
 - ``meters``: the meter registry; a meter is created on first sight, with first/last seen and last seq.
+- ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
+
+Shipping state lives on each reading (``ship_state``: pending, shipped or dead-lettered), so the store is
+the sinks' durable buffer: a reading is pending until a sink confirmed it, across restarts and outages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,7 +49,20 @@ CREATE TABLE IF NOT EXISTS readings (
     temperature_c REAL    NOT NULL,
     volume_l      REAL    NOT NULL,
     moles         REAL    NOT NULL,
+    ship_state    INTEGER NOT NULL DEFAULT 0,  -- 0 pending, 1 shipped, 2 dead-lettered
+    shipped_at    TEXT,
     UNIQUE (meter_id, seq)
+);
+CREATE INDEX IF NOT EXISTS readings_pending ON readings (id) WHERE ship_state = 0;
+CREATE INDEX IF NOT EXISTS readings_shipped_at ON readings (shipped_at) WHERE ship_state = 1;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    reading_id  INTEGER PRIMARY KEY,
+    meter_id    TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    failed_at   TEXT    NOT NULL,
+    status      INTEGER,
+    reason      TEXT    NOT NULL,
+    document    TEXT    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meters (
     meter_id    TEXT    PRIMARY KEY,
@@ -99,13 +118,36 @@ class CommitResult:
     moles: float
 
 
+class ShipState(enum.IntEnum):
+    """Where a reading is on its way to the sinks."""
+
+    PENDING = 0
+    SHIPPED = 1
+    DEAD_LETTERED = 2
+
+
 @dataclass(frozen=True, slots=True)
 class StoreSummary:
-    """Counts for the status command and logs."""
+    """Counts for the status command and logs, shipping lag included."""
 
     readings: int
     meters: int
     newest_received_at: str | None
+    pending: int
+    oldest_pending_received_at: str | None
+    dead_letters: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A reading a sink refused for good, and the sink's reason."""
+
+    reading_id: int
+    meter_id: str
+    seq: int
+    status: int | None
+    reason: str
+    document: str
 
 
 @dataclass(slots=True)
@@ -225,16 +267,8 @@ class ReadingStore:
     def _commit_group(self, group: Sequence[_PendingReading]) -> list[CommitResult]:
         connection = self._connection
         assert connection is not None
-        results: list[CommitResult] = []
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            for pending in group:
-                results.append(self._insert(connection, pending))
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        return results
+        with self._transaction():
+            return [self._insert(connection, pending) for pending in group]
 
     @staticmethod
     def _insert(connection: sqlite3.Connection, pending: _PendingReading) -> CommitResult:
@@ -301,4 +335,84 @@ class ReadingStore:
             "SELECT count(*), max(received_at) FROM readings"
         ).fetchone()
         (meters,) = self._connection.execute("SELECT count(*) FROM meters").fetchone()
-        return StoreSummary(readings=readings, meters=meters, newest_received_at=newest)
+        pending, oldest = self._connection.execute(
+            "SELECT count(*), min(received_at) FROM readings WHERE ship_state = 0"
+        ).fetchone()
+        (dead,) = self._connection.execute("SELECT count(*) FROM dead_letters").fetchone()
+        return StoreSummary(readings, meters, newest, pending, oldest, dead)
+
+    # -- shipping (the sinks' durable buffer) ------------------------------------------------------------
+
+    async def pending(self, limit: int) -> list[StoredReading]:
+        """The oldest readings no sink has confirmed yet, in commit order."""
+        return await self._run(self._pending, limit)
+
+    def _pending(self, limit: int) -> list[StoredReading]:
+        assert self._connection is not None
+        rows = self._connection.execute(
+            f"SELECT {_READING_COLUMNS} FROM readings WHERE ship_state = 0 ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [StoredReading(**dict(row)) for row in rows]
+
+    async def mark_shipped(self, reading_ids: Sequence[int], shipped_at: datetime) -> None:
+        await self._run(self._mark_shipped, list(reading_ids), format_timestamp(shipped_at))
+
+    def _mark_shipped(self, reading_ids: list[int], shipped_at: str) -> None:
+        assert self._connection is not None
+        with self._transaction() as connection:
+            connection.executemany(
+                "UPDATE readings SET ship_state = 1, shipped_at = ? WHERE id = ? AND ship_state = 0",
+                [(shipped_at, reading_id) for reading_id in reading_ids],
+            )
+
+    async def dead_letter(self, letters: Sequence[DeadLetter], failed_at: datetime) -> None:
+        await self._run(self._dead_letter, list(letters), format_timestamp(failed_at))
+
+    def _dead_letter(self, letters: list[DeadLetter], failed_at: str) -> None:
+        with self._transaction() as connection:
+            connection.executemany(
+                "INSERT OR REPLACE INTO dead_letters (reading_id, meter_id, seq, failed_at, status, reason,"
+                " document) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (d.reading_id, d.meter_id, d.seq, failed_at, d.status, d.reason, d.document)
+                    for d in letters
+                ],
+            )
+            connection.executemany(
+                "UPDATE readings SET ship_state = 2 WHERE id = ?", [(d.reading_id,) for d in letters]
+            )
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return await self._run(self._dead_letters, limit)
+
+    def _dead_letters(self, limit: int) -> list[DeadLetter]:
+        assert self._connection is not None
+        rows = self._connection.execute(
+            "SELECT reading_id, meter_id, seq, status, reason, document FROM dead_letters"
+            " ORDER BY reading_id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [DeadLetter(**dict(row)) for row in rows]
+
+    async def prune_shipped(self, shipped_before: datetime) -> int:
+        """Delete readings shipped before the cutoff (the retention); return how many went."""
+        return await self._run(self._prune_shipped, format_timestamp(shipped_before))
+
+    def _prune_shipped(self, cutoff: str) -> int:
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "DELETE FROM readings WHERE ship_state = 1 AND shipped_at < ?", (cutoff,)
+            )
+        return cursor.rowcount
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        connection = self._connection
+        assert connection is not None
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
