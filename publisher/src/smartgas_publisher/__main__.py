@@ -1,0 +1,5 @@
+"""Allow ``python -m smartgas_publisher``."""
+
+from smartgas_publisher.cli import main
+
+raise SystemExit(main())

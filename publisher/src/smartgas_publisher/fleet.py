@@ -1,0 +1,168 @@
+"""The fleet: N meters run concurrently, counted in one ``FleetStats``, started and stopped as one.
+
+A run has three phases. *Production*: every meter produces its readings (``--count`` of them, or until
+a stop is requested) while its send loop delivers them; a status line is logged every
+``--status-interval``. *Drain*: production is over and the fleet waits until every buffer is empty, for
+at most the drain budget (``--drain-timeout``; after a stop request, at most ``SHUTDOWN_DRAIN_S``).
+*Shutdown*: the loops are cancelled, every aiocoap context is shut down, and a summary line is logged in
+which anything still buffered is reported as ``unsent``.
+
+``request_stop`` is what SIGTERM/SIGINT call: the first stops production and shortens the drain, a
+second one ends the drain at once.
+"""
+
+import asyncio
+import logging
+import math
+import resource
+from collections.abc import Coroutine
+from typing import Any
+
+from smartgas_publisher.config import PublisherConfig
+from smartgas_publisher.meter import Clock, Meter, utc_now
+from smartgas_publisher.stats import FleetStats
+
+log = logging.getLogger(__name__)
+
+#: After a stop request, how long the fleet still tries to deliver what is buffered. Short enough that
+#: the whole shutdown fits in the 10 s a container runtime waits between SIGTERM and SIGKILL.
+SHUTDOWN_DRAIN_S = 5.0
+#: Open files beyond one socket per meter: standard streams, the event loop's own, log files.
+SPARE_FILE_DESCRIPTORS = 64
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot start as configured on this host (for example, too few file descriptors)."""
+
+
+class Fleet:
+    """Creates the meters for a configuration and runs them to the end of one run."""
+
+    def __init__(self, config: PublisherConfig, clock: Clock = utc_now) -> None:
+        self._config = config
+        self.stats = FleetStats(meters=config.meters)
+        self.meters = [Meter(meter_id, config, self.stats, clock) for meter_id in config.meter_ids()]
+        self._stopping = False
+        self._drain_deadline = math.inf
+        self._deadline_moved = asyncio.Event()
+        self._crash: BaseException | None = None
+
+    def request_stop(self) -> None:
+        """Stop producing and drain for at most SHUTDOWN_DRAIN_S; called again, stop draining now."""
+        now = asyncio.get_running_loop().time()
+        if not self._stopping:
+            self._stopping = True
+            log.info(
+                "stop requested: no more readings; delivering what is buffered for up to %g s"
+                " (stop again to quit now)",
+                SHUTDOWN_DRAIN_S,
+            )
+            for meter in self.meters:
+                meter.stop_producing()
+            self._move_drain_deadline(now + SHUTDOWN_DRAIN_S)
+        else:
+            log.info("second stop request: quitting without waiting for unsent readings")
+            self._move_drain_deadline(now)
+
+    async def run(self) -> FleetStats:
+        """Run the fleet to the end and return the final counts (``buffered`` is then what is unsent)."""
+        ensure_file_descriptors(self._config.meters + SPARE_FILE_DESCRIPTORS)
+        log.info(
+            "fleet starting: meters=%d consumer=%s period=%gs count=%s seed=%d",
+            self._config.meters,
+            self._config.consumer,
+            self._config.period_s,
+            self._config.count if self._config.count is not None else "unlimited",
+            self._config.seed,
+        )
+        opened: list[Meter] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for meter in self.meters:
+                await meter.open()
+                opened.append(meter)
+            producers = [self._start(meter.produce(), f"produce {meter.meter_id}") for meter in self.meters]
+            tasks += producers
+            tasks += [self._start(meter.send(), f"send {meter.meter_id}") for meter in self.meters]
+            tasks.append(self._start(self._report_status(), "fleet status"))
+            await asyncio.gather(*producers, return_exceptions=True)
+            await self._drain()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(meter.close() for meter in opened))
+            level = logging.INFO if self.stats.all_acknowledged else logging.WARNING
+            log.log(level, "%s", self.stats.summary_line())
+        if self._crash is not None:
+            raise self._crash
+        return self.stats
+
+    def _start(self, loop_coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(loop_coroutine, name=name)
+        task.add_done_callback(self._check_loop)
+        return task
+
+    def _check_loop(self, task: asyncio.Task[None]) -> None:
+        """A meter loop that ends with an exception is a bug: stop the whole fleet at once and re-raise it."""
+        if task.cancelled() or (problem := task.exception()) is None:
+            return
+        log.error("%s failed; stopping the fleet", task.get_name(), exc_info=problem)
+        if self._crash is None:
+            self._crash = problem
+        self._stopping = True
+        for meter in self.meters:
+            meter.stop_producing()
+        self._move_drain_deadline(-math.inf)
+
+    async def _drain(self) -> None:
+        """Wait until every meter is drained, the drain deadline passes, or a stop request ends it."""
+        loop = asyncio.get_running_loop()
+        self._move_drain_deadline(loop.time() + self._config.drain_budget_s)
+        all_drained: asyncio.Future[Any] = asyncio.ensure_future(self._wait_all_drained())
+        try:
+            while not all_drained.done():
+                remaining_s = self._drain_deadline - loop.time()
+                if remaining_s <= 0:
+                    unsent = sum(meter.unsent for meter in self.meters)
+                    log.warning("drain ended with %d readings unsent", unsent)
+                    return
+                self._deadline_moved.clear()
+                moved: asyncio.Future[Any] = asyncio.ensure_future(self._deadline_moved.wait())
+                await asyncio.wait(
+                    [all_drained, moved], timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                moved.cancel()
+        finally:
+            all_drained.cancel()
+
+    async def _wait_all_drained(self) -> None:
+        for meter in self.meters:
+            await meter.wait_drained()
+
+    def _move_drain_deadline(self, deadline: float) -> None:
+        if deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+            self._deadline_moved.set()
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.status_interval_s)
+            log.info("%s", self.stats.status_line())
+
+
+def ensure_file_descriptors(needed: int) -> None:
+    """Raise the soft open-file limit to ``needed`` if the hard limit allows; FleetError if it does not.
+
+    Every meter holds one UDP socket, and the usual soft limit of 1024 would stop a large fleet half-way
+    through starting.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise FleetError(
+            f"the fleet needs about {needed} open files (one UDP socket per meter) but this process may"
+            f" open at most {hard}; raise the limit (ulimit -n, or ulimits in compose) or run fewer meters"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

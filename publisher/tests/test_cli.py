@@ -1,0 +1,115 @@
+"""End-to-end tests of the ``smartgas-publisher`` command, run as a real subprocess against a real peer."""
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from conftest import FakeConsumer, eventually
+
+pytestmark = pytest.mark.integration
+
+MODULE_COMMAND = (sys.executable, "-m", "smartgas_publisher")
+
+
+def console_script() -> str:
+    """The installed ``smartgas-publisher`` entry point (next to this interpreter, or on PATH)."""
+    found = shutil.which("smartgas-publisher", path=str(Path(sys.executable).parent)) or shutil.which(
+        "smartgas-publisher"
+    )
+    if found is None:
+        pytest.skip("smartgas-publisher is not installed as a console script (pip install -e .)")
+    return found
+
+
+async def run_publisher(
+    *args: str, command: Sequence[str] = MODULE_COMMAND, sigterm_when: Callable[[], bool] | None = None
+) -> tuple[int, str]:
+    """Run the command (bounded to 30 s); optionally send SIGTERM once ``sigterm_when()`` holds."""
+    process = await asyncio.create_subprocess_exec(
+        *command, *args, stderr=asyncio.subprocess.PIPE, env=dict(os.environ)
+    )
+    try:
+        if sigterm_when is not None:
+            await eventually(sigterm_when, 15)
+            process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_count_run_delivers_and_exits_0(consumer: FakeConsumer) -> None:
+    code, err = await run_publisher(
+        "--consumer",
+        consumer.uri,
+        "--meters",
+        "5",
+        "--count",
+        "3",
+        "--period",
+        "0.1",
+        "--seed",
+        "4",
+        command=[console_script()],
+    )
+    assert code == 0, err
+    assert len(set(consumer.acknowledged())) == 15
+    assert "fleet finished: meters=5 produced=15 sent=15 acked=15" in err
+
+
+async def test_environment_configures_the_command(consumer: FakeConsumer, monkeypatch) -> None:
+    monkeypatch.setenv("SMARTGAS_PUBLISHER_CONSUMER", consumer.uri)
+    monkeypatch.setenv("SMARTGAS_PUBLISHER_ID_PREFIX", "tank")
+    monkeypatch.setenv("SMARTGAS_PUBLISHER_COUNT", "2")
+    monkeypatch.setenv("SMARTGAS_PUBLISHER_PERIOD", "0.05")
+    code, err = await run_publisher()
+    assert code == 0, err
+    assert consumer.acknowledged() == [("tank-0001", 0), ("tank-0001", 1)]
+
+
+async def test_unreachable_consumer_exits_1_reporting_unsent(free_udp_port: int) -> None:
+    code, err = await run_publisher(
+        "--consumer",
+        f"coap://127.0.0.1:{free_udp_port}",
+        "--count",
+        "2",
+        "--period",
+        "0.05",
+        "--drain-timeout",
+        "0.3",
+    )
+    assert code == 1
+    assert "could not deliver seq=0" in err
+    assert "acked=0" in err and "unsent=2" in err
+
+
+async def test_sigterm_stops_an_endless_run_cleanly(consumer: FakeConsumer) -> None:
+    code, err = await run_publisher(
+        "--consumer",
+        consumer.uri,
+        "--meters",
+        "3",
+        "--period",
+        "0.1",
+        sigterm_when=lambda: len(consumer.acknowledged()) >= 6,
+    )
+    assert code == 0, err  # everything produced before the signal was delivered
+    assert "stop requested" in err
+    assert "fleet finished: meters=3" in err and "unsent=0" in err
+    assert len(consumer.acknowledged()) >= 6
+
+
+async def test_bad_configuration_exits_2() -> None:
+    code, err = await run_publisher("--period", "-1")
+    assert code == 2
+    assert "--period: must be a finite number > 0, got -1.0" in err
