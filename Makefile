@@ -1,6 +1,7 @@
 # SmartGas: one entry point for running, testing and measuring the system on one machine.
 #   make run    the local pipeline: consumer on its SQLite store + a small simulated fleet
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
+#   make bench  ingest throughput and latency against a real consumer process
 # Everything installs into .venv from constraints.txt (pinned), plus Debian packages via apt-get.
 
 SHELL := /bin/bash
@@ -77,6 +78,11 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy consumer/src publisher/src
+
+# Ingest throughput and acknowledgement latency of a real consumer process (see docs/benchmarks.md).
+bench: venv
+	$(BIN)/python consumer/bench/bench_ingest.py --meters 200 --readings 25
+	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
