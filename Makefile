@@ -2,6 +2,7 @@
 #   make run    the local pipeline: consumer on its SQLite store + a small simulated fleet
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
 #   make bench  ingest throughput and latency against a real consumer process
+#   make e2e    (Docker machines) the compose stack up, the live suite against it, down again
 # Everything installs into .venv from constraints.txt (pinned), plus Debian packages via apt-get.
 
 SHELL := /bin/bash
@@ -78,6 +79,24 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy consumer/src publisher/src
+
+# On a machine with Docker: bring the whole stack up, wait until the consumer is healthy (it starts
+# only after setup provisioned Elasticsearch and Kibana), run the live suite against it, tear it down,
+# and return the suite's exit code.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+E2E_WAIT_S ?= 600
+e2e: venv
+	@set -a; . ./.env; set +a; \
+	$(COMPOSE) up -d --build || exit 1; \
+	deadline=$$(( $$(date +%s) + $(E2E_WAIT_S) )); \
+	until [ "$$(docker inspect --format '{{.State.Health.Status}}' coapserver 2>/dev/null)" = healthy ]; do \
+	  if [ $$(date +%s) -gt $$deadline ]; then echo "stack not healthy in $(E2E_WAIT_S) s"; \
+	    $(COMPOSE) logs --tail 50; $(COMPOSE) down -v; exit 1; fi; \
+	  sleep 5; \
+	done; \
+	ELASTICSEARCH_URL=http://127.0.0.1:$${ES_PORT} KIBANA_URL=http://127.0.0.1:$${KIBANA_PORT} \
+	  $(BIN)/python -m pytest -m live -rs consumer/tests; status=$$?; \
+	$(COMPOSE) down -v; exit $$status
 
 # Ingest throughput and acknowledgement latency of a real consumer process (see docs/benchmarks.md).
 bench: venv

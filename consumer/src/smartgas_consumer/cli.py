@@ -13,11 +13,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from smartgas_consumer import config as config_module
+from smartgas_consumer import health, provision
 from smartgas_consumer.config import ConfigError, ConsumerConfig
-from smartgas_consumer.server import Consumer
+from smartgas_consumer.server import Consumer, describe_lag
 from smartgas_consumer.store import ReadingStore
 
 _LOG = logging.getLogger("smartgas_consumer")
@@ -28,9 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="receive readings over CoAP and store them")
     config_module.add_arguments(serve)
-    status = commands.add_parser("status", help="print what a store holds, as JSON")
+    status = commands.add_parser("status", help="print what a store holds and the shipping lag, as JSON")
     config_module.add_arguments(status)
+    setup = commands.add_parser(
+        "setup", help="make Elasticsearch and Kibana ready (templates, kibana_system password, dashboard)"
+    )
+    config_module.add_arguments(setup)
+    setup.add_argument(
+        "--kibana-system-password-env",
+        metavar="VARIABLE",
+        default=None,
+        help="environment variable holding the password to set for the kibana_system user",
+    )
+    setup.add_argument(
+        "--wait-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=300.0,
+        help="how long to wait for Elasticsearch, then for Kibana (default 300)",
+    )
+    healthcheck = commands.add_parser(
+        "healthcheck", help="exit 0 if the consumer answers a CoAP GET of /.well-known/core"
+    )
+    config_module.add_arguments(healthcheck)
+    healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)
     return parser
+
+
+#: Options of single subcommands, not settings of the consumer.
+_COMMAND_OPTIONS = {"command", "kibana_system_password_env", "wait_timeout", "timeout"}
 
 
 def configure_logging(level: str) -> None:
@@ -40,6 +69,8 @@ def configure_logging(level: str) -> None:
     # aiocoap logs every retransmission and message at INFO/DEBUG; keep it at WARNING unless debugging.
     if level != "DEBUG":
         logging.getLogger("smartgas_consumer.coap").setLevel(logging.WARNING)
+        # The Elasticsearch transport logs every HTTP request at INFO.
+        logging.getLogger("elastic_transport").setLevel(logging.WARNING)
 
 
 async def serve(config: ConsumerConfig) -> int:
@@ -56,24 +87,44 @@ async def status(config: ConsumerConfig) -> int:
     await store.open()
     try:
         summary = await store.summary()
+        letters = await store.dead_letters(limit=20)
     finally:
         await store.close()
-    print(json.dumps({"db": str(config.db), **dataclasses.asdict(summary)}, indent=2))
+    report = {
+        "db": str(config.db),
+        **dataclasses.asdict(summary),
+        "shipping_lag": describe_lag(summary, datetime.now(UTC)),
+        "dead_letter_examples": [dataclasses.asdict(letter) for letter in letters],
+    }
+    print(json.dumps(report, indent=2))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    flags = {name: value for name, value in vars(arguments).items() if name != "command"}
+    flags = {name: value for name, value in vars(arguments).items() if name not in _COMMAND_OPTIONS}
     try:
         config = config_module.load(flags, os.environ)
     except ConfigError as err:
         print(f"smartgas-consumer: configuration error: {err}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
-    command = serve if arguments.command == "serve" else status
+    runner: Coroutine[Any, Any, int]
+    if arguments.command == "setup":
+        runner = provision.main_setup(
+            config,
+            os.environ,
+            kibana_system_password_env=arguments.kibana_system_password_env,
+            wait_timeout_s=arguments.wait_timeout,
+        )
+    elif arguments.command == "healthcheck":
+        runner = health.healthcheck(config, timeout_s=arguments.timeout)
+    elif arguments.command == "status":
+        runner = status(config)
+    else:
+        runner = serve(config)
     try:
-        return asyncio.run(command(config))
+        return asyncio.run(runner)
     except OSError as err:  # port in use, unwritable store path, ...
         _LOG.error("%s", err)
         return 1

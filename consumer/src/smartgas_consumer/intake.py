@@ -73,6 +73,8 @@ class ReadingIntake:
         self.counters = IntakeCounters()
         self._log_readings = log_readings
         self._clock = clock
+        # Called after each newly stored reading (sinks wake up to ship it).
+        self.on_stored: list[Callable[[Reading, float], None]] = []
 
     async def accept(self, meter_id: str, payload: bytes, content_format: int | None) -> Accepted:
         """Validate, compute and durably store one reading; raise a CoAP-coded error if it is refused."""
@@ -93,6 +95,8 @@ class ReadingIntake:
             raise StoreUnavailable(f"reading not stored, retry later: {err}") from err
         if result.stored:
             self.counters.stored += 1
+            for listener in self.on_stored:
+                listener(reading, result.moles)
         else:
             self.counters.duplicates += 1
         if self._log_readings:

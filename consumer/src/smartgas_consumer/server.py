@@ -12,14 +12,18 @@ import asyncio
 import contextlib
 import logging
 import socket
+from datetime import UTC, datetime, timedelta
 
 import aiocoap
 from aiocoap import resource
 
 from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.elastic import make_client
+from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
 from smartgas_consumer.intake import ReadingIntake
+from smartgas_consumer.provision import install_templates
 from smartgas_consumer.resource import MeterList, MeterReading
-from smartgas_consumer.store import ReadingStore
+from smartgas_consumer.store import ReadingStore, StoreSummary
 
 _LOG = logging.getLogger(__name__)
 #: Linux's SO_RCVBUFFORCE (not exported by Python's socket module).
@@ -44,6 +48,15 @@ def udp_socket(context: aiocoap.Context) -> socket.socket:
     return sock
 
 
+def describe_lag(summary: StoreSummary, now: datetime) -> str:
+    """Shipping lag for a person: how many readings wait, and how old the oldest is."""
+    age = "-"
+    if summary.oldest_pending_received_at is not None:
+        oldest = datetime.fromisoformat(summary.oldest_pending_received_at)
+        age = f"{max(0.0, (now - oldest).total_seconds()):.1f}s"
+    return f"pending={summary.pending} oldest_pending_age={age} dead_letters={summary.dead_letters}"
+
+
 def receive_buffer_bytes(sock: socket.socket) -> int:
     """The receive buffer the kernel keeps for ``sock`` (Linux reports double, counting its overhead)."""
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
@@ -56,6 +69,19 @@ class Consumer:
         self.config = config
         self.store = ReadingStore(config.db, group_window_s=config.group_window_ms / 1000)
         self.intake = ReadingIntake(self.store, log_readings=config.log_readings)
+        self.sink: ElasticsearchSink | None = None
+        if config.elasticsearch_url is not None:
+            self.sink = ElasticsearchSink(
+                self.store,
+                make_client(config),
+                index=config.elasticsearch_index,
+                batch_size=config.ship_batch_size,
+                backoff=Backoff(cap_s=config.ship_backoff_max_s),
+                retention=timedelta(hours=config.retention_hours),
+                prepare=install_templates,
+            )
+            sink = self.sink
+            self.intake.on_stored.append(lambda _reading, _moles: sink.wake())
         self._context: aiocoap.Context | None = None
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -81,6 +107,15 @@ class Consumer:
             summary.readings,
             summary.meters,
         )
+        if self.sink is not None:
+            await self.sink.start()
+            _LOG.info(
+                "shipping readings to Elasticsearch at %s, index %s",
+                self.config.elasticsearch_url,
+                self.config.elasticsearch_index,
+            )
+        else:
+            _LOG.info("no Elasticsearch configured: readings stay in the local store")
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
 
     def _raise_receive_buffer(self, sock: socket.socket) -> None:
@@ -104,6 +139,9 @@ class Consumer:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             _LOG.info("status: %s", self.intake.counters.describe())
+            if self.sink is not None:
+                summary = await self.store.summary()
+                _LOG.info("shipping: %s", describe_lag(summary, datetime.now(UTC)))
 
     async def stop(self) -> None:
         if self._status_task is not None:
@@ -113,6 +151,8 @@ class Consumer:
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
+        if self.sink is not None:
+            await self.sink.stop()  # what is unshipped stays pending in the store for the next start
         await self.store.close()
         _LOG.info("consumer stopped: %s", self.intake.counters.describe())
 

@@ -1,0 +1,285 @@
+"""The repository's compose stack, checked without a Docker engine: docker-compose.yaml, .env, Dockerfiles.
+
+``docker-compose config`` validates the file the way Compose reads it; the other tests hold it to the
+deployment rules: a healthcheck on every long-running service, memory limits, image tags from .env, host
+ports bound to the loopback unless told otherwise, named volumes, and a start order without a cycle.
+This file reads the repository around the package, so the image build (which has no such files) skips it
+by name (consumer/Dockerfile: ``--ignore=tests/test_deploy_stack.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
+
+from smartgas_consumer import cli
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yaml"
+ENV_FILE = REPO / ".env"
+DOCKERFILES = {"consumer": REPO / "consumer" / "Dockerfile", "publisher": REPO / "publisher" / "Dockerfile"}
+_VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?|-|\?)(?P<arg>[^}]*))?\}")
+
+
+def read_env_file() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in ENV_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution: ${X}, ${X:-default}, ${X:?error}, and $$ for a literal $."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group("name"), match.group("op"), match.group("arg")
+        value = env.get(name)
+        if op in (":-", "-"):
+            return value if value else (arg or "")
+        if op in (":?", "?") and not value:
+            raise KeyError(f"{name}: {arg}")
+        return value or ""
+
+    return _VARIABLE.sub(replace, text)
+
+
+def variables(text: str) -> set[str]:
+    return {m.group("name") for m in _VARIABLE.finditer(text) if m.group("name")}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    return read_env_file()
+
+
+def one_shots(compose: dict[str, Any]) -> set[str]:
+    """Services others wait for with service_completed_successfully (they run and exit)."""
+    return {
+        name
+        for service in compose["services"].values()
+        for name, condition in (service.get("depends_on") or {}).items()
+        if condition.get("condition") == "service_completed_successfully"
+    }
+
+
+# -- Compose itself ----------------------------------------------------------------------------------
+
+
+def test_docker_compose_config_validates() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (CI installs it: apt-get install docker-compose)")
+    # Only .env may feed the file: drop the variables it sets, and Compose's own, from the environment.
+    clean = {k: v for k, v in os.environ.items() if k not in read_env_file() and not k.startswith("COMPOSE_")}
+    result = subprocess.run(
+        [binary, "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=REPO,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_version_key_and_only_known_services(compose: dict[str, Any]) -> None:
+    assert "version" not in compose  # the Compose Specification, read by v1 (≥ 1.27) and v2 alike
+    assert set(compose["services"]) == {"elasticsearch", "kibana", "setup", "consumer", "publisher"}
+
+
+def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    short_lived = one_shots(compose)
+    assert short_lived == {"setup"}
+    for name, service in compose["services"].items():
+        check = service.get("healthcheck") or {}
+        if name in short_lived:
+            assert service.get("restart") == "no"
+            continue
+        assert not check.get("disable"), name
+        assert {"interval", "timeout", "retries"} <= set(check), name
+        if "test" not in check:
+            # Compose keeps the image's own HEALTHCHECK test and applies these timings to it.
+            dockerfile = REPO / service["build"]["dockerfile"]
+            assert "HEALTHCHECK" in dockerfile.read_text(), name
+
+
+def test_every_service_has_a_memory_limit(compose: dict[str, Any], env: dict[str, str]) -> None:
+    for name, service in compose["services"].items():
+        assert "mem_limit" in service, name
+        assert re.fullmatch(r"\d+[kmg]", interpolate(str(service["mem_limit"]), env)), name
+
+
+def test_images_are_pinned_by_env(compose: dict[str, Any], env: dict[str, str]) -> None:
+    for name, service in compose["services"].items():
+        image = service["image"]
+        assert variables(image) <= set(env), f"{name}: {image} uses a variable .env does not set"
+        resolved = interpolate(image, env)
+        repository, _, tag = resolved.rpartition(":")
+        assert repository and tag and tag != "latest", f"{name}: {resolved}"
+        assert re.fullmatch(r"\d+\.\d+\.\d+", tag), f"{name}: {resolved} is not a full version"
+        if "build" in service:
+            assert service["build"]["context"] == "."  # Dockerfiles need constraints.txt and docs/
+            assert service["build"]["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:?set PYTHON_IMAGE in .env}"
+
+
+def test_stack_version_equals_the_pinned_client(env: dict[str, str]) -> None:
+    pins = dict(
+        line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    assert env["STACK_VERSION"] == pins["elasticsearch"]
+
+
+def test_host_ports_bind_the_loopback_unless_told_otherwise(
+    compose: dict[str, Any], env: dict[str, str]
+) -> None:
+    assert env["BIND_ADDRESS"] == "127.0.0.1"
+    published = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {port}"
+            assert interpolate(port, {}).startswith("127.0.0.1:")  # even without .env
+            published[name] = interpolate(port, env)
+    assert published == {
+        "elasticsearch": "127.0.0.1:9200:9200",
+        "kibana": "127.0.0.1:5601:5601",
+        "consumer": "127.0.0.1:5683:5683/udp",
+    }
+    moved = interpolate(
+        compose["services"]["consumer"]["ports"][0], {**env, "BIND_ADDRESS": "0.0.0.0", "COAP_PORT": "5684"}
+    )
+    assert moved == "0.0.0.0:5684:5683/udp"
+
+
+def test_lab_container_names_and_consumer_address(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["consumer"]["container_name"] == "coapserver"
+    assert services["publisher"]["container_name"] == "coapclient"
+    assert services["publisher"]["environment"]["SMARTGAS_PUBLISHER_CONSUMER"] == "coap://coapserver:5683"
+    consumer_env = services["consumer"]["environment"]
+    assert consumer_env["SMARTGAS_CONSUMER_COAP_PORT"] == "5683"
+    assert consumer_env["SMARTGAS_CONSUMER_DB"].startswith("/var/lib/smartgas/")
+
+
+def test_start_order_is_acyclic_and_waits_on_health(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    expected = {
+        "elasticsearch": {},
+        "kibana": {"elasticsearch": "service_healthy"},
+        "setup": {"elasticsearch": "service_healthy"},
+        "consumer": {"setup": "service_completed_successfully", "elasticsearch": "service_healthy"},
+        "publisher": {"consumer": "service_healthy"},
+    }
+    actual = {
+        name: {dep: cond["condition"] for dep, cond in (service.get("depends_on") or {}).items()}
+        for name, service in services.items()
+    }
+    assert actual == expected
+    done: list[str] = []
+    pending = dict(actual)
+    while pending:
+        ready = [name for name, deps in pending.items() if set(deps) <= set(done)]
+        assert ready, f"cycle among {sorted(pending)}"
+        done.extend(sorted(ready))
+        for name in ready:
+            del pending[name]
+
+
+def test_state_lives_in_named_volumes(compose: dict[str, Any]) -> None:
+    declared = set(compose["volumes"])
+    used = set()
+    for name, service in compose["services"].items():
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            assert source in declared, f"{name}: {mount} is not a named volume"
+            used.add(source)
+    assert used == declared == {"esdata", "kibanadata", "consumerdata"}
+
+
+def test_single_node_security_on_http_without_tls(compose: dict[str, Any]) -> None:
+    environment = compose["services"]["elasticsearch"]["environment"]
+    assert environment["discovery.type"] == "single-node"
+    assert environment["xpack.security.enabled"] == "true"
+    assert environment["xpack.security.http.ssl.enabled"] == "false"  # documented in docs/deployment.md
+    assert "$${ELASTIC_PASSWORD}" in " ".join(compose["services"]["elasticsearch"]["healthcheck"]["test"])
+
+
+def test_passwords_are_placeholders_marked_change_me(env: dict[str, str]) -> None:
+    text = ENV_FILE.read_text()
+    assert "CHANGE ME" in text
+    for name in ("ELASTIC_PASSWORD", "KIBANA_PASSWORD", "KIBANA_ENCRYPTION_KEY"):
+        assert env[name].startswith("changeme"), name
+    assert len(env["KIBANA_ENCRYPTION_KEY"]) >= 32  # Kibana refuses a shorter key
+    assert len(env["ELASTIC_PASSWORD"]) >= 6 and len(env["KIBANA_PASSWORD"]) >= 6  # Elasticsearch's minimum
+
+
+def test_compose_commands_are_ones_the_cli_accepts(compose: dict[str, Any], env: dict[str, str]) -> None:
+    """The setup command, the consumer's command and its healthcheck are all subcommands cli.py parses."""
+    parser = cli.build_parser()
+    services = compose["services"]
+    setup = [interpolate(str(part), env) for part in services["setup"]["command"]]
+    parsed = parser.parse_args(setup)
+    assert parsed.command == "setup"
+    parser.parse_args(services["consumer"]["command"])
+    test = services["consumer"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "smartgas-consumer"]
+    assert parser.parse_args(test[2:]).command == "healthcheck"
+
+
+# -- Dockerfiles -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("package", ["consumer", "publisher"])
+def test_dockerfile_rules(package: str, env: dict[str, str]) -> None:
+    text = DOCKERFILES[package].read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1) == env["PYTHON_IMAGE"]  # type: ignore[union-attr]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", env["PYTHON_IMAGE"])
+    stages = re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M)
+    assert [stage for _, stage in stages] == ["build", "test", "runtime"]
+    assert stages[2][0] == "${PYTHON_IMAGE}"  # the runtime starts slim again, not from the test stage
+    runtime = text.split("AS runtime", 1)[1]
+    assert "COPY --from=test /tests-passed" in runtime  # BuildKit runs the test stage only if used
+    assert "apt-get" not in runtime
+    assert re.search(r"^USER smartgas$", runtime, re.M)
+    assert "HEALTHCHECK" in runtime
+    assert f'ENTRYPOINT ["smartgas-{package}"]' in runtime
+    assert f"pip install -c /src/constraints.txt --no-build-isolation /src/{package}" in text
+    test_stage = text.split("AS test", 1)[1].split("AS runtime", 1)[0]
+    assert "python setup.py test" in test_stage
+    assert "libcoap3-bin" in test_stage
+
+
+def test_consumer_image_skips_only_this_file() -> None:
+    text = DOCKERFILES["consumer"].read_text()
+    (args,) = re.findall(r'--pytest-args="([^"]*)"', text)
+    ignored = [arg.split("=", 1)[1] for arg in shlex.split(args) if arg.startswith("--ignore")]
+    assert ignored == [f"tests/{Path(__file__).name}"]
+
+
+def test_dockerignore_keeps_secrets_and_state_out() -> None:
+    patterns = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".env", "**/__pycache__", "**/*.egg-info", "**/*.db"} <= patterns
+    assert "constraints.txt" not in patterns and "docs" not in patterns

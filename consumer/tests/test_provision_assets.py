@@ -1,0 +1,301 @@
+"""The shipped provisioning assets: index templates and Kibana saved objects, checked against each other.
+
+No Kibana runs here, so these tests hold the saved objects to what an import needs: every line an object,
+every reference resolvable inside the file, every field a panel or search uses mapped in the index
+template that the data view's pattern selects, with a type that fits its use.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from smartgas_consumer.elasticsearch_sink import to_document
+from smartgas_consumer.provision import INDEX_TEMPLATES, saved_objects_ndjson, template_body
+from smartgas_consumer.store import StoredReading
+
+NUMERIC = {"long", "integer", "short", "byte", "double", "float", "half_float", "scaled_float"}
+DATE = {"date", "date_nanos"}
+
+READINGS_FIELDS = {
+    "@timestamp": "date",
+    "received_at": "date",
+    "meter_id": "keyword",
+    "seq": "long",
+    "pressure_bar": "double",
+    "temperature_c": "double",
+    "volume_l": "double",
+    "moles": "double",
+    "client_id": "keyword",
+    "site": "keyword",
+    "gas": "keyword",
+    "location": "geo_point",
+    "fill_pct": "float",
+    "meter_known": "boolean",
+}
+ALERTS_FIELDS = {
+    "@timestamp": "date",
+    "alert_id": "keyword",
+    "meter_id": "keyword",
+    "client_id": "keyword",
+    "site": "keyword",
+    "kind": "keyword",
+    "state": "keyword",
+    "severity": "keyword",
+    "message": "text",
+    "value": "double",
+    "opened_at": "date",
+    "resolved_at": "date",
+}
+
+
+def templates() -> dict[str, dict[str, Any]]:
+    return {template.name: template_body(template) for template in INDEX_TEMPLATES}
+
+
+def field_types(template: dict[str, Any]) -> dict[str, str]:
+    """Field name → mapped type, with multi-fields as ``name.sub``."""
+    types: dict[str, str] = {}
+    for name, mapping in template["template"]["mappings"]["properties"].items():
+        types[name] = mapping["type"]
+        for sub, sub_mapping in mapping.get("fields", {}).items():
+            types[f"{name}.{sub}"] = sub_mapping["type"]
+    return types
+
+
+def saved_objects() -> list[dict[str, Any]]:
+    lines = saved_objects_ndjson().decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def by_key(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(obj["type"], obj["id"]): obj for obj in objects}
+
+
+def mapping_for_pattern(pattern: str) -> dict[str, str]:
+    """The mapping an index matching the data view's pattern gets: the template whose patterns cover it."""
+    probe = pattern.replace("*", "x")
+    matching = [
+        body
+        for body in templates().values()
+        if any(fnmatch.fnmatch(probe, p) for p in body["index_patterns"])
+    ]
+    assert len(matching) == 1, f"{pattern}: expected one index template, found {len(matching)}"
+    return field_types(matching[0])
+
+
+def data_view_fields(objects: list[dict[str, Any]], data_view_id: str) -> dict[str, str]:
+    data_view = by_key(objects)[("index-pattern", data_view_id)]
+    return mapping_for_pattern(data_view["attributes"]["title"])
+
+
+def lens_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in json.loads(dashboard["attributes"]["panelsJSON"]) if p["type"] == "lens"]
+
+
+def dashboard() -> dict[str, Any]:
+    return by_key(saved_objects())[("dashboard", "smartgas-fleet")]
+
+
+# -- index templates ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "expected"),
+    [
+        ("smartgas-readings", "smartgas-readings*", READINGS_FIELDS),
+        ("smartgas-alerts", "smartgas-alerts*", ALERTS_FIELDS),
+    ],
+)
+def test_template_maps_exactly_the_agreed_fields(name: str, pattern: str, expected: dict[str, str]) -> None:
+    body = templates()[name]
+    assert body["index_patterns"] == [pattern]
+    mappings = body["template"]["mappings"]
+    assert mappings["dynamic"] == "strict"  # an unexpected field is refused, never guessed
+    assert {field: mapping["type"] for field, mapping in mappings["properties"].items()} == expected
+    assert body["template"]["settings"]["index"] == {"number_of_shards": 1, "number_of_replicas": 0}
+    assert isinstance(body["priority"], int) and body["priority"] > 100  # above the built-in templates
+
+
+def test_templates_explain_their_choices() -> None:
+    readings = templates()["smartgas-readings"]
+    assert "double" in readings["_meta"]["numbers"]
+    assert readings["_meta"]["managed_by"].startswith("smartgas-consumer")
+
+
+def test_alert_message_is_searchable_and_aggregatable() -> None:
+    message = templates()["smartgas-alerts"]["template"]["mappings"]["properties"]["message"]
+    assert message["type"] == "text"
+    assert message["fields"]["keyword"]["type"] == "keyword"
+
+
+def test_shipper_documents_fit_the_readings_mapping() -> None:
+    """The document the shipper builds uses only mapped fields, each with a value its type accepts."""
+    reading = StoredReading(
+        id=1,
+        meter_id="bottle-0001",
+        seq=0,
+        ts="2026-11-23T08:00:00.000000Z",
+        received_at="2026-11-23T08:00:00.012345Z",
+        pressure_bar=250.0,
+        temperature_c=25.0,
+        volume_l=50.0,
+        moles=504.24431932308704,
+    )
+    document = to_document(reading)
+    types = field_types(templates()["smartgas-readings"])
+    assert set(document) <= set(types), f"unmapped: {set(document) - set(types)}"
+    for field, value in document.items():
+        kind = types[field]
+        if kind in DATE:
+            # strict_date_optional_time takes up to nine fraction digits; `date` keeps milliseconds.
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+            assert value.endswith("Z")
+        elif kind in NUMERIC:
+            assert isinstance(value, int | float) and not isinstance(value, bool)
+        elif kind == "keyword":
+            assert isinstance(value, str)
+
+
+# -- Kibana saved objects ----------------------------------------------------------------------------
+
+
+def test_every_line_is_an_importable_saved_object() -> None:
+    raw = saved_objects_ndjson().decode("utf-8")
+    assert raw.endswith("\n")
+    objects = saved_objects()
+    assert [obj["type"] for obj in objects] == [
+        "index-pattern",
+        "index-pattern",
+        "search",
+        "search",
+        "dashboard",
+    ]
+    for obj in objects:
+        assert {"id", "type", "attributes", "references"} <= set(obj)
+        assert "exportedCount" not in obj  # no export summary line
+        assert obj["coreMigrationVersion"] and obj["typeMigrationVersion"]  # migrations start from there
+    assert len(by_key(objects)) == len(objects), "duplicate (type, id)"
+
+
+def test_every_reference_resolves_inside_the_file() -> None:
+    """Import with no missing_references error: each reference names an object in the same file."""
+    objects = saved_objects()
+    present = set(by_key(objects))
+    for obj in objects:
+        for reference in obj["references"]:
+            assert (reference["type"], reference["id"]) in present, f"{obj['id']}: {reference}"
+
+
+@pytest.mark.parametrize(
+    ("data_view_id", "pattern"),
+    [("smartgas-readings", "smartgas-readings*"), ("smartgas-alerts", "smartgas-alerts*")],
+)
+def test_data_views_have_fixed_ids_and_a_date_time_field(data_view_id: str, pattern: str) -> None:
+    objects = saved_objects()
+    attributes = by_key(objects)[("index-pattern", data_view_id)]["attributes"]
+    assert attributes["title"] == pattern
+    assert attributes["timeFieldName"] == "@timestamp"
+    assert mapping_for_pattern(pattern)["@timestamp"] == "date"
+    for field in json.loads(attributes["fieldFormatMap"]):
+        assert field in mapping_for_pattern(pattern)
+
+
+def test_dashboard_identity_time_and_refresh() -> None:
+    attributes = dashboard()["attributes"]
+    assert attributes["title"] == "SmartGas fleet"
+    assert attributes["timeRestore"] is True
+    assert (attributes["timeFrom"], attributes["timeTo"]) == ("now-15m", "now")
+    assert attributes["refreshInterval"] == {"pause": False, "value": 10000}
+    json.loads(attributes["optionsJSON"])
+    json.loads(attributes["kibanaSavedObjectMeta"]["searchSourceJSON"])
+
+
+def test_dashboard_panels_are_the_agreed_ones() -> None:
+    panels = json.loads(dashboard()["attributes"]["panelsJSON"])
+    lens = {p["title"]: p for p in panels if p["type"] == "lens"}
+    assert set(lens) == {"Moles per meter", "Pressure per meter", "Temperature per meter"}
+    searches = {p["title"] for p in panels if p["type"] == "search"}
+    assert searches == {"Latest readings", "Alerts"}
+    for panel in panels:
+        assert panel["gridData"]["i"] == panel["panelIndex"]
+        assert 0 <= panel["gridData"]["x"] and panel["gridData"]["x"] + panel["gridData"]["w"] <= 48
+    assert len({p["panelIndex"] for p in panels}) == len(panels)
+
+
+def test_panel_references_follow_the_dashboard_convention() -> None:
+    """By-reference panels: panelRefName ↔ "panelIndex:panelRefName"; by-value Lens: each inner reference
+    is repeated on the dashboard as "panelIndex:name" (Kibana injects them back from there)."""
+    board = dashboard()
+    names = {ref["name"]: ref for ref in board["references"]}
+    panels = json.loads(board["attributes"]["panelsJSON"])
+    for panel in panels:
+        if panel["type"] == "search":
+            reference = names[f"{panel['panelIndex']}:{panel['panelRefName']}"]
+            assert reference["type"] == "search"
+        else:
+            inner = panel["embeddableConfig"]["attributes"]["references"]
+            assert inner
+            for ref in inner:
+                outer = names[f"{panel['panelIndex']}:{ref['name']}"]
+                assert (outer["type"], outer["id"]) == (ref["type"], ref["id"])
+    expected = sum(
+        1 if p["type"] == "search" else len(p["embeddableConfig"]["attributes"]["references"]) for p in panels
+    )
+    assert len(board["references"]) == expected
+
+
+@pytest.mark.parametrize("title", ["Moles per meter", "Pressure per meter", "Temperature per meter"])
+def test_lens_charts_plot_mapped_fields_per_meter(title: str) -> None:
+    objects = saved_objects()
+    (panel,) = [p for p in lens_panels(dashboard()) if p["title"] == title]
+    attributes = panel["embeddableConfig"]["attributes"]
+    assert attributes["visualizationType"] == "lnsXY"
+    state = attributes["state"]
+    layers = state["datasourceStates"]["formBased"]["layers"]
+    layer_refs = {ref["name"]: ref["id"] for ref in attributes["references"]}
+    for layer_id, layer in layers.items():
+        data_view_id = layer_refs[f"indexpattern-datasource-layer-{layer_id}"]
+        fields = data_view_fields(objects, data_view_id)
+        assert set(layer["columnOrder"]) == set(layer["columns"])
+        for column in layer["columns"].values():
+            source = column["sourceField"]
+            assert source in fields, f"{title}: {source} is not mapped"
+            operation = column["operationType"]
+            if operation == "date_histogram":
+                assert fields[source] in DATE
+            elif operation == "terms":
+                assert fields[source] == "keyword"
+            else:
+                assert fields[source] in NUMERIC
+    (xy_layer,) = state["visualization"]["layers"]
+    columns = layers[xy_layer["layerId"]]["columns"]
+    assert columns[xy_layer["xAccessor"]]["sourceField"] == "@timestamp"
+    assert columns[xy_layer["splitAccessor"]]["sourceField"] == "meter_id"
+    assert columns[xy_layer["splitAccessor"]]["params"]["size"] >= 5  # top N meters
+    assert all(accessor in columns for accessor in xy_layer["accessors"])
+    assert xy_layer["seriesType"] == "line"
+
+
+@pytest.mark.parametrize(
+    ("search_id", "columns"),
+    [
+        ("smartgas-latest-readings", ["meter_id", "pressure_bar", "temperature_c", "moles"]),
+        ("smartgas-alerts-list", ["meter_id", "kind", "severity", "state", "message", "value"]),
+    ],
+)
+def test_saved_searches_show_mapped_columns_newest_first(search_id: str, columns: list[str]) -> None:
+    objects = saved_objects()
+    search = by_key(objects)[("search", search_id)]
+    attributes = search["attributes"]
+    assert attributes["columns"] == columns
+    assert attributes["sort"] == [["@timestamp", "desc"]]
+    source = json.loads(attributes["kibanaSavedObjectMeta"]["searchSourceJSON"])
+    (reference,) = [ref for ref in search["references"] if ref["name"] == source["indexRefName"]]
+    fields = data_view_fields(objects, reference["id"])
+    for column in [*columns, "@timestamp"]:
+        assert column in fields, f"{search_id}: {column} is not mapped"
