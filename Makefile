@@ -44,17 +44,19 @@ venv: $(VENV)/.installed
 
 # --- the main job -----------------------------------------------------------------------------------
 
+# The two services run in sessions of their own (setsid), so a Ctrl-C reaches them once, through the
+# trap: the publisher stops producing and delivers what it holds, then the consumer commits and exits.
 run: venv
 	@mkdir -p $(RUN_DIR)
 	@echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT), store $(RUN_DIR)/smartgas.db," \
 	      "$(RUN_METERS) meters every $(RUN_PERIOD) s. Ctrl-C stops both."
-	@trap 'kill 0' INT TERM EXIT; \
-	$(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 --coap-port $(RUN_PORT) \
-	    --db $(RUN_DIR)/smartgas.db --log-readings true & \
+	@setsid $(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 --coap-port $(RUN_PORT) \
+	    --db $(RUN_DIR)/smartgas.db --log-readings true & consumer=$$!; \
 	sleep 2; \
-	$(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --meters $(RUN_METERS) \
-	    --period $(RUN_PERIOD) & \
-	wait
+	setsid $(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --meters $(RUN_METERS) \
+	    --period $(RUN_PERIOD) & publisher=$$!; \
+	trap 'kill -INT $$publisher 2>/dev/null; wait $$publisher; kill -INT $$consumer 2>/dev/null' INT TERM; \
+	wait $$publisher; kill -INT $$consumer 2>/dev/null; wait $$consumer
 
 # --- tests ------------------------------------------------------------------------------------------
 
