@@ -37,7 +37,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python constraints.txt consumer/pyproject.toml publisher/pyproject.toml
-	$(BIN)/pip install -q -c constraints.txt -e 'consumer[test]' -e 'publisher[test]' ruff mypy
+	$(BIN)/pip install -q -c constraints.txt -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
 	touch $@
 
 venv: $(VENV)/.installed

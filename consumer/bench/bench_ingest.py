@@ -114,9 +114,7 @@ def main() -> int:
     parser.add_argument("--group-window-ms", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     arguments = parser.parse_args()
-    result = asyncio.run(
-        run(arguments.meters, arguments.readings, arguments.timeout, arguments.group_window_ms)
-    )
+    result = asyncio.run(run(arguments.meters, arguments.readings, arguments.timeout, arguments.group_window_ms))
     print(json.dumps(result, indent=2))
     # Every acknowledged reading must be in the store, or the numbers mean nothing.
     return 0 if result["stored"] == result["acknowledged"] == arguments.meters * arguments.readings else 1

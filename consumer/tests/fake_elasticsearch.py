@@ -107,9 +107,7 @@ class FakeElasticsearch:
             return self._answer(
                 {
                     "error": {
-                        "type": "es_rejected_execution_exception"
-                        if status == 429
-                        else "unavailable_shards_exception",
+                        "type": "es_rejected_execution_exception" if status == 429 else "unavailable_shards_exception",
                         "reason": "fake failure",
                     },
                     "status": status,

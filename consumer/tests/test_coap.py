@@ -62,9 +62,7 @@ async def test_resend_acknowledged_again_stored_once(consumer: Consumer, coap: a
 async def test_invalid_bodies_get_400_with_diagnostic(
     consumer: Consumer, coap: aiocoap.Context, case: dict[str, str]
 ) -> None:
-    response = await request(
-        coap, Code.PUT, reading_uri(consumer), case["payload"].encode(), content_format=50
-    )
+    response = await request(coap, Code.PUT, reading_uri(consumer), case["payload"].encode(), content_format=50)
     assert str(response.code).startswith(case["code"])
     assert case["diagnostic_contains"] in response.payload.decode()
     assert (await consumer.store.summary()).readings == 0
@@ -174,9 +172,7 @@ async def test_stopped_consumer_kept_what_it_acknowledged(consumer_config, coap:
     await running.start()
     acknowledged = 0
     for seq in range(20):
-        response = await put_json(
-            coap, reading_uri(running), {**wire_example("reading-250bar.json"), "seq": seq}
-        )
+        response = await put_json(coap, reading_uri(running), {**wire_example("reading-250bar.json"), "seq": seq})
         acknowledged += response.code == Code.CHANGED
     await running.stop()
     with sqlite3.connect(consumer_config.db) as connection:

@@ -51,9 +51,7 @@ def test_credentials_must_make_sense() -> None:
 
 
 def test_secrets_never_printed() -> None:
-    config = load(
-        {"elasticsearch_username": "elastic"}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_PASSWORD": "hunter2"}
-    )
+    config = load({"elasticsearch_username": "elastic"}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_PASSWORD": "hunter2"})
     assert config.elasticsearch_password == "hunter2"
     assert "hunter2" not in repr(config)
 

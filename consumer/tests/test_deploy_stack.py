@@ -143,15 +143,11 @@ def test_images_are_pinned_by_env(compose: dict[str, Any], env: dict[str, str]) 
 
 
 def test_stack_version_equals_the_pinned_client(env: dict[str, str]) -> None:
-    pins = dict(
-        line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line
-    )
+    pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
     assert env["STACK_VERSION"] == pins["elasticsearch"]
 
 
-def test_host_ports_bind_the_loopback_unless_told_otherwise(
-    compose: dict[str, Any], env: dict[str, str]
-) -> None:
+def test_host_ports_bind_the_loopback_unless_told_otherwise(compose: dict[str, Any], env: dict[str, str]) -> None:
     assert env["BIND_ADDRESS"] == "127.0.0.1"
     published = {}
     for name, service in compose["services"].items():

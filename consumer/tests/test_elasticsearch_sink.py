@@ -14,7 +14,7 @@ from fake_elasticsearch import FakeElasticsearch
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
-from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, document_id
+from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, document_id
 from smartgas_consumer.reading import Reading
 from smartgas_consumer.store import ReadingStore
 
@@ -59,15 +59,21 @@ async def add_readings(store: ReadingStore, count: int, meter_id: str = "m1", fi
         await store.add(reading, 410.0 - seq, T0 + timedelta(seconds=10 * seq, milliseconds=5))
 
 
-def make_sink(store: ReadingStore, url: str, timeout_s: float = 5.0, **kwargs: Any) -> ElasticsearchSink:
+class ClosingSink(ElasticsearchSink):
+    """The sink as the consumer runs it: the caller closes the shared client after stopping the sink."""
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.client.close()
+
+
+def make_sink(
+    store: ReadingStore, url: str, timeout_s: float = 5.0, retention: timedelta = timedelta(days=7), **kwargs: Any
+) -> ElasticsearchSink:
     client = make_client(ConsumerConfig(elasticsearch_url=url), request_timeout_s=timeout_s)
-    options: dict[str, Any] = {
-        "backoff": Backoff(base_s=0.01, cap_s=0.05),
-        "idle_poll_s": 0.05,
-        "batch_size": 50,
-    }
+    options: dict[str, Any] = {"backoff": Backoff(base_s=0.01, cap_s=0.05), "idle_poll_s": 0.05, "batch_size": 50}
     options.update(kwargs)
-    return ElasticsearchSink(store, client, index=INDEX, **options)
+    return ClosingSink(ReadingSource(store, index=INDEX, retention=retention), client, **options)
 
 
 async def all_settled(store: ReadingStore) -> bool:
@@ -84,12 +90,14 @@ async def test_ships_every_reading_with_natural_ids(store: ReadingStore, fake_es
         await sink.stop()
     indexed = fake_es.indexed(INDEX)
     assert len(indexed) == 120
-    document = indexed["m1:7"]
+    document = indexed["m1:0:7"]
     assert document == {
         "@timestamp": "2026-11-23T08:01:10.000000Z",
         "received_at": "2026-11-23T08:01:10.005000Z",
         "meter_id": "m1",
+        "epoch": 0,
         "seq": 7,
+        "meter_known": False,
         "pressure_bar": 193.0,
         "temperature_c": 20.0,
         "volume_l": 50.0,
@@ -115,7 +123,7 @@ async def test_new_readings_are_shipped_on_wake(store: ReadingStore, fake_es: Fa
 async def test_item_400_is_dead_lettered_with_reason_not_retried(
     store: ReadingStore, fake_es: FakeElasticsearch
 ) -> None:
-    fake_es.item_plan = lambda doc_id, _s, _a: 400 if doc_id == "m1:3" else 201
+    fake_es.item_plan = lambda doc_id, _s, _a: 400 if doc_id == "m1:0:3" else 201
     await add_readings(store, 10)
     sink = make_sink(store, fake_es.url)
     await sink.start()
@@ -128,19 +136,17 @@ async def test_item_400_is_dead_lettered_with_reason_not_retried(
     assert [(d.meter_id, d.seq, d.status) for d in letters] == [("m1", 3, 400)]
     assert "document_parsing_exception" in letters[0].reason
     assert '"seq": 3' in letters[0].document
-    assert fake_es.sent["m1:3"] == 1
+    assert fake_es.sent["m1:0:3"] == 1
     assert len(fake_es.indexed(INDEX)) == 9
     summary = await store.summary()
     assert (summary.dead_letters, summary.pending) == (1, 0)
 
 
-async def test_item_429_and_503_are_retried_until_delivered(
-    store: ReadingStore, fake_es: FakeElasticsearch
-) -> None:
+async def test_item_429_and_503_are_retried_until_delivered(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
     def plan(doc_id: str, _source: dict[str, Any], attempt: int) -> int:
-        if doc_id == "m1:1":
+        if doc_id == "m1:0:1":
             return 429 if attempt < 2 else 201
-        if doc_id == "m1:2":
+        if doc_id == "m1:0:2":
             return 503 if attempt < 1 else 201
         return 201
 
@@ -152,7 +158,7 @@ async def test_item_429_and_503_are_retried_until_delivered(
         await wait_until(lambda: all_settled(store))
     finally:
         await sink.stop()
-    assert fake_es.sent["m1:1"] == 3 and fake_es.sent["m1:2"] == 2 and fake_es.sent["m1:0"] == 1
+    assert fake_es.sent["m1:0:1"] == 3 and fake_es.sent["m1:0:2"] == 2 and fake_es.sent["m1:0:0"] == 1
     assert len(fake_es.indexed(INDEX)) == 5
     assert not await store.dead_letters()
 
@@ -160,18 +166,18 @@ async def test_item_429_and_503_are_retried_until_delivered(
 async def test_nothing_marked_shipped_that_was_not_confirmed(
     store: ReadingStore, fake_es: FakeElasticsearch, tmp_path: Path
 ) -> None:
-    fake_es.item_plan = lambda doc_id, _s, _a: 503 if doc_id in {"m1:0", "m1:4"} else 201
+    fake_es.item_plan = lambda doc_id, _s, _a: 503 if doc_id in {"m1:0:0", "m1:0:4"} else 201
     await add_readings(store, 6)
     sink = make_sink(store, fake_es.url)
     await sink.start()
     try:
-        await wait_until(lambda: _sent_at_least(fake_es, "m1:4", 3))
+        await wait_until(lambda: _sent_at_least(fake_es, "m1:0:4", 3))
     finally:
         await sink.stop()
     with sqlite3.connect(tmp_path / "store.db") as connection:
         states = dict(connection.execute("SELECT seq, ship_state FROM readings"))
     assert states == {0: 0, 1: 1, 2: 1, 3: 1, 4: 0, 5: 1}
-    assert set(fake_es.indexed(INDEX)) == {"m1:1", "m1:2", "m1:3", "m1:5"}
+    assert set(fake_es.indexed(INDEX)) == {"m1:0:1", "m1:0:2", "m1:0:3", "m1:0:5"}
 
 
 async def _sent_at_least(fake_es: FakeElasticsearch, doc_id: str, times: int) -> bool:
@@ -194,9 +200,7 @@ async def test_whole_request_failures_keep_everything_pending_then_deliver(
     assert not await store.dead_letters()
 
 
-async def test_outage_then_recovery_delivers_everything(
-    store: ReadingStore, fake_es: FakeElasticsearch
-) -> None:
+async def test_outage_then_recovery_delivers_everything(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
     await fake_es.stop()  # connection refused from here on
     sink = make_sink(store, fake_es.url)
     await sink.start()
@@ -233,9 +237,7 @@ async def test_slow_answers_time_out_and_are_retried(store: ReadingStore, fake_e
     assert len(fake_es.indexed(INDEX)) == 5
 
 
-async def test_a_server_that_is_not_elasticsearch_gets_nothing(
-    store: ReadingStore, fake_es: FakeElasticsearch
-) -> None:
+async def test_a_server_that_is_not_elasticsearch_gets_nothing(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
     fake_es.send_product_header = False
     await add_readings(store, 4)
     sink = make_sink(store, fake_es.url)
@@ -286,18 +288,14 @@ async def test_replay_after_lost_confirmation_does_not_duplicate(
     assert len(fake_es.indexed(INDEX)) == 10
 
 
-async def test_prepare_runs_before_first_bulk_and_is_retried(
-    store: ReadingStore, fake_es: FakeElasticsearch
-) -> None:
+async def test_prepare_runs_before_first_bulk_and_is_retried(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
     calls: list[int] = []
 
     async def prepare(client: Any) -> None:
         calls.append(fake_es.bulk_requests)
         if len(calls) < 3:
             await client.perform_request("GET", "/nowhere-404")  # an ApiError, as a refused template would be
-        await client.indices.put_index_template(
-            name="smartgas-readings", index_patterns=["smartgas-readings*"]
-        )
+        await client.indices.put_index_template(name="smartgas-readings", index_patterns=["smartgas-readings*"])
 
     await add_readings(store, 2)
     sink = make_sink(store, fake_es.url, prepare=prepare)
@@ -313,12 +311,10 @@ async def test_prepare_runs_before_first_bulk_and_is_retried(
 async def test_retention_prunes_only_old_shipped_readings(
     store: ReadingStore, fake_es: FakeElasticsearch, tmp_path: Path
 ) -> None:
-    fake_es.item_plan = lambda doc_id, _s, _a: 503 if doc_id == "m1:9" else 201
+    fake_es.item_plan = lambda doc_id, _s, _a: 503 if doc_id == "m1:0:9" else 201
     await add_readings(store, 10)
     now = [datetime(2026, 11, 23, 9, 0, tzinfo=UTC)]
-    sink = make_sink(
-        store, fake_es.url, retention=timedelta(hours=1), prune_every_s=0.05, clock=lambda: now[0]
-    )
+    sink = make_sink(store, fake_es.url, retention=timedelta(hours=1), prune_every_s=0.05, clock=lambda: now[0])
     await sink.start()
     try:
         await wait_until(lambda: _pending_is(store, 1))
@@ -341,8 +337,8 @@ async def _readings_are(store: ReadingStore, count: int) -> bool:
 def test_document_id_is_meter_and_seq() -> None:
     from smartgas_consumer.store import StoredReading
 
-    reading = StoredReading(1, "bottle-0001", 42, "t", "r", 1.0, 2.0, 3.0, 4.0)
-    assert document_id(reading) == "bottle-0001:42"
+    reading = StoredReading(1, "bottle-0001", 2, 42, "t", "r", 1.0, 2.0, 3.0, 4.0, None, None, None, False)
+    assert document_id(reading) == "bottle-0001:2:42"
 
 
 def test_backoff_is_capped_and_grows() -> None:

@@ -26,9 +26,7 @@ ES_URL = os.environ.get("ELASTICSEARCH_URL")
 
 pytestmark = [
     pytest.mark.live,
-    pytest.mark.skipif(
-        not ES_URL, reason="live: set ELASTICSEARCH_URL (and ELASTIC_PASSWORD) to use a real cluster"
-    ),
+    pytest.mark.skipif(not ES_URL, reason="live: set ELASTICSEARCH_URL (and ELASTIC_PASSWORD) to use a real cluster"),
 ]
 
 

@@ -94,9 +94,7 @@ async def test_stop_under_load_loses_nothing_acknowledged(tmp_path: Path, signum
     acknowledged: set[tuple[str, int]] = set()
     async with consumer_process(db) as (process, port):
         enough = asyncio.Event()
-        senders = asyncio.create_task(
-            send_until_refused(port, [f"m{i}" for i in range(10)], acknowledged, enough)
-        )
+        senders = asyncio.create_task(send_until_refused(port, [f"m{i}" for i in range(10)], acknowledged, enough))
         await asyncio.wait_for(enough.wait(), timeout=30)
         process.send_signal(signum)  # mid-stream: requests are in flight
         assert await asyncio.wait_for(process.wait(), timeout=20) == 0

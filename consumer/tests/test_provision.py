@@ -289,9 +289,7 @@ async def test_without_a_kibana_url_only_elasticsearch_is_provisioned(stack: Fak
 
 
 async def test_an_api_key_is_used_for_elasticsearch_and_kibana(stack: FakeStack) -> None:
-    config = config_for(
-        stack, elasticsearch_username=None, elasticsearch_password=None, elasticsearch_api_key=API_KEY
-    )
+    config = config_for(stack, elasticsearch_username=None, elasticsearch_password=None, elasticsearch_api_key=API_KEY)
     await provision(config, kibana_system_password=None, wait_timeout_s=5)
     assert {c.authorization for c in stack.es_calls} == {f"ApiKey {API_KEY}"}
     assert {c.authorization for c in stack.kibana_calls} == {f"ApiKey {API_KEY}"}
@@ -354,9 +352,7 @@ async def test_an_import_answered_503_is_retried(stack: FakeStack) -> None:
 
 async def test_unreachable_elasticsearch_gives_up_within_the_bound() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    config = ConsumerConfig(
-        elasticsearch_url=url, elasticsearch_username=USER, elasticsearch_password=PASSWORD
-    )
+    config = ConsumerConfig(elasticsearch_url=url, elasticsearch_username=USER, elasticsearch_password=PASSWORD)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(ProvisionError) as caught:
@@ -420,9 +416,7 @@ async def test_install_templates_lets_the_clients_errors_through_for_the_shipper
 async def test_main_setup_exit_codes(stack: FakeStack) -> None:
     config = config_for(stack)
     environ = {"KIBANA_PASSWORD": "kibana-s3cret"}
-    assert (
-        await main_setup(config, environ, kibana_system_password_env="KIBANA_PASSWORD", wait_timeout_s=5) == 0
-    )
+    assert await main_setup(config, environ, kibana_system_password_env="KIBANA_PASSWORD", wait_timeout_s=5) == 0
     (password_call,) = [c for c in stack.es_calls if "_password" in c.path]
     assert password_call.body == {"password": "kibana-s3cret"}
     assert await main_setup(config, {}, kibana_system_password_env="KIBANA_PASSWORD", wait_timeout_s=5) == 2

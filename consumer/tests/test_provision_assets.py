@@ -10,11 +10,13 @@ from __future__ import annotations
 import fnmatch
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from smartgas_consumer.elasticsearch_sink import to_document
+from smartgas_consumer.fleet import load_fleet
 from smartgas_consumer.provision import INDEX_TEMPLATES, saved_objects_ndjson, template_body
 from smartgas_consumer.store import StoredReading
 
@@ -25,6 +27,7 @@ READINGS_FIELDS = {
     "@timestamp": "date",
     "received_at": "date",
     "meter_id": "keyword",
+    "epoch": "integer",
     "seq": "long",
     "pressure_bar": "double",
     "temperature_c": "double",
@@ -79,11 +82,7 @@ def by_key(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
 def mapping_for_pattern(pattern: str) -> dict[str, str]:
     """The mapping an index matching the data view's pattern gets: the template whose patterns cover it."""
     probe = pattern.replace("*", "x")
-    matching = [
-        body
-        for body in templates().values()
-        if any(fnmatch.fnmatch(probe, p) for p in body["index_patterns"])
-    ]
+    matching = [body for body in templates().values() if any(fnmatch.fnmatch(probe, p) for p in body["index_patterns"])]
     assert len(matching) == 1, f"{pattern}: expected one index template, found {len(matching)}"
     return field_types(matching[0])
 
@@ -135,9 +134,11 @@ def test_alert_message_is_searchable_and_aggregatable() -> None:
 
 def test_shipper_documents_fit_the_readings_mapping() -> None:
     """The document the shipper builds uses only mapped fields, each with a value its type accepts."""
+    fleet = load_fleet(Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml")
     reading = StoredReading(
         id=1,
         meter_id="bottle-0001",
+        epoch=0,
         seq=0,
         ts="2026-11-23T08:00:00.000000Z",
         received_at="2026-11-23T08:00:00.012345Z",
@@ -145,10 +146,14 @@ def test_shipper_documents_fit_the_readings_mapping() -> None:
         temperature_c=25.0,
         volume_l=50.0,
         moles=504.24431932308704,
+        fill_pct=95.5,
+        client_id="acme-welding",
+        site_id="lyon-gerland",
+        meter_known=True,
     )
-    document = to_document(reading)
+    document = to_document(reading, fleet)
     types = field_types(templates()["smartgas-readings"])
-    assert set(document) <= set(types), f"unmapped: {set(document) - set(types)}"
+    assert set(document) == set(types), f"unmapped: {set(document) - set(types)}, unused: {set(types) - set(document)}"
     for field, value in document.items():
         kind = types[field]
         if kind in DATE:
@@ -159,6 +164,10 @@ def test_shipper_documents_fit_the_readings_mapping() -> None:
             assert isinstance(value, int | float) and not isinstance(value, bool)
         elif kind == "keyword":
             assert isinstance(value, str)
+        elif kind == "boolean":
+            assert isinstance(value, bool)
+        elif kind == "geo_point":
+            assert -90 <= value["lat"] <= 90 and -180 <= value["lon"] <= 180
 
 
 # -- Kibana saved objects ----------------------------------------------------------------------------

@@ -89,9 +89,7 @@ async def test_provision_creates_the_data_views_and_the_dashboard(
 
 
 async def test_the_readings_template_takes_a_shipper_document(live_config: ConsumerConfig) -> None:
-    await provision(
-        dataclasses.replace(live_config, kibana_url=None), kibana_system_password=None, wait_timeout_s=60
-    )
+    await provision(dataclasses.replace(live_config, kibana_url=None), kibana_system_password=None, wait_timeout_s=60)
     index = f"smartgas-readings-livetest-{uuid.uuid4().hex[:8]}"
     client = make_client(live_config)
     try:

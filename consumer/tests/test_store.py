@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from smartgas_consumer.reading import Reading
-from smartgas_consumer.store import ReadingStore, StoreClosed
+from smartgas_consumer.store import ReadingStore, SequenceOutcome, StoreClosed
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 
@@ -62,14 +62,10 @@ async def test_resend_is_stored_once_and_answers_first_moles(tmp_path: Path) -> 
 
 async def test_concurrent_adds_share_commits_and_all_land(tmp_path: Path) -> None:
     commits: list[int] = []
-    store = ReadingStore(
-        tmp_path / "s.db", group_window_s=0.005, on_commit=lambda rows, _: commits.append(rows)
-    )
+    store = ReadingStore(tmp_path / "s.db", group_window_s=0.005, on_commit=lambda rows, _: commits.append(rows))
     await store.open()
     try:
-        results = await asyncio.gather(
-            *(store.add(reading(f"m{i % 7}", i), float(i), T0) for i in range(300))
-        )
+        results = await asyncio.gather(*(store.add(reading(f"m{i % 7}", i), float(i), T0) for i in range(300)))
         assert all(r.stored for r in results)
         assert sum(commits) == 300
         assert len(commits) < 300  # readings were grouped, not one transaction each
@@ -87,20 +83,80 @@ async def test_same_seq_twice_in_one_group(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_registry_tracks_first_last_and_last_seq(tmp_path: Path) -> None:
+async def test_registry_tracks_first_last_seq_and_gaps(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "s.db")
     try:
-        await store.add(reading(seq=4), 1.0, T0)
-        await store.add(reading(seq=2), 1.0, T0 + timedelta(seconds=5))  # late, out of order
-        await store.add(reading("m2", 0), 1.0, T0)
+        results = [
+            await store.add(reading(seq=0), 1.0, T0),
+            await store.add(reading(seq=1), 1.0, T0 + timedelta(seconds=10)),
+            await store.add(reading(seq=4), 1.0, T0 + timedelta(seconds=40)),  # 2 and 3 never came
+            await store.add(reading("m2", 0), 1.0, T0),
+        ]
+        assert [r.outcome for r in results] == [
+            SequenceOutcome.FIRST,
+            SequenceOutcome.NEXT,
+            SequenceOutcome.GAP,
+            SequenceOutcome.FIRST,
+        ]
+        assert results[2].missing == 2
         assert await store.meter_ids() == ["m1", "m2"]
     finally:
         await store.close()
+    assert meter_row(tmp_path, "m1") == {
+        "first_seen": "2026-11-23T08:00:00.000000Z",
+        "last_seen": "2026-11-23T08:00:40.000000Z",
+        "epoch": 0,
+        "last_seq": 4,
+        "readings": 3,
+        "gaps": 2,
+        "replays": 0,
+        "reboots": 0,
+    }
+
+
+def meter_row(tmp_path: Path, meter_id: str) -> dict[str, object]:
     with sqlite3.connect(tmp_path / "s.db") as connection:
+        connection.row_factory = sqlite3.Row
         row = connection.execute(
-            "SELECT first_seen, last_seen, last_seq, readings FROM meters WHERE meter_id='m1'"
+            "SELECT first_seen, last_seen, epoch, last_seq, readings, gaps, replays, reboots FROM meters"
+            " WHERE meter_id = ?",
+            (meter_id,),
         ).fetchone()
-    assert row == ("2026-11-23T08:00:00.000000Z", "2026-11-23T08:00:05.000000Z", 4, 2)
+    return dict(row)
+
+
+async def test_replay_of_an_older_reading_is_acknowledged_not_stored(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        await store.add(reading(seq=2), 7.0, T0)
+        await store.add(reading(seq=4), 1.0, T0)
+        replay = await store.add(reading(seq=2), 9.0, T0)  # seq 2 again, with its original timestamp
+        assert replay.outcome is SequenceOutcome.DUPLICATE and not replay.stored
+        assert replay.moles == 7.0  # the stored copy's answer
+        assert (await store.summary()).readings == 2
+    finally:
+        await store.close()
+    assert meter_row(tmp_path, "m1")["replays"] == 1
+
+
+async def test_reboot_starts_a_new_epoch(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        await store.add(reading(seq=10), 1.0, T0)  # ts = T0 + 100 s
+        rebooted = Reading("m1", 0, T0 + timedelta(seconds=200), 150.0, 20.0, 50.0)  # seq back to 0, clock on
+        after = Reading("m1", 1, T0 + timedelta(seconds=210), 149.0, 20.0, 50.0)
+        first = await store.add(rebooted, 2.0, T0)
+        second = await store.add(after, 3.0, T0)
+        assert (first.outcome, first.epoch) == (SequenceOutcome.REBOOT, 1)
+        assert (second.outcome, second.epoch, second.missing) == (SequenceOutcome.NEXT, 1, 0)
+        old_resend = await store.add(reading(seq=10), 1.0, T0)  # the old epoch's last reading, again
+        assert old_resend.outcome is SequenceOutcome.DUPLICATE
+        latest = await store.latest("m1")
+        assert latest is not None and (latest.epoch, latest.seq) == (1, 1)
+        assert (await store.summary()).readings == 3
+    finally:
+        await store.close()
+    assert meter_row(tmp_path, "m1")["reboots"] == 1
 
 
 async def test_everything_acknowledged_survives_reopen(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from smartgas_consumer import config as config_module
 from smartgas_consumer import health, provision
 from smartgas_consumer.config import ConfigError, ConsumerConfig
+from smartgas_consumer.fleet import FleetFileError
 from smartgas_consumer.server import Consumer, describe_lag
 from smartgas_consumer.store import ReadingStore
 
@@ -63,9 +64,7 @@ _COMMAND_OPTIONS = {"command", "kibana_system_password_env", "wait_timeout", "ti
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # aiocoap logs every retransmission and message at INFO/DEBUG; keep it at WARNING unless debugging.
     if level != "DEBUG":
         logging.getLogger("smartgas_consumer.coap").setLevel(logging.WARNING)
@@ -128,3 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # port in use, unwritable store path, ...
         _LOG.error("%s", err)
         return 1
+    except FleetFileError as err:
+        print(f"smartgas-consumer: fleet file error: {err}", file=sys.stderr)
+        return 2

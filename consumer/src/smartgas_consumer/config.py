@@ -34,6 +34,7 @@ class ConsumerConfig:
     status_interval_s: float = 10.0
     log_level: str = "INFO"
     log_readings: bool = False
+    fleet: Path | None = None
     # Elasticsearch sink: off unless a URL is given; then every stored reading is shipped.
     elasticsearch_url: str | None = None
     elasticsearch_username: str | None = None
@@ -147,11 +148,15 @@ SETTINGS: tuple[Setting, ...] = (
         _buffer_bytes,
         "SO_RCVBUF asked for the CoAP socket, so bursts are queued rather than dropped",
     ),
-    Setting(
-        "status_interval_s", "--status-interval", _positive_float, "seconds between status lines in the log"
-    ),
+    Setting("status_interval_s", "--status-interval", _positive_float, "seconds between status lines in the log"),
     Setting("log_level", "--log-level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_readings", "--log-readings", _boolean, "log every accepted reading at INFO (true/false)"),
+    Setting(
+        "fleet",
+        "--fleet",
+        Path,
+        "fleet file (YAML: clients, sites, meters; docs/fleet.md); unset, every meter is unknown",
+    ),
     Setting(
         "elasticsearch_url",
         "--elasticsearch-url",
@@ -191,9 +196,7 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "how long shipped readings stay in the local store before they are pruned",
     ),
-    Setting(
-        "kibana_url", "--kibana-url", _http_url, "Kibana, for `smartgas-consumer setup` to import objects"
-    ),
+    Setting("kibana_url", "--kibana-url", _http_url, "Kibana, for `smartgas-consumer setup` to import objects"),
 )
 
 
@@ -235,7 +238,5 @@ def settings_table(settings: Sequence[Setting] = SETTINGS) -> str:
     rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
     for setting in settings:
         assert setting.field in known
-        rows.append(
-            f"| `{setting.flag}` | `{setting.env}` | `{getattr(defaults, setting.field)}` | {setting.help} |"
-        )
+        rows.append(f"| `{setting.flag}` | `{setting.env}` | `{getattr(defaults, setting.field)}` | {setting.help} |")
     return "\n".join(rows)

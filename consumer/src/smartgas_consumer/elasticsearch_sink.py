@@ -1,18 +1,19 @@
-"""The Elasticsearch sink: ships every committed reading from the durable store, and never loses one.
+"""The Elasticsearch sink: ships every committed record from the durable store, and never loses one.
 
-The store is the buffer. The sink reads the oldest pending readings, sends them with the bulk helper
-and reads the result item by item:
+The store is the buffer; a ``ShipSource`` says what to ship from it (readings here, alerts in
+``alerts.py``). The sink takes the oldest pending records, sends them with the bulk helper and reads the
+result item by item:
 
-- 2xx: the reading is marked shipped (only now, when Elasticsearch confirmed that very item);
+- 2xx: the record is marked shipped (only now, when Elasticsearch confirmed that very item);
 - 429 or 5xx for an item: left pending, sent again after a backoff;
-- any other 4xx for an item (a mapping error, say): it can never succeed, so it goes to the store's
-  dead-letter table with Elasticsearch's reason, and is neither retried forever nor dropped silently.
+- any other 4xx for an item (a mapping error, say): it can never succeed, so the source dead-letters it
+  with Elasticsearch's reason; it is neither retried forever nor dropped silently.
 
 A failure of the whole request (connection refused, timeout, 429/5xx, or a 4xx such as bad credentials or
-a client/server version mismatch) leaves every reading pending and retries with capped exponential
-backoff; the consumer keeps accepting readings meanwhile. Each document's ``_id`` is
-``{meter_id}:{seq}``, so a replay after a crash overwrites rather than duplicates. Third-party errors are
-translated here and nowhere else.
+a client/server version mismatch) leaves every record pending and retries with capped exponential
+backoff; the consumer keeps accepting readings meanwhile. Each document has a natural ``_id`` (a reading's
+is ``{meter_id}:{epoch}:{seq}``), so a replay after a crash overwrites rather than duplicates.
+Third-party errors are translated here and nowhere else.
 """
 
 from __future__ import annotations
@@ -24,34 +25,123 @@ import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from elastic_transport import TransportError
 from elasticsearch import ApiError, AsyncElasticsearch, UnsupportedProductError
 from elasticsearch.helpers import async_streaming_bulk
 
+from smartgas_consumer.fleet import Fleet
 from smartgas_consumer.store import DeadLetter, ReadingStore, StoredReading
 
 _LOG = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Shipment:
+    """One record to index: its key in the store, its document ``_id`` and body."""
+
+    key: int
+    doc_id: str
+    document: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A shipment Elasticsearch refused for good, with the item's status and reason."""
+
+    shipment: Shipment
+    status: int | None
+    reason: str
+
+
+class ShipSource(Protocol):
+    """What a sink ships: pending records of one kind from the store, and how to settle them."""
+
+    name: str
+    index: str
+
+    async def pending(self, limit: int) -> list[Shipment]: ...
+    async def mark_shipped(self, shipments: list[Shipment], at: datetime) -> None: ...
+    async def dead_letter(self, refusals: list[Refusal], at: datetime) -> None: ...
+    async def prune(self, now: datetime) -> int: ...
+
+
 def document_id(reading: StoredReading) -> str:
     """The natural id of a reading in Elasticsearch: a replay overwrites instead of duplicating."""
-    return f"{reading.meter_id}:{reading.seq}"
+    return f"{reading.meter_id}:{reading.epoch}:{reading.seq}"
 
 
-def to_document(reading: StoredReading) -> dict[str, Any]:
-    """The Elasticsearch document for a stored reading (fields as in the index template)."""
-    return {
+def to_document(reading: StoredReading, fleet: Fleet | None = None) -> dict[str, Any]:
+    """The Elasticsearch document for a stored reading (fields as in the readings index template)."""
+    document: dict[str, Any] = {
         "@timestamp": reading.ts,
         "received_at": reading.received_at,
         "meter_id": reading.meter_id,
+        "epoch": reading.epoch,
         "seq": reading.seq,
         "pressure_bar": reading.pressure_bar,
         "temperature_c": reading.temperature_c,
         "volume_l": reading.volume_l,
         "moles": reading.moles,
+        "meter_known": reading.meter_known,
     }
+    if reading.client_id is not None:
+        document["client_id"] = reading.client_id
+    if reading.site_id is not None:
+        document["site"] = reading.site_id
+    if reading.fill_pct is not None:
+        document["fill_pct"] = reading.fill_pct
+    meter = fleet.meter(reading.meter_id) if fleet is not None else None
+    if meter is not None:
+        document["gas"] = meter.gas
+        document["location"] = {"lat": meter.site.latitude, "lon": meter.site.longitude}
+    return document
+
+
+class ReadingSource:
+    """Readings from the store, shipped to the readings index; shipped ones pruned after the retention."""
+
+    name = "readings"
+
+    def __init__(
+        self,
+        store: ReadingStore,
+        *,
+        index: str,
+        fleet: Fleet | None = None,
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.fleet = fleet
+        self.retention = retention
+
+    async def pending(self, limit: int) -> list[Shipment]:
+        return [
+            Shipment(reading.id, document_id(reading), to_document(reading, self.fleet))
+            for reading in await self.store.pending(limit)
+        ]
+
+    async def mark_shipped(self, shipments: list[Shipment], at: datetime) -> None:
+        await self.store.mark_shipped([shipment.key for shipment in shipments], at)
+
+    async def dead_letter(self, refusals: list[Refusal], at: datetime) -> None:
+        letters = [
+            DeadLetter(
+                refusal.shipment.key,
+                refusal.shipment.document["meter_id"],
+                refusal.shipment.document["seq"],
+                refusal.status,
+                refusal.reason,
+                json.dumps(refusal.shipment.document),
+            )
+            for refusal in refusals
+        ]
+        await self.store.dead_letter(letters, at)
+
+    async def prune(self, now: datetime) -> int:
+        return await self.store.prune_shipped(now - self.retention)
 
 
 def is_retryable(status: int | None) -> bool:
@@ -95,29 +185,28 @@ class ShipFailed(Exception):
 
 
 class ElasticsearchSink:
-    """Ships readings from ``store`` to ``index``: ``start()``, ``wake()`` on new data, ``stop()``."""
+    """Ships a source's records to its index: ``start()``, ``wake()`` on new data, ``stop()``.
+
+    The client is shared and owned by the caller, who closes it after stopping every sink.
+    """
 
     def __init__(
         self,
-        store: ReadingStore,
+        source: ShipSource,
         client: AsyncElasticsearch,
         *,
-        index: str,
         batch_size: int = 500,
         backoff: Backoff | None = None,
-        retention: timedelta = timedelta(days=7),
         prepare: Callable[[AsyncElasticsearch], Awaitable[None]] | None = None,
         idle_poll_s: float = 1.0,
         prune_every_s: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
     ) -> None:
-        self.store = store
+        self.source = source
         self.client = client
-        self.index = index
         self.batch_size = batch_size
         self.backoff = backoff or Backoff()
-        self.retention = retention
         # Run once before the first bulk (installs the index template); retried like a bulk.
         self._prepare = prepare
         self._idle_poll_s = idle_poll_s
@@ -133,19 +222,18 @@ class ElasticsearchSink:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="elasticsearch-sink")
+        self._task = asyncio.create_task(self._run(), name=f"elasticsearch-sink-{self.source.name}")
 
     def wake(self) -> None:
         """New readings were committed: ship them now rather than at the next poll."""
         self._wakeup.set()
 
     async def stop(self) -> None:
-        """Stop shipping (what is pending stays pending, for the next start) and close the client."""
+        """Stop shipping; what is pending stays pending, for the next start."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.client.close()
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -161,7 +249,7 @@ class ElasticsearchSink:
                 if loop.time() >= next_prune:
                     await self._prune()
                     next_prune = loop.time() + self._prune_every_s
-                batch = await self.store.pending(self.batch_size)
+                batch = await self.source.pending(self.batch_size)
                 if not batch:
                     await self._idle()
                     continue
@@ -200,12 +288,12 @@ class ElasticsearchSink:
     async def _prepare_cluster(self) -> None:
         assert self._prepare is not None
         await self._prepare(self.client)
-        _LOG.info("Elasticsearch ready: index template installed for %s", self.index)
+        _LOG.info("Elasticsearch ready: index templates installed")
 
     async def _prune(self) -> None:
-        pruned = await self.store.prune_shipped(self._clock() - self.retention)
+        pruned = await self.source.prune(self._clock())
         if pruned:
-            _LOG.info("pruned %d shipped reading(s) older than the retention (%s)", pruned, self.retention)
+            _LOG.info("pruned %d shipped %s older than the retention", pruned, self.source.name)
 
     @staticmethod
     async def _call(operation: Awaitable[Any]) -> Any:
@@ -221,11 +309,11 @@ class ElasticsearchSink:
 
     # -- one batch -----------------------------------------------------------------------------------
 
-    async def ship(self, batch: list[StoredReading]) -> BatchOutcome:
+    async def ship(self, batch: list[Shipment]) -> BatchOutcome:
         """Send one batch with the bulk helper and settle every item by its own status."""
-        by_id = {document_id(reading): reading for reading in batch}
-        shipped: list[int] = []
-        dead: list[DeadLetter] = []
+        by_id = {shipment.doc_id: shipment for shipment in batch}
+        shipped: list[Shipment] = []
+        refused: list[Refusal] = []
         to_retry = 0
         async for ok, result in async_streaming_bulk(
             self.client,
@@ -237,48 +325,39 @@ class ElasticsearchSink:
             yield_ok=True,
         ):
             item = next(iter(result.values()))
-            reading = by_id[item["_id"]]
+            shipment = by_id[item["_id"]]
             status = item.get("status")
             if ok and status is not None and 200 <= status < 300:
-                shipped.append(reading.id)
+                shipped.append(shipment)
             elif is_retryable(status):
                 to_retry += 1
             else:
-                dead.append(
-                    DeadLetter(
-                        reading.id,
-                        reading.meter_id,
-                        reading.seq,
-                        status,
-                        _short(item.get("error")),
-                        json.dumps(to_document(reading)),
-                    )
-                )
+                refused.append(Refusal(shipment, status, _short(item.get("error"))))
         now = self._clock()
         if shipped:
-            await self.store.mark_shipped(shipped, now)
-        if dead:
-            await self.store.dead_letter(dead, now)
-            for letter in dead:
+            await self.source.mark_shipped(shipped, now)
+        if refused:
+            await self.source.dead_letter(refused, now)
+            for refusal in refused:
                 _LOG.error(
-                    "reading %s:%d dead-lettered: HTTP %s %s",
-                    letter.meter_id,
-                    letter.seq,
-                    letter.status,
-                    letter.reason,
+                    "%s %s dead-lettered: HTTP %s %s",
+                    self.source.name,
+                    refusal.shipment.doc_id,
+                    refusal.status,
+                    refusal.reason,
                 )
         self.counters.shipped += len(shipped)
-        self.counters.dead_lettered += len(dead)
+        self.counters.dead_lettered += len(refused)
         self.counters.item_retries += to_retry
-        return BatchOutcome(len(shipped), len(dead), to_retry)
+        return BatchOutcome(len(shipped), len(refused), to_retry)
 
-    def _actions(self, batch: list[StoredReading]) -> Iterator[dict[str, Any]]:
-        for reading in batch:
+    def _actions(self, batch: list[Shipment]) -> Iterator[dict[str, Any]]:
+        for shipment in batch:
             yield {
                 "_op_type": "index",
-                "_index": self.index,
-                "_id": document_id(reading),
-                "_source": to_document(reading),
+                "_index": self.source.index,
+                "_id": shipment.doc_id,
+                "_source": shipment.document,
             }
 
 

@@ -17,10 +17,23 @@ from aiocoap.error import ConstructionRenderableError
 
 from smartgas_consumer import physics
 from smartgas_consumer.error import StoreUnavailable
+from smartgas_consumer.fleet import Fleet, FleetMeter
 from smartgas_consumer.reading import Reading, check_meter_id, decode_body, parse_reading
-from smartgas_consumer.store import ReadingStore, StoreClosed
+from smartgas_consumer.store import CommitResult, Enrichment, ReadingStore, SequenceOutcome, StoreClosed
 
 _LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A reading that was just stored, with everything later stages (sinks, alerts, metrics) need."""
+
+    reading: Reading
+    moles: float
+    received_at: datetime
+    result: CommitResult
+    enrichment: Enrichment
+    meter: FleetMeter | None  # None: the meter is not in the fleet file
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +56,15 @@ class IntakeCounters:
     received: int = 0
     stored: int = 0
     duplicates: int = 0
+    missing: int = 0
+    reboots: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
     def describe(self) -> str:
         refused = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items()))
         return (
             f"received={self.received} stored={self.stored} duplicates={self.duplicates} "
+            f"missing={self.missing} reboots={self.reboots} "
             f"rejected={sum(self.rejected.values())}" + (f" ({refused})" if refused else "")
         )
 
@@ -66,15 +82,17 @@ class ReadingIntake:
         self,
         store: ReadingStore,
         *,
+        fleet: Fleet | None = None,
         log_readings: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
+        self.fleet = fleet or Fleet()
         self.counters = IntakeCounters()
         self._log_readings = log_readings
         self._clock = clock
-        # Called after each newly stored reading (sinks wake up to ship it).
-        self.on_stored: list[Callable[[Reading, float], None]] = []
+        # Called after each newly stored reading (sinks wake up to ship it, alerts evaluate it).
+        self.on_stored: list[Callable[[StoredEvent], None]] = []
 
     async def accept(self, meter_id: str, payload: bytes, content_format: int | None) -> Accepted:
         """Validate, compute and durably store one reading; raise a CoAP-coded error if it is refused."""
@@ -87,16 +105,28 @@ class ReadingIntake:
             _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
             raise
 
+    def enrich(self, reading: Reading, moles: float) -> tuple[Enrichment, FleetMeter | None]:
+        """Client, site and fill % from the fleet file; an unknown meter gets none of them."""
+        meter = self.fleet.meter(reading.meter_id)
+        if meter is None:
+            return Enrichment(), None
+        return Enrichment(meter.client_id, meter.site.site_id, meter.fill_pct(moles), True), meter
+
     async def _store(self, reading: Reading) -> Accepted:
         moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)
+        enrichment, meter = self.enrich(reading, moles)
+        received_at = self._clock()
         try:
-            result = await self.store.add(reading, moles, self._clock())
+            result = await self.store.add(reading, moles, received_at, enrichment)
         except StoreClosed as err:
             raise StoreUnavailable(f"reading not stored, retry later: {err}") from err
         if result.stored:
             self.counters.stored += 1
+            self.counters.missing += result.missing
+            self.counters.reboots += result.outcome is SequenceOutcome.REBOOT
+            event = StoredEvent(reading, moles, received_at, result, enrichment, meter)
             for listener in self.on_stored:
-                listener(reading, result.moles)
+                listener(event)
         else:
             self.counters.duplicates += 1
         if self._log_readings:

@@ -39,8 +39,4 @@ def moles(pressure_bar: float, temperature_c: float, volume_l: float) -> float:
         raise ValueError("temperature must be above absolute zero")
     if pressure_bar < 0 or volume_l <= 0:
         raise ValueError("pressure must be >= 0 and volume > 0")
-    return (
-        bar_to_pascal(pressure_bar)
-        * litre_to_cubic_metre(volume_l)
-        / (GAS_CONSTANT_J_PER_MOL_K * temperature_k)
-    )
+    return bar_to_pascal(pressure_bar) * litre_to_cubic_metre(volume_l) / (GAS_CONSTANT_J_PER_MOL_K * temperature_k)

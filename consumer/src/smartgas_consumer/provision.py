@@ -216,9 +216,7 @@ def kibana_session(config: ConsumerConfig) -> aiohttp.ClientSession:
     connector: aiohttp.TCPConnector | None = None
     if config.elasticsearch_ca_certs is not None:
         # One CA for the stack: an https:// Kibana is trusted with the same file as Elasticsearch.
-        connector = aiohttp.TCPConnector(
-            ssl=ssl.create_default_context(cafile=str(config.elasticsearch_ca_certs))
-        )
+        connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(config.elasticsearch_ca_certs)))
     return aiohttp.ClientSession(headers=_kibana_headers(config), connector=connector)
 
 
@@ -280,9 +278,7 @@ def describe_import_error(item: Mapping[str, Any]) -> str:
     return f"{what}: {error.get('type', 'error')}" + (f" {detail}" if detail else "")
 
 
-async def import_saved_objects(
-    session: aiohttp.ClientSession, *, url: str, ndjson: bytes, timeout_s: float
-) -> int:
+async def import_saved_objects(session: aiohttp.ClientSession, *, url: str, ndjson: bytes, timeout_s: float) -> int:
     """Import the saved objects into Kibana's default space, overwriting; return how many were imported."""
     step = f"saved objects import into Kibana at {url}"
     imported = 0
@@ -328,9 +324,7 @@ async def import_saved_objects(
 # -- the whole setup ---------------------------------------------------------------------------------
 
 
-async def provision(
-    config: ConsumerConfig, *, kibana_system_password: str | None, wait_timeout_s: float
-) -> None:
+async def provision(config: ConsumerConfig, *, kibana_system_password: str | None, wait_timeout_s: float) -> None:
     """Make Elasticsearch (and Kibana, when ``config.kibana_url`` is set) ready for the fleet.
 
     Each wait (Elasticsearch, then Kibana) is bounded by ``wait_timeout_s``. Raises ProvisionError.
@@ -347,13 +341,9 @@ async def provision(
             async def set_password() -> None:
                 await client.security.change_password(username=KIBANA_SYSTEM_USER, password=password)
 
-            await _es_step(
-                f"setting the {KIBANA_SYSTEM_USER} password", set_password, timeout_s=wait_timeout_s
-            )
+            await _es_step(f"setting the {KIBANA_SYSTEM_USER} password", set_password, timeout_s=wait_timeout_s)
             _LOG.info("%s password set", KIBANA_SYSTEM_USER)
-        await _es_step(
-            "installing the index templates", lambda: install_templates(client), timeout_s=wait_timeout_s
-        )
+        await _es_step("installing the index templates", lambda: install_templates(client), timeout_s=wait_timeout_s)
     finally:
         await client.close()
     if config.kibana_url is None:

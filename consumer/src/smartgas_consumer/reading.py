@@ -47,8 +47,7 @@ class Reading:
 def check_meter_id(meter_id: str) -> str:
     if not METER_ID_PATTERN.fullmatch(meter_id):
         raise InvalidMeterId(
-            f"meter id {meter_id[:80]!r} is invalid: use 1 to 64 of A-Z a-z 0-9 _ . -, "
-            "starting with a letter or digit"
+            f"meter id {meter_id[:80]!r} is invalid: use 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
         )
     return meter_id
 
@@ -56,9 +55,7 @@ def check_meter_id(meter_id: str) -> str:
 def decode_body(payload: bytes, content_format: int | None) -> Any:
     """Parse the body by its Content-Format (absent means JSON); raise the matching CoAP error."""
     if len(payload) > MAX_PAYLOAD_BYTES:
-        raise PayloadTooLarge(
-            f"body is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}", MAX_PAYLOAD_BYTES
-        )
+        raise PayloadTooLarge(f"body is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}", MAX_PAYLOAD_BYTES)
     if content_format is None or content_format == CONTENT_FORMAT_JSON:
         try:
             # parse_constant lets NaN/Infinity through to the finiteness check, whose message is clearer
@@ -71,8 +68,7 @@ def decode_body(payload: bytes, content_format: int | None) -> Any:
         except (cbor2.CBORDecodeError, ValueError, TypeError) as err:
             raise InvalidReading(f"malformed CBOR body: {err}") from err
     raise UnsupportedFormat(
-        f"Content-Format {content_format} is not supported; send 50 (application/json) "
-        "or 60 (application/cbor)"
+        f"Content-Format {content_format} is not supported; send 50 (application/json) or 60 (application/cbor)"
     )
 
 
@@ -97,9 +93,7 @@ def _utc_timestamp(name: str, value: Any) -> datetime:
     if not isinstance(value, str):
         raise InvalidReading(f"{name}: must be an RFC 3339 string, got {type(value).__name__}")
     if not UTC_TIMESTAMP_PATTERN.fullmatch(value):
-        raise InvalidReading(
-            f"{name}: {value[:40]!r} is not an RFC 3339 date-time in UTC (like 2026-11-23T08:00:00Z)"
-        )
+        raise InvalidReading(f"{name}: {value[:40]!r} is not an RFC 3339 date-time in UTC (like 2026-11-23T08:00:00Z)")
     try:
         return datetime.fromisoformat(value).astimezone(UTC)
     except ValueError as err:  # the shape is right but the date is not (2026-02-30)

@@ -16,10 +16,12 @@ from datetime import UTC, datetime, timedelta
 
 import aiocoap
 from aiocoap import resource
+from elasticsearch import AsyncElasticsearch
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
-from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
+from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource
+from smartgas_consumer.fleet import Fleet, load_fleet
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.provision import install_templates
 from smartgas_consumer.resource import MeterList, MeterReading
@@ -33,9 +35,7 @@ SO_RCVBUFFORCE = 33
 def build_site(intake: ReadingIntake) -> resource.Site:
     """The CoAP resource tree: /.well-known/core, /meters and /meters/{meter_id}/reading."""
     root = resource.Site()
-    root.add_resource(
-        [".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None)
-    )
+    root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
     root.add_resource(["meters"], MeterList(intake))
     root.add_resource(["meters"], MeterReading(intake))
     return root
@@ -67,21 +67,29 @@ class Consumer:
 
     def __init__(self, config: ConsumerConfig) -> None:
         self.config = config
+        # The fleet file is read here, before any socket opens: a broken file stops the start.
+        self.fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
         self.store = ReadingStore(config.db, group_window_s=config.group_window_ms / 1000)
-        self.intake = ReadingIntake(self.store, log_readings=config.log_readings)
+        self.intake = ReadingIntake(self.store, fleet=self.fleet, log_readings=config.log_readings)
+        self.elasticsearch: AsyncElasticsearch | None = None
         self.sink: ElasticsearchSink | None = None
         if config.elasticsearch_url is not None:
-            self.sink = ElasticsearchSink(
+            self.elasticsearch = make_client(config)
+            readings = ReadingSource(
                 self.store,
-                make_client(config),
                 index=config.elasticsearch_index,
+                fleet=self.fleet,
+                retention=timedelta(hours=config.retention_hours),
+            )
+            self.sink = ElasticsearchSink(
+                readings,
+                self.elasticsearch,
                 batch_size=config.ship_batch_size,
                 backoff=Backoff(cap_s=config.ship_backoff_max_s),
-                retention=timedelta(hours=config.retention_hours),
                 prepare=install_templates,
             )
             sink = self.sink
-            self.intake.on_stored.append(lambda _reading, _moles: sink.wake())
+            self.intake.on_stored.append(lambda _event: sink.wake())
         self._context: aiocoap.Context | None = None
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -153,6 +161,8 @@ class Consumer:
             self._context = None
         if self.sink is not None:
             await self.sink.stop()  # what is unshipped stays pending in the store for the next start
+        if self.elasticsearch is not None:
+            await self.elasticsearch.close()
         await self.store.close()
         _LOG.info("consumer stopped: %s", self.intake.counters.describe())
 

@@ -8,9 +8,21 @@ piggybacked on the ACK.
 
 Tables (schema version in ``PRAGMA user_version``):
 
-- ``readings``: one row per (meter_id, seq), with the meter's fields, the computed moles, the meter's
-  timestamp and the receive time. ``id`` is the commit order, the cursor that sinks ship from.
-- ``meters``: the meter registry; a meter is created on first sight, with first/last seen and last seq.
+- ``readings``: one row per (meter_id, epoch, seq), with the meter's fields, the computed moles and fill %,
+  the client and site it belongs to, the meter's timestamp and the receive time. ``id`` is the commit
+  order, the cursor that sinks ship from.
+- ``meters``: the meter registry; a meter is created on first sight, with first/last seen, its epoch,
+  last seq and meter timestamp, and counts of gaps, replays and reboots.
+
+Sequence rule (per meter, applied inside the commit so concurrent readings see each other):
+
+- seq above the last stored: stored; ``seq - last - 1`` readings are counted missing (a gap);
+- seq at or below the last stored, timestamp not later than the last stored one: a duplicate or a replay,
+  acknowledged but not stored;
+- seq at or below the last stored with a *later* timestamp: the meter restarted its counter (a reboot).
+  A new epoch begins and the reading is stored; ``(meter_id, epoch, seq)`` stays unique.
+- whatever the above says, a reading identical in (meter_id, seq, ts) to one stored is a duplicate
+  (an old epoch's reading re-sent after a reboot must not pass for a new one).
 - ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
 
 Shipping state lives on each reading (``ship_state``: pending, shipped or dead-lettered), so the store is
@@ -42,6 +54,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
     id            INTEGER PRIMARY KEY,
     meter_id      TEXT    NOT NULL,
+    epoch         INTEGER NOT NULL,
     seq           INTEGER NOT NULL,
     ts            TEXT    NOT NULL,
     received_at   TEXT    NOT NULL,
@@ -49,10 +62,18 @@ CREATE TABLE IF NOT EXISTS readings (
     temperature_c REAL    NOT NULL,
     volume_l      REAL    NOT NULL,
     moles         REAL    NOT NULL,
+    fill_pct      REAL,               -- NULL for a meter missing from the fleet file
+    client_id     TEXT,
+    site_id       TEXT,
+    meter_known   INTEGER NOT NULL,
     ship_state    INTEGER NOT NULL DEFAULT 0,  -- 0 pending, 1 shipped, 2 dead-lettered
     shipped_at    TEXT,
-    UNIQUE (meter_id, seq)
+    UNIQUE (meter_id, epoch, seq)
 );
+CREATE INDEX IF NOT EXISTS readings_meter_ts ON readings (meter_id, ts);
+CREATE INDEX IF NOT EXISTS readings_meter_seq ON readings (meter_id, seq);
+CREATE INDEX IF NOT EXISTS readings_client_ts ON readings (client_id, ts);
+CREATE INDEX IF NOT EXISTS readings_site_ts ON readings (site_id, ts);
 CREATE INDEX IF NOT EXISTS readings_pending ON readings (id) WHERE ship_state = 0;
 CREATE INDEX IF NOT EXISTS readings_shipped_at ON readings (shipped_at) WHERE ship_state = 1;
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -66,10 +87,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE TABLE IF NOT EXISTS meters (
     meter_id    TEXT    PRIMARY KEY,
+    known       INTEGER NOT NULL,
+    client_id   TEXT,
+    site_id     TEXT,
     first_seen  TEXT    NOT NULL,
     last_seen   TEXT    NOT NULL,
+    epoch       INTEGER NOT NULL,
     last_seq    INTEGER NOT NULL,
-    readings    INTEGER NOT NULL
+    last_ts     TEXT    NOT NULL,
+    readings    INTEGER NOT NULL,
+    gaps        INTEGER NOT NULL DEFAULT 0,   -- readings missing between stored seqs
+    replays     INTEGER NOT NULL DEFAULT 0,   -- duplicates and replays, acknowledged, not stored
+    reboots     INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -89,6 +118,7 @@ class StoredReading:
 
     id: int
     meter_id: str
+    epoch: int
     seq: int
     ts: str
     received_at: str
@@ -96,26 +126,65 @@ class StoredReading:
     temperature_c: float
     volume_l: float
     moles: float
+    fill_pct: float | None
+    client_id: str | None
+    site_id: str | None
+    meter_known: bool
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "meter_id": self.meter_id,
+            "epoch": self.epoch,
             "seq": self.seq,
             "ts": self.ts,
             "pressure_bar": self.pressure_bar,
             "temperature_c": self.temperature_c,
             "volume_l": self.volume_l,
             "moles": self.moles,
+            "fill_pct": self.fill_pct,
+            "client_id": self.client_id,
+            "site_id": self.site_id,
+            "meter_known": self.meter_known,
             "received_at": self.received_at,
         }
 
 
+class SequenceOutcome(enum.Enum):
+    """How a reading's seq relates to what the meter sent before (see the module's sequence rule)."""
+
+    FIRST = "first"
+    NEXT = "next"
+    GAP = "gap"
+    REBOOT = "reboot"
+    DUPLICATE = "duplicate"
+
+    @property
+    def stored(self) -> bool:
+        return self is not SequenceOutcome.DUPLICATE
+
+
+@dataclass(frozen=True, slots=True)
+class Enrichment:
+    """What the consumer adds to a reading from the fleet file."""
+
+    client_id: str | None = None
+    site_id: str | None = None
+    fill_pct: float | None = None
+    known: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    """What became of one reading: newly stored, or a re-send of one stored before (then its moles)."""
+    """What became of one reading: stored (and how its seq fitted), or a duplicate/replay not stored."""
 
-    stored: bool
+    outcome: SequenceOutcome
     moles: float
+    epoch: int
+    missing: int = 0  # readings skipped before this one (a gap)
+
+    @property
+    def stored(self) -> bool:
+        return self.outcome.stored
 
 
 class ShipState(enum.IntEnum):
@@ -154,11 +223,21 @@ class DeadLetter:
 class _PendingReading:
     reading: Reading
     moles: float
+    enrichment: Enrichment
     received_at: datetime
     done: asyncio.Future[CommitResult]
 
 
-_READING_COLUMNS = "id, meter_id, seq, ts, received_at, pressure_bar, temperature_c, volume_l, moles"
+_READING_COLUMNS = (
+    "id, meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l, moles,"
+    " fill_pct, client_id, site_id, meter_known"
+)
+
+
+def stored_reading(row: sqlite3.Row) -> StoredReading:
+    values = dict(row)
+    values["meter_known"] = bool(values["meter_known"])
+    return StoredReading(**values)
 
 
 class ReadingStore:
@@ -171,8 +250,11 @@ class ReadingStore:
         group_window_s: float = 0.002,
         max_group_size: int = 1024,
         on_commit: Callable[[int, float], None] | None = None,
+        extra_schema: Sequence[str] = (),
     ) -> None:
         self.path = path
+        # Tables of other stages (alerts, webhook deliveries) that live in the same file and transactions.
+        self._extra_schema = tuple(extra_schema)
         self.group_window_s = group_window_s
         self.max_group_size = max_group_size
         # Called on the loop after each group commit with (rows, seconds): a hook for metrics.
@@ -218,6 +300,8 @@ class ReadingStore:
                 f"{self.path} has schema version {version}, newer than this consumer's {SCHEMA_VERSION}"
             )
         connection.executescript(_SCHEMA)
+        for schema in self._extra_schema:
+            connection.executescript(schema)
         connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._connection = connection
 
@@ -231,12 +315,14 @@ class ReadingStore:
 
     # -- writing -------------------------------------------------------------------------------------
 
-    async def add(self, reading: Reading, moles: float, received_at: datetime) -> CommitResult:
+    async def add(
+        self, reading: Reading, moles: float, received_at: datetime, enrichment: Enrichment | None = None
+    ) -> CommitResult:
         """Store a reading durably; return only once its transaction has committed."""
         if self._closing or self._committer is None:
             raise StoreClosed("the store is closed")
         done: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_PendingReading(reading, moles, received_at, done))
+        self._queue.put_nowait(_PendingReading(reading, moles, enrichment or Enrichment(), received_at, done))
         return await done
 
     async def _commit_loop(self) -> None:
@@ -272,37 +358,89 @@ class ReadingStore:
 
     @staticmethod
     def _insert(connection: sqlite3.Connection, pending: _PendingReading) -> CommitResult:
-        reading = pending.reading
+        reading, extra = pending.reading, pending.enrichment
         received_at = format_timestamp(pending.received_at)
-        cursor = connection.execute(
-            "INSERT OR IGNORE INTO readings (meter_id, seq, ts, received_at, pressure_bar,"
-            " temperature_c, volume_l, moles) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        ts = format_timestamp(reading.ts)
+        meter = connection.execute(
+            "SELECT epoch, last_seq, last_ts FROM meters WHERE meter_id = ?", (reading.meter_id,)
+        ).fetchone()
+        missing = 0
+        copy = connection.execute(
+            "SELECT moles FROM readings WHERE meter_id = ? AND seq = ? AND ts = ? ORDER BY epoch DESC LIMIT 1",
+            (reading.meter_id, reading.seq, ts),
+        ).fetchone()
+        if meter is None:
+            outcome, epoch = SequenceOutcome.FIRST, 0
+        elif copy is None and reading.seq > meter["last_seq"]:
+            epoch = meter["epoch"]
+            missing = reading.seq - meter["last_seq"] - 1
+            outcome = SequenceOutcome.GAP if missing else SequenceOutcome.NEXT
+        elif copy is None and ts > meter["last_ts"]:
+            outcome, epoch = SequenceOutcome.REBOOT, meter["epoch"] + 1
+        else:
+            # A duplicate or a replay: the first copy stays; answer with its moles if it is still here.
+            connection.execute("UPDATE meters SET replays = replays + 1 WHERE meter_id = ?", (reading.meter_id,))
+            moles = float(copy["moles"]) if copy is not None else pending.moles
+            return CommitResult(SequenceOutcome.DUPLICATE, moles, meter["epoch"])
+        connection.execute(
+            "INSERT INTO readings (meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l,"
+            " moles, fill_pct, client_id, site_id, meter_known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 reading.meter_id,
+                epoch,
                 reading.seq,
-                format_timestamp(reading.ts),
+                ts,
                 received_at,
                 reading.pressure_bar,
                 reading.temperature_c,
                 reading.volume_l,
                 pending.moles,
+                extra.fill_pct,
+                extra.client_id,
+                extra.site_id,
+                int(extra.known),
             ),
         )
-        if cursor.rowcount == 0:
-            # A re-send: the first copy stays, and its moles are the answer.
-            row = connection.execute(
-                "SELECT moles FROM readings WHERE meter_id = ? AND seq = ?",
-                (reading.meter_id, reading.seq),
-            ).fetchone()
-            return CommitResult(stored=False, moles=float(row["moles"]))
         connection.execute(
-            "INSERT INTO meters (meter_id, first_seen, last_seen, last_seq, readings)"
-            " VALUES (?, ?, ?, ?, 1)"
-            " ON CONFLICT (meter_id) DO UPDATE SET last_seen = excluded.last_seen,"
-            " last_seq = max(last_seq, excluded.last_seq), readings = readings + 1",
-            (reading.meter_id, received_at, received_at, reading.seq),
+            "INSERT INTO meters (meter_id, known, client_id, site_id, first_seen, last_seen, epoch, last_seq,"
+            " last_ts, readings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
+            " ON CONFLICT (meter_id) DO UPDATE SET known = excluded.known, client_id = excluded.client_id,"
+            " site_id = excluded.site_id, last_seen = excluded.last_seen, epoch = excluded.epoch,"
+            " last_seq = excluded.last_seq, last_ts = excluded.last_ts, readings = readings + 1,"
+            " gaps = gaps + ?, reboots = reboots + ?",
+            (
+                reading.meter_id,
+                int(extra.known),
+                extra.client_id,
+                extra.site_id,
+                received_at,
+                received_at,
+                epoch,
+                reading.seq,
+                ts,
+                missing,
+                int(outcome is SequenceOutcome.REBOOT),
+            ),
         )
-        return CommitResult(stored=True, moles=pending.moles)
+        return CommitResult(outcome, pending.moles, epoch, missing)
+
+    # -- access for other stages ----------------------------------------------------------------------
+
+    async def read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``query(connection)`` on the store's thread (reads see every committed write)."""
+        return await self._run(self._call, query, False)
+
+    async def write(self, change: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``change(connection)`` on the store's thread inside one transaction (rolled back on error)."""
+        return await self._run(self._call, change, True)
+
+    def _call(self, function: Callable[[sqlite3.Connection], _T], transaction: bool) -> _T:
+        if self._connection is None:
+            raise StoreClosed("the store is closed")
+        if not transaction:
+            return function(self._connection)
+        with self._transaction() as connection:
+            return function(connection)
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -313,10 +451,10 @@ class ReadingStore:
     def _latest(self, meter_id: str) -> StoredReading | None:
         assert self._connection is not None
         row = self._connection.execute(
-            f"SELECT {_READING_COLUMNS} FROM readings WHERE meter_id = ? ORDER BY seq DESC LIMIT 1",
+            f"SELECT {_READING_COLUMNS} FROM readings WHERE meter_id = ? ORDER BY epoch DESC, seq DESC LIMIT 1",
             (meter_id,),
         ).fetchone()
-        return StoredReading(**dict(row)) if row is not None else None
+        return stored_reading(row) if row is not None else None
 
     async def meter_ids(self) -> list[str]:
         return await self._run(self._meter_ids)
@@ -331,9 +469,7 @@ class ReadingStore:
 
     def _summary(self) -> StoreSummary:
         assert self._connection is not None
-        readings, newest = self._connection.execute(
-            "SELECT count(*), max(received_at) FROM readings"
-        ).fetchone()
+        readings, newest = self._connection.execute("SELECT count(*), max(received_at) FROM readings").fetchone()
         (meters,) = self._connection.execute("SELECT count(*) FROM meters").fetchone()
         pending, oldest = self._connection.execute(
             "SELECT count(*), min(received_at) FROM readings WHERE ship_state = 0"
@@ -352,7 +488,7 @@ class ReadingStore:
         rows = self._connection.execute(
             f"SELECT {_READING_COLUMNS} FROM readings WHERE ship_state = 0 ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
-        return [StoredReading(**dict(row)) for row in rows]
+        return [stored_reading(row) for row in rows]
 
     async def mark_shipped(self, reading_ids: Sequence[int], shipped_at: datetime) -> None:
         await self._run(self._mark_shipped, list(reading_ids), format_timestamp(shipped_at))
@@ -373,10 +509,7 @@ class ReadingStore:
             connection.executemany(
                 "INSERT OR REPLACE INTO dead_letters (reading_id, meter_id, seq, failed_at, status, reason,"
                 " document) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (d.reading_id, d.meter_id, d.seq, failed_at, d.status, d.reason, d.document)
-                    for d in letters
-                ],
+                [(d.reading_id, d.meter_id, d.seq, failed_at, d.status, d.reason, d.document) for d in letters],
             )
             connection.executemany(
                 "UPDATE readings SET ship_state = 2 WHERE id = ?", [(d.reading_id,) for d in letters]
@@ -388,8 +521,7 @@ class ReadingStore:
     def _dead_letters(self, limit: int) -> list[DeadLetter]:
         assert self._connection is not None
         rows = self._connection.execute(
-            "SELECT reading_id, meter_id, seq, status, reason, document FROM dead_letters"
-            " ORDER BY reading_id LIMIT ?",
+            "SELECT reading_id, meter_id, seq, status, reason, document FROM dead_letters ORDER BY reading_id LIMIT ?",
             (limit,),
         ).fetchall()
         return [DeadLetter(**dict(row)) for row in rows]
@@ -400,9 +532,7 @@ class ReadingStore:
 
     def _prune_shipped(self, cutoff: str) -> int:
         with self._transaction() as connection:
-            cursor = connection.execute(
-                "DELETE FROM readings WHERE ship_state = 1 AND shipped_at < ?", (cutoff,)
-            )
+            cursor = connection.execute("DELETE FROM readings WHERE ship_state = 1 AND shipped_at < ?", (cutoff,))
         return cursor.rowcount
 
     @contextlib.contextmanager
