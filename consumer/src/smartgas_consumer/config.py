@@ -46,6 +46,22 @@ class ConsumerConfig:
     ship_backoff_max_s: float = 60.0
     retention_hours: float = 168.0
     kibana_url: str | None = None
+    # HTTP API, dashboard and /metrics
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    api_keys: Path | None = None
+    # Fleet operations: when a meter counts as offline, and the alert thresholds (docs/alerts.md)
+    expected_period_s: float = 10.0
+    offline_after_periods: float = 3.0
+    alert_overpressure_pct: float = 110.0
+    alert_max_pressure_bar: float = 330.0
+    alert_max_temperature_c: float = 55.0
+    alert_low_fill_pct: float = 10.0
+    alert_leak_factor: float = 3.0
+    alert_idle_draw_mol_per_h: float = 0.5
+    alert_jump_bar: float = 50.0
+    alert_jump_c: float = 25.0
+    webhook_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.elasticsearch_password is not None and self.elasticsearch_username is None:
@@ -100,6 +116,20 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise ValueError("must be a whole number above 0")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number, 0 or more")
+    return value
+
+
+def _url_list(text: str) -> tuple[str, ...]:
+    urls = tuple(part.strip() for part in text.split(",") if part.strip())
+    for url in urls:
+        _http_url(url)
+    return urls
 
 
 def _log_level(text: str) -> str:
@@ -197,6 +227,60 @@ SETTINGS: tuple[Setting, ...] = (
         "how long shipped readings stay in the local store before they are pruned",
     ),
     Setting("kibana_url", "--kibana-url", _http_url, "Kibana, for `smartgas-consumer setup` to import objects"),
+    Setting("http_host", "--http-host", str, "address of the HTTP API, dashboard and /metrics"),
+    Setting("http_port", "--http-port", _port, "port of the HTTP API, dashboard and /metrics (0 picks a free port)"),
+    Setting(
+        "api_keys",
+        "--api-keys",
+        Path,
+        "API keys file (YAML: client → SHA-256 of its key; docs/api.md); unset, the API answers 401 to all",
+    ),
+    Setting("expected_period_s", "--expected-period", _positive_float, "seconds between two readings of a meter"),
+    Setting(
+        "offline_after_periods",
+        "--offline-after-periods",
+        _positive_float,
+        "a meter silent this many periods is offline (and alerted)",
+    ),
+    Setting(
+        "alert_overpressure_pct",
+        "--alert-overpressure-pct",
+        _positive_float,
+        "over-pressure above this % of the bottle's nominal filling pressure",
+    ),
+    Setting(
+        "alert_max_pressure_bar",
+        "--alert-max-pressure-bar",
+        _positive_float,
+        "over-pressure above this, for meters missing from the fleet file",
+    ),
+    Setting("alert_max_temperature_c", "--alert-max-temperature-c", float, "over-temperature above this"),
+    Setting("alert_low_fill_pct", "--alert-low-fill-pct", _non_negative_float, "low content under this fill %"),
+    Setting(
+        "alert_leak_factor",
+        "--alert-leak-factor",
+        _positive_float,
+        "leak when gas falls faster than this many times the meter's draw_mol_per_h",
+    ),
+    Setting(
+        "alert_idle_draw_mol_per_h",
+        "--alert-idle-draw-mol-per-h",
+        _non_negative_float,
+        "leak when gas falls faster than this while the site is idle",
+    ),
+    Setting(
+        "alert_jump_bar",
+        "--alert-jump-bar",
+        _positive_float,
+        "sensor fault when pressure jumps by more than this between two readings",
+    ),
+    Setting(
+        "alert_jump_c",
+        "--alert-jump-c",
+        _positive_float,
+        "sensor fault when temperature jumps by more than this between two readings",
+    ),
+    Setting("webhook_urls", "--webhook-urls", _url_list, "comma-separated URLs that receive alerts as JSON POSTs"),
 )
 
 
