@@ -19,6 +19,7 @@ from typing import Any
 
 from smartgas_consumer import config as config_module
 from smartgas_consumer import health, provision
+from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.fleet import FleetFileError
 from smartgas_consumer.server import Consumer, describe_lag
@@ -56,7 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_module.add_arguments(healthcheck)
     healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)
+    hash_key = commands.add_parser(
+        "hash-key", help="make a new API key for a client (or hash one given on stdin) and print its keys-file line"
+    )
+    hash_key.add_argument("client", help='client id, or "*" for an administrator')
+    hash_key.add_argument("--stdin", action="store_true", help="read the key from standard input instead")
     return parser
+
+
+def print_key_line(client: str, from_stdin: bool) -> int:
+    """Print a key (unless it came from stdin) and the line for the API keys file."""
+    key = sys.stdin.readline().strip() if from_stdin else new_key()
+    if not key:
+        print("smartgas-consumer: no key on standard input", file=sys.stderr)
+        return 2
+    if not from_stdin:
+        print(f"# key for {client} (give it to the client; it is not stored anywhere): {key}")
+    print(key_file_line(client, key))
+    return 0
 
 
 #: Options of single subcommands, not settings of the consumer.
@@ -101,6 +119,8 @@ async def status(config: ConsumerConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    if arguments.command == "hash-key":
+        return print_key_line(arguments.client, arguments.stdin)
     flags = {name: value for name, value in vars(arguments).items() if name not in _COMMAND_OPTIONS}
     try:
         config = config_module.load(flags, os.environ)
@@ -127,6 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # port in use, unwritable store path, ...
         _LOG.error("%s", err)
         return 1
-    except FleetFileError as err:
-        print(f"smartgas-consumer: fleet file error: {err}", file=sys.stderr)
+    except (FleetFileError, ApiKeysFileError) as err:
+        print(f"smartgas-consumer: {err}", file=sys.stderr)
         return 2

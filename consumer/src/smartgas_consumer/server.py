@@ -18,12 +18,15 @@ import aiocoap
 from aiocoap import resource
 from elasticsearch import AsyncElasticsearch
 
+from smartgas_consumer.api import HttpServer, build_app
+from smartgas_consumer.auth import ApiKeys
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource
 from smartgas_consumer.fleet import Fleet, load_fleet
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.provision import install_templates
+from smartgas_consumer.queries import FleetQueries
 from smartgas_consumer.resource import MeterList, MeterReading
 from smartgas_consumer.store import ReadingStore, StoreSummary
 
@@ -90,6 +93,13 @@ class Consumer:
             )
             sink = self.sink
             self.intake.on_stored.append(lambda _event: sink.wake())
+        self.api_keys = ApiKeys.load(config.api_keys)
+        self.queries = FleetQueries(
+            self.store,
+            self.fleet,
+            offline_after=timedelta(seconds=config.expected_period_s * config.offline_after_periods),
+        )
+        self.http = HttpServer(build_app(self.queries, self.api_keys), config.http_host, config.http_port)
         self._context: aiocoap.Context | None = None
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -124,6 +134,13 @@ class Consumer:
             )
         else:
             _LOG.info("no Elasticsearch configured: readings stay in the local store")
+        await self.http.start()
+        _LOG.info(
+            "HTTP API on http://%s:%d/api (dashboard /dashboard/, metrics /metrics), %d API key(s)",
+            self.config.http_host,
+            self.http.port,
+            len(self.api_keys.principals),
+        )
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
 
     def _raise_receive_buffer(self, sock: socket.socket) -> None:
@@ -156,6 +173,7 @@ class Consumer:
             self._status_task.cancel()
             await asyncio.gather(self._status_task, return_exceptions=True)
             self._status_task = None
+        await self.http.stop()
         if self._context is not None:
             await self._context.shutdown()
             self._context = None

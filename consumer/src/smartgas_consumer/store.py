@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS meters (
     last_seq    INTEGER NOT NULL,
     last_ts     TEXT    NOT NULL,
     readings    INTEGER NOT NULL,
+    last_reading_id INTEGER,                  -- readings.id of the newest stored reading
     gaps        INTEGER NOT NULL DEFAULT 0,   -- readings missing between stored seqs
     replays     INTEGER NOT NULL DEFAULT 0,   -- duplicates and replays, acknowledged, not stored
     reboots     INTEGER NOT NULL DEFAULT 0
@@ -382,7 +383,7 @@ class ReadingStore:
             connection.execute("UPDATE meters SET replays = replays + 1 WHERE meter_id = ?", (reading.meter_id,))
             moles = float(copy["moles"]) if copy is not None else pending.moles
             return CommitResult(SequenceOutcome.DUPLICATE, moles, meter["epoch"])
-        connection.execute(
+        inserted = connection.execute(
             "INSERT INTO readings (meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l,"
             " moles, fill_pct, client_id, site_id, meter_known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -403,11 +404,11 @@ class ReadingStore:
         )
         connection.execute(
             "INSERT INTO meters (meter_id, known, client_id, site_id, first_seen, last_seen, epoch, last_seq,"
-            " last_ts, readings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
+            " last_ts, last_reading_id, readings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
             " ON CONFLICT (meter_id) DO UPDATE SET known = excluded.known, client_id = excluded.client_id,"
             " site_id = excluded.site_id, last_seen = excluded.last_seen, epoch = excluded.epoch,"
-            " last_seq = excluded.last_seq, last_ts = excluded.last_ts, readings = readings + 1,"
-            " gaps = gaps + ?, reboots = reboots + ?",
+            " last_seq = excluded.last_seq, last_ts = excluded.last_ts, last_reading_id = excluded.last_reading_id,"
+            " readings = readings + 1, gaps = gaps + ?, reboots = reboots + ?",
             (
                 reading.meter_id,
                 int(extra.known),
@@ -418,6 +419,7 @@ class ReadingStore:
                 epoch,
                 reading.seq,
                 ts,
+                inserted.lastrowid,
                 missing,
                 int(outcome is SequenceOutcome.REBOOT),
             ),
