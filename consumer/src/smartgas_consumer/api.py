@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
@@ -207,15 +208,18 @@ def build_app(
     Who = Annotated[Principal, Depends(caller)]
 
     def window(
-        since: Annotated[datetime | None, Query(description="start (RFC 3339); default: until − 1 h")] = None,
+        since: Annotated[
+            datetime | None,
+            Query(description="start (RFC 3339); default: until − 1 h. Not after until; at most 31 days before it."),
+        ] = None,
         until: Annotated[datetime | None, Query(description="end (RFC 3339); default: now")] = None,
     ) -> Window:
         end = _utc(until) if until is not None else queries.now()
         start = _utc(since) if since is not None else end - DEFAULT_WINDOW
         if start > end:
-            raise HTTPException(status_code=422, detail="since must not be after until")
+            raise _invalid_query("since", since, "since must not be after until")
         if end - start > MAX_WINDOW:
-            raise HTTPException(status_code=422, detail=f"the window may span at most {MAX_WINDOW.days} days")
+            raise _invalid_query("since", since, f"the window may span at most {MAX_WINDOW.days} days")
         return Window(start, end)
 
     Span = Annotated[Window, Depends(window)]
@@ -296,6 +300,20 @@ def build_app(
             return RedirectResponse(url="/dashboard/")
 
     return app
+
+
+def _invalid_query(name: str, value: object, message: str) -> RequestValidationError:
+    """A 422 in the same shape as FastAPI's own validation errors (the documented HTTPValidationError)."""
+    return RequestValidationError(
+        [
+            {
+                "type": "value_error",
+                "loc": ("query", name),
+                "msg": message,
+                "input": None if value is None else str(value),
+            }
+        ]
+    )
 
 
 def _utc(moment: datetime) -> datetime:
