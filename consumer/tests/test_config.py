@@ -60,3 +60,15 @@ def test_readme_configuration_table_is_current() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     # To regenerate: python -c 'from smartgas_consumer.config import settings_table; print(settings_table())'
     assert settings_table() in readme
+
+
+def test_admin_key_is_secret_and_works() -> None:
+    from smartgas_consumer.auth import ApiKeys
+
+    config = load({}, {"SMARTGAS_CONSUMER_ADMIN_KEY": "s3cret-admin-key"})
+    assert "s3cret-admin-key" not in repr(config)
+    keys = ApiKeys.load(None).with_admin_key(config.admin_key)
+    principal = keys.authenticate("s3cret-admin-key")
+    assert principal is not None and principal.is_admin
+    assert keys.authenticate("other") is None
+    assert "s3cret-admin-key" not in repr(keys)

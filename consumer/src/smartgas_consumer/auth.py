@@ -80,6 +80,12 @@ class ApiKeys:
             principals[value] = Principal(None if client == ADMIN else client)
         return cls(principals)
 
+    def with_admin_key(self, key: str | None) -> ApiKeys:
+        """These keys plus one administrator key given in plain text (hashed here, kept only as a digest)."""
+        if not key:
+            return self
+        return ApiKeys({**self.principals, digest(key): Principal(None)})
+
     def authenticate(self, key: str | None) -> Principal | None:
         """The principal for a presented key, or None. The lookup is by digest, so timing reveals nothing
         about any configured key."""

@@ -50,6 +50,7 @@ class ConsumerConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     api_keys: Path | None = None
+    admin_key: str | None = field(default=None, repr=False)
     # Fleet operations: when a meter counts as offline, and the alert thresholds (docs/alerts.md)
     expected_period_s: float = 10.0
     offline_after_periods: float = 3.0
@@ -235,6 +236,8 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         "API keys file (YAML: client → SHA-256 of its key; docs/api.md); unset, the API answers 401 to all",
     ),
+    Setting("admin_key", "--admin-key", str,
+            "an administrator API key, besides the keys file (best as the environment variable; .env in compose)"),
     Setting("expected_period_s", "--expected-period", _positive_float, "seconds between two readings of a meter"),
     Setting(
         "offline_after_periods",

@@ -93,7 +93,7 @@ class Consumer:
             )
             sink = self.sink
             self.intake.on_stored.append(lambda _event: sink.wake())
-        self.api_keys = ApiKeys.load(config.api_keys)
+        self.api_keys = ApiKeys.load(config.api_keys).with_admin_key(config.admin_key)
         self.queries = FleetQueries(
             self.store,
             self.fleet,
