@@ -26,6 +26,8 @@ from smartgas_publisher.model import amount_mol
 from smartgas_publisher.stats import FleetStats
 
 WIRE_FORMAT_DIR = Path(__file__).resolve().parents[2] / "docs" / "wire-format"
+#: The repository's fleet file (50 meters), which the consumer reads too.
+FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
 
 Answer = tuple[Code, bytes]
 Responder = Callable[[str, dict[str, Any]], Awaitable[Answer | None]]
@@ -53,9 +55,7 @@ class FakeConsumer:
     async def start(self, port: int = 0) -> "FakeConsumer":
         site = resource.Site()
         site.add_resource(["meters"], _ReadingResource(self))
-        self._context = await aiocoap.Context.create_server_context(
-            site, bind=("127.0.0.1", port), transports=["udp6"]
-        )
+        self._context = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port), transports=["udp6"])
         interface = self._context.request_interfaces[0].token_interface.message_interface
         self.port = interface.transport.get_extra_info("socket").getsockname()[1]
         return self
@@ -167,9 +167,7 @@ def free_udp_port() -> int:
 def reading_validator() -> jsonschema.Draft202012Validator:
     schema = json.loads((WIRE_FORMAT_DIR / "reading.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(
-        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
-    )
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
 @pytest.fixture(autouse=True)

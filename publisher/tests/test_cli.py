@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FakeConsumer, eventually
+from conftest import FLEET_FILE, FakeConsumer, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +113,20 @@ async def test_bad_configuration_exits_2() -> None:
     code, err = await run_publisher("--period", "-1")
     assert code == 2
     assert "--period: must be a finite number > 0, got -1.0" in err
+
+
+async def test_fleet_file_and_injection_from_the_environment(consumer: FakeConsumer, monkeypatch) -> None:
+    monkeypatch.setenv("SMARTGAS_PUBLISHER_FLEET", str(FLEET_FILE))
+    monkeypatch.setenv("SMARTGAS_PUBLISHER_INJECT", "offline:bottle-0003,leak:bottle-0004")
+    code, err = await run_publisher("--consumer", consumer.uri, "--count", "3", "--period", "0.1")
+    assert code == 0, err
+    assert "fleet finished: meters=50 produced=149 sent=149 acked=149" in err
+    assert "bottle-0004: injecting fault leak" in err
+    assert "bottle-0003: offline fault: silent after 2 readings" in err
+    assert consumer.acknowledged_seqs("bottle-0003") == [0, 1]
+
+
+async def test_unknown_fault_exits_2_naming_it() -> None:
+    code, err = await run_publisher("--fleet", str(FLEET_FILE), "--inject", "meltdown:bottle-0001")
+    assert code == 2
+    assert "unknown fault 'meltdown'" in err

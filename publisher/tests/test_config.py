@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FLEET_FILE
 from smartgas_publisher import cli
 from smartgas_publisher.config import OPTIONS, ConfigError, PublisherConfig, load_config
+from smartgas_publisher.fault import FAULT_BY_KIND, NO_FAULT
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -133,6 +135,12 @@ def test_consumer_uri_is_normalised(given: str, normal: str) -> None:
         ("--ack-timeout", "0", "> 0"),
         ("--max-retransmit", "11", "0 to 10"),
         ("--drain-timeout", "-1", ">= 0"),
+        ("--fleet", "", "file path"),
+        ("--fleet", "/no/such/fleet.yaml", "/no/such/fleet.yaml"),
+        ("--inject", "leak", "KIND:METER_ID"),
+        ("--inject", "overheat:bottle-0001", "unknown fault 'overheat'"),
+        ("--inject", "leak:bottle/1", "'bottle/1' is not a meter id"),
+        ("--inject", "leak:bottle-0002", "meter 'bottle-0002' is not simulated (--meters 1)"),
     ],
 )
 def test_bad_flag_is_refused_naming_it(flag: str, value: str, words: str) -> None:
@@ -174,7 +182,8 @@ def test_config_is_frozen() -> None:
 
 
 def test_options_table_covers_every_setting() -> None:
-    assert [o.field for o in OPTIONS] == [f.name for f in dataclasses.fields(PublisherConfig)]
+    settings = [f.name for f in dataclasses.fields(PublisherConfig) if f.init]  # not `fleet`, read from the file
+    assert [o.field for o in OPTIONS] == settings
     assert all(o.env_var == "SMARTGAS_PUBLISHER_" + o.flag[2:].upper().replace("-", "_") for o in OPTIONS)
 
 
@@ -196,3 +205,66 @@ def test_unknown_flag_is_argparse_exit_2() -> None:
     with pytest.raises(SystemExit) as caught:
         load_config(["--meterz", "3"], environ={})
     assert caught.value.code == 2
+
+
+# ---- the fleet file and fault injection
+
+
+def test_fleet_file_names_the_meters() -> None:
+    config = load_config(["--fleet", str(FLEET_FILE)], environ={})
+    assert config.fleet is not None
+    assert config.meter_ids() == [f"bottle-{n:04d}" for n in range(1, 51)]
+    assert load_config([], environ={"SMARTGAS_PUBLISHER_FLEET": str(FLEET_FILE)}).meter_ids() == config.meter_ids()
+    assert config.fault("bottle-0003") is NO_FAULT
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "words"),
+    [
+        (["--meters", "5"], {}, "--meters: cannot be combined with --fleet"),
+        ([], {"SMARTGAS_PUBLISHER_ID_PREFIX": "tank"}, "SMARTGAS_PUBLISHER_ID_PREFIX: cannot be combined with --fleet"),
+    ],
+)
+def test_fleet_file_cannot_be_combined_with_meters_or_id_prefix(
+    argv: list[str], environ: dict[str, str], words: str
+) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_config(["--fleet", str(FLEET_FILE), *argv], environ=environ)
+
+
+def test_bad_fleet_file_is_refused_naming_the_entry(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text(FLEET_FILE.read_text().replace("volume_l: 20,", "volume_l: -20,", 1))
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--fleet", str(bad)], environ={})
+    assert f"--fleet (SMARTGAS_PUBLISHER_FLEET): {bad}: meters[1]: volume_l = -20 must be above 0" in str(caught.value)
+
+
+def test_injections_from_repeated_flags_or_a_comma_separated_variable() -> None:
+    fleet = ["--fleet", str(FLEET_FILE)]
+    config = load_config([*fleet, "--inject", "leak:bottle-0007", "--inject", "offline:bottle-0003"], environ={})
+    assert [str(i) for i in config.inject] == ["leak:bottle-0007", "offline:bottle-0003"]
+    assert config.fault("bottle-0007") is FAULT_BY_KIND["leak"]
+    assert config.fault("bottle-0003") is FAULT_BY_KIND["offline"]
+    assert config.fault("bottle-0001") is NO_FAULT
+    from_env = load_config(fleet, environ={"SMARTGAS_PUBLISHER_INJECT": "leak:bottle-0007, offline:bottle-0003"})
+    assert from_env.inject == config.inject
+    flag_wins = load_config(
+        [*fleet, "--inject", "sensor-fault:bottle-0050"], environ={"SMARTGAS_PUBLISHER_INJECT": "leak:bottle-0007"}
+    )
+    assert [str(i) for i in flag_wins.inject] == ["sensor-fault:bottle-0050"]
+
+
+def test_injection_into_an_unknown_meter_or_twice_into_one_is_refused() -> None:
+    fleet = ["--fleet", str(FLEET_FILE)]
+    with pytest.raises(ConfigError, match=r"leak:bottle-0051: meter 'bottle-0051' is not simulated \(not in the fleet"):
+        load_config([*fleet, "--inject", "leak:bottle-0051"], environ={})
+    with pytest.raises(ConfigError, match="one fault per meter, and 'bottle-0001' already has one"):
+        load_config([*fleet, "--inject", "leak:bottle-0001,offline:bottle-0001"], environ={})
+    anonymous = load_config(["--meters", "3", "--inject", "over-pressure:bottle-0003"], environ={})
+    assert anonymous.fault("bottle-0003") is FAULT_BY_KIND["over-pressure"]
+
+
+def test_cli_exits_2_naming_a_bad_injection(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--fleet", str(FLEET_FILE), "--inject", "leak:bottle-9999"]) == 2
+    assert "--inject (SMARTGAS_PUBLISHER_INJECT): leak:bottle-9999: meter 'bottle-9999'" in capsys.readouterr().err

@@ -111,9 +111,7 @@ async def test_readings_buffered_while_the_consumer_is_down_arrive_later_in_orde
         assert late.acknowledged_seqs(meter_id) == list(range(8))  # none lost, oldest first
 
 
-async def test_full_buffer_drops_the_oldest_and_counts_it(
-    free_udp_port: int, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_full_buffer_drops_the_oldest_and_counts_it(free_udp_port: int, caplog: pytest.LogCaptureFixture) -> None:
     config = fast_config(f"coap://127.0.0.1:{free_udp_port}", count=6, buffer=3, drain_timeout_s=10.0)
     fleet = Fleet(config)
     late = FakeConsumer()

@@ -6,16 +6,23 @@ import os
 from typing import Any
 
 import pytest
+import yaml
 
-from conftest import FakeConsumer, assert_every_reading_accounted_for, bounded, eventually, fast_config
+from conftest import (
+    FLEET_FILE,
+    FakeConsumer,
+    assert_every_reading_accounted_for,
+    bounded,
+    eventually,
+    fast_config,
+)
+from smartgas_publisher.fault import parse_injection
 from smartgas_publisher.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 
 
-async def test_fleet_of_20_delivers_every_reading_exactly(
-    consumer: FakeConsumer, reading_validator: Any
-) -> None:
+async def test_fleet_of_20_delivers_every_reading_exactly(consumer: FakeConsumer, reading_validator: Any) -> None:
     config = fast_config(consumer.uri, meters=20, count=3, period_s=0.1)
     stats = await bounded(Fleet(config).run())
     assert_every_reading_accounted_for(stats)
@@ -41,9 +48,7 @@ async def test_same_seed_same_bottles_across_runs(consumer: FakeConsumer) -> Non
     assert {r.meter_id: r.body["volume_l"] for r in consumer.received} == first
 
 
-async def test_status_line_is_logged_every_interval(
-    consumer: FakeConsumer, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_status_line_is_logged_every_interval(consumer: FakeConsumer, caplog: pytest.LogCaptureFixture) -> None:
     config = fast_config(consumer.uri, meters=2, count=6, period_s=0.05, status_interval_s=0.05)
     with caplog.at_level(logging.INFO, logger="smartgas_publisher"):
         await bounded(Fleet(config).run())
@@ -52,9 +57,7 @@ async def test_status_line_is_logged_every_interval(
     assert len(status) >= 2
     for key in ("produced=", "sent=", "acked=", "retried=", "failed=", "dropped=", "buffered="):
         assert key in status[0]
-    assert lines[-1] == (
-        "fleet finished: meters=2 produced=12 sent=12 acked=12 retried=0 failed=0 dropped=0 unsent=0"
-    )
+    assert lines[-1] == ("fleet finished: meters=2 produced=12 sent=12 acked=12 retried=0 failed=0 dropped=0 unsent=0")
 
 
 async def test_stop_request_ends_an_endless_run_after_draining(consumer: FakeConsumer) -> None:
@@ -101,3 +104,52 @@ async def test_every_coap_context_is_shut_down(consumer: FakeConsumer) -> None:
     await bounded(fleet.run())
     assert fleet.stats.acked == 25
     assert len(os.listdir("/proc/self/fd")) == open_before  # every meter's socket is closed again
+
+
+# ---- the fleet file
+
+
+async def test_fleet_file_meters_deliver_with_their_ids_and_bottles(
+    consumer: FakeConsumer, reading_validator: Any
+) -> None:
+    raw = {entry["id"]: entry for entry in yaml.safe_load(FLEET_FILE.read_text())["meters"]}
+    config = fast_config(consumer.uri, fleet_path=str(FLEET_FILE), count=2, period_s=0.1)
+    stats = await bounded(Fleet(config).run())
+    assert_every_reading_accounted_for(stats)
+    assert (stats.meters, stats.produced, stats.acked) == (50, 100, 100)
+    assert stats.all_acknowledged
+    assert sorted(consumer.acknowledged()) == sorted((meter_id, seq) for meter_id in raw for seq in range(2))
+    for received in consumer.received:
+        reading_validator.validate(received.body)
+        assert received.body["volume_l"] == raw[received.meter_id]["volume_l"]
+
+
+async def test_offline_meter_stops_after_two_readings_and_counts_as_done(consumer: FakeConsumer) -> None:
+    config = fast_config(
+        consumer.uri,
+        fleet_path=str(FLEET_FILE),
+        count=4,
+        period_s=0.1,
+        inject=(parse_injection("offline:bottle-0003"),),
+    )
+    stats = await bounded(Fleet(config).run())
+    assert_every_reading_accounted_for(stats)
+    assert (stats.produced, stats.acked) == (49 * 4 + 2, 49 * 4 + 2)
+    assert stats.all_acknowledged
+    assert consumer.acknowledged_seqs("bottle-0003") == [0, 1]
+    assert consumer.acknowledged_seqs("bottle-0004") == [0, 1, 2, 3]
+
+
+async def test_offline_meter_stays_silent_while_an_endless_fleet_runs(consumer: FakeConsumer) -> None:
+    config = fast_config(consumer.uri, meters=2, count=None, inject=(parse_injection("offline:bottle-0001"),))
+    fleet = Fleet(config)
+    run = asyncio.create_task(fleet.run())
+    try:
+        await eventually(lambda: len(consumer.acknowledged_seqs("bottle-0002")) >= 8)
+        assert not run.done()  # the silent meter does not end the run
+        fleet.request_stop()
+        stats = await bounded(run, 10)
+    finally:
+        run.cancel()
+    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1]
+    assert stats.all_acknowledged

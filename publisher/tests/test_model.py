@@ -78,7 +78,9 @@ def test_nearly_empty_bottle_is_swapped_for_a_full_one() -> None:
     bottle = BottleModel("bottle-0001", 0)
     produced = [bottle.next_reading(START + timedelta(hours=h)) for h in range(24 * 30)]
     assert bottle.swaps >= 3  # 30 days at 2 to 6 days a bottle
-    assert min(r.pressure_bar for r in produced) >= model.REFILL_BELOW_BAR - 0.1
+    fills = [amount_mol(r.pressure_bar, r.temperature_c, r.volume_l) / bottle.full_amount_mol for r in produced]
+    assert min(fills) >= model.SWAP_BELOW_FILL_FRACTION * (1 - 1e-6)
+    assert min(fills) < model.SWAP_BELOW_FILL_FRACTION + 0.05  # nearly empty before the swap, not earlier
     pressures = [r.pressure_bar for r in produced]
     jumps = [(a, b) for a, b in itertools.pairwise(pressures) if b - a > 50]
     assert len(jumps) == bottle.swaps
@@ -158,9 +160,7 @@ def test_clock_stepping_back_draws_nothing() -> None:
 @given(
     seed=st.integers(min_value=-(2**63), max_value=2**63),
     number=st.integers(min_value=1, max_value=99999),
-    start=st.datetimes(
-        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
-    ),
+    start=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)),
     steps_s=st.lists(st.floats(min_value=0.001, max_value=3 * 86400), min_size=1, max_size=40),
 )
 def test_every_reading_matches_the_wire_schema(
@@ -213,18 +213,14 @@ def test_amount_and_pressure_are_inverse(n: float, t: float, v: float) -> None:
 
 
 @given(n=amounts, t=temperatures, v=volumes, factor=st.floats(min_value=0.01, max_value=100))
-def test_pressure_is_proportional_to_amount_and_inverse_to_volume(
-    n: float, t: float, v: float, factor: float
-) -> None:
+def test_pressure_is_proportional_to_amount_and_inverse_to_volume(n: float, t: float, v: float, factor: float) -> None:
     p = pressure_bar(n, t, v)
     assert pressure_bar(n * factor, t, v) == pytest.approx(p * factor, rel=1e-9, abs=1e-12)
     assert pressure_bar(n, t, v * factor) == pytest.approx(p / factor, rel=1e-9, abs=1e-12)
 
 
 @given(n=st.floats(min_value=0.1, max_value=1e5), t=temperatures, v=volumes, warmer=st.floats(0.1, 100))
-def test_pressure_rises_with_temperature_in_proportion_to_kelvin(
-    n: float, t: float, v: float, warmer: float
-) -> None:
+def test_pressure_rises_with_temperature_in_proportion_to_kelvin(n: float, t: float, v: float, warmer: float) -> None:
     p_cold, p_warm = pressure_bar(n, t, v), pressure_bar(n, t + warmer, v)
     assert p_warm > p_cold
     assert p_warm / p_cold == pytest.approx((t + warmer + 273.15) / (t + 273.15), rel=1e-9)

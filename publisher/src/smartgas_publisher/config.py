@@ -3,7 +3,9 @@
 Every setting comes from a command-line flag or, when the flag is absent, from an environment variable
 with the ``SMARTGAS_PUBLISHER_`` prefix (an empty variable counts as unset), or else from its default.
 The options are one declarative table; validation happens here, before anything touches the network, and
-reports every bad value at once. Nothing else in the package reads ``os.environ``.
+reports every bad value at once. The fleet file (``--fleet``) is read here too, so a bad file or an
+injection naming a meter that is not simulated stops the program before it starts. Nothing else in the
+package reads ``os.environ``.
 """
 
 import argparse
@@ -11,9 +13,13 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from smartgas_publisher.fault import FAULT_BY_KIND, NO_FAULT, Fault, Injection, parse_injection
+from smartgas_publisher.fleetfile import FleetFile, FleetFileError, load_fleet_file
 
 ENV_PREFIX = "SMARTGAS_PUBLISHER_"
 
@@ -35,7 +41,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PublisherConfig:
-    """Everything the fleet needs to know, checked on construction."""
+    """Everything the fleet needs to know, checked on construction (which reads the fleet file, if any)."""
 
     consumer: str = "coap://127.0.0.1:5683"
     meters: int = 1
@@ -49,6 +55,10 @@ class PublisherConfig:
     ack_timeout_s: float = 2.0
     max_retransmit: int = 4
     drain_timeout_s: float | None = None
+    fleet_path: str | None = None
+    inject: tuple[Injection, ...] = ()
+    #: The fleet file's content, read from ``fleet_path`` on construction; None without one.
+    fleet: FleetFile | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         # Accept any spelling of the consumer URI that the flag accepts, and keep its normal form.
@@ -61,13 +71,26 @@ class PublisherConfig:
             for option in OPTIONS
             if (problem := option.check(getattr(self, option.field))) is not None
         ]
-        if not problems:
+        if not problems and self.fleet_path is None:
             longest_id = self.meter_id(self.meters)
             if len(longest_id) > METER_ID_MAX_CHARS:
                 problems.append(
                     f"{_OPTION_BY_FIELD['id_prefix'].label}: meter ids must be at most {METER_ID_MAX_CHARS}"
                     f" characters, {longest_id!r} is {len(longest_id)}"
                 )
+        if not problems and self.fleet_path is not None:
+            try:
+                object.__setattr__(self, "fleet", load_fleet_file(Path(self.fleet_path)))
+            except FleetFileError as err:
+                problems.append(f"{_OPTION_BY_FIELD['fleet_path'].label}: {err}")
+        if not problems:
+            simulated = set(self.meter_ids())
+            problems += [
+                f"{_OPTION_BY_FIELD['inject'].label}: {injection}: meter {injection.meter_id!r} is not simulated"
+                + (" (not in the fleet file)" if self.fleet is not None else f" (--meters {self.meters})")
+                for injection in self.inject
+                if injection.meter_id not in simulated
+            ]
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -76,7 +99,14 @@ class PublisherConfig:
         return f"{self.id_prefix}-{number:04d}"
 
     def meter_ids(self) -> list[str]:
+        """The meters to simulate: the fleet file's, or ``--meters`` anonymous ones."""
+        if self.fleet is not None:
+            return self.fleet.meter_ids()
         return [self.meter_id(number) for number in range(1, self.meters + 1)]
+
+    def fault(self, meter_id: str) -> Fault:
+        """The fault meter ``meter_id`` simulates (``NO_FAULT`` when none is injected)."""
+        return next((i.fault for i in self.inject if i.meter_id == meter_id), NO_FAULT)
 
     def reading_uri(self, meter_id: str) -> str:
         """Where meter ``meter_id`` PUTs its readings (docs/wire-format.md)."""
@@ -136,6 +166,11 @@ def _to_log_level(text: str) -> str:
 
 def _to_text(text: str) -> str:
     return text
+
+
+def _to_injections(text: str) -> tuple[Injection, ...]:
+    """Comma-separated ``KIND:METER_ID`` (repeated flags are joined with commas before this)."""
+    return tuple(parse_injection(item) for item in text.split(",") if item.strip())
 
 
 # ---- checks of typed values; each returns what is wrong, or None
@@ -204,9 +239,29 @@ def _valid_log_level(value: Any) -> str | None:
 def _valid_id_prefix(value: Any) -> str | None:
     if not isinstance(value, str) or METER_ID_PATTERN.fullmatch(value) is None:
         return (
-            "must start with a letter or digit and contain only A-Z a-z 0-9 _ . - "
-            f"(docs/wire-format.md), got {value!r}"
+            f"must start with a letter or digit and contain only A-Z a-z 0-9 _ . - (docs/wire-format.md), got {value!r}"
         )
+    return None
+
+
+def _optional_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        return f"must be a file path, got {value!r}"
+    return None
+
+
+def _valid_injections(value: Any) -> str | None:
+    if not isinstance(value, tuple) or not all(isinstance(item, Injection) for item in value):
+        return f"must be KIND:METER_ID faults, got {value!r}"
+    seen: set[str] = set()
+    for injection in value:
+        if METER_ID_PATTERN.fullmatch(injection.meter_id) is None:
+            return f"{injection}: {injection.meter_id!r} is not a meter id (docs/wire-format.md)"
+        if injection.meter_id in seen:
+            return f"{injection}: one fault per meter, and {injection.meter_id!r} already has one"
+        seen.add(injection.meter_id)
     return None
 
 
@@ -221,6 +276,8 @@ class Option:
     help: str
     convert: Callable[[str], Any]
     check: Callable[[Any], str | None]
+    #: The flag may be given several times; the values are joined with commas (as the variable has them).
+    repeatable: bool = False
 
     @property
     def env_var(self) -> str:
@@ -341,7 +398,31 @@ OPTIONS: tuple[Option, ...] = (
         convert=_to_float,
         check=_optional(_non_negative_number),
     ),
+    Option(
+        field="fleet_path",
+        flag="--fleet",
+        env="FLEET",
+        metavar="PATH",
+        help="simulate exactly the meters of this fleet file (YAML, fleet/fleet.yaml); not with --meters or "
+        "--id-prefix (default: --meters anonymous meters)",
+        convert=_to_text,
+        check=_optional_path,
+    ),
+    Option(
+        field="inject",
+        flag="--inject",
+        env="INJECT",
+        metavar="KIND:METER_ID",
+        help=f"make a meter simulate a fault, one of {', '.join(FAULT_BY_KIND)}; repeatable, one per meter "
+        "(the variable takes a comma-separated list)",
+        convert=_to_injections,
+        check=_valid_injections,
+        repeatable=True,
+    ),
 )
+
+#: With --fleet, the fleet file names the meters; these options would contradict it.
+FLEET_REPLACES = ("meters", "id_prefix")
 
 _OPTION_BY_FIELD = {option.field: option for option in OPTIONS}
 
@@ -359,14 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
             dest=option.field,
             metavar=option.metavar,
             default=None,
+            action="append" if option.repeatable else "store",
             help=f"{option.help} [env {option.env_var}]",
         )
     return parser
 
 
-def load_config(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-) -> PublisherConfig:
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> PublisherConfig:
     """Read the configuration from ``argv`` (default: sys.argv) and ``environ`` (default: os.environ).
 
     Raises ConfigError naming every bad value. Unknown flags and ``--help`` are argparse's to handle
@@ -376,14 +456,17 @@ def load_config(
     flags = build_parser().parse_args(argv)
     values: dict[str, Any] = {}
     problems: list[str] = []
+    sources: dict[str, str] = {}
     for option in OPTIONS:
-        text: str | None = getattr(flags, option.field)
+        given: str | list[str] | None = getattr(flags, option.field)
+        text = ",".join(given) if isinstance(given, list) else given
         source = option.flag
         if text is None:
             text = environ.get(option.env_var) or None
             source = option.env_var
         if text is None:
             continue
+        sources[option.field] = source
         try:
             value = option.convert(text)
         except ValueError as err:
@@ -392,6 +475,12 @@ def load_config(
         if (problem := option.check(value)) is not None:
             problems.append(f"{source}: {problem}")
         values[option.field] = value
+    if "fleet_path" in sources:
+        problems += [
+            f"{sources[name]}: cannot be combined with {sources['fleet_path']}: the fleet file names the meters"
+            for name in FLEET_REPLACES
+            if name in sources
+        ]
     if problems:
         raise ConfigError("; ".join(problems))
     return PublisherConfig(**values)

@@ -1,5 +1,8 @@
 """The fleet: N meters run concurrently, counted in one ``FleetStats``, started and stopped as one.
 
+The meters are those of the fleet file (``--fleet``) or ``--meters`` anonymous ones; each simulates the
+fault injected into it, if any (``--inject``).
+
 A run has three phases. *Production*: every meter produces its readings (``--count`` of them, or until
 a stop is requested) while its send loop delivers them; a status line is logged every
 ``--status-interval``. *Drain*: production is over and the fleet waits until every buffer is empty, for
@@ -40,8 +43,9 @@ class Fleet:
 
     def __init__(self, config: PublisherConfig, clock: Clock = utc_now) -> None:
         self._config = config
-        self.stats = FleetStats(meters=config.meters)
-        self.meters = [Meter(meter_id, config, self.stats, clock) for meter_id in config.meter_ids()]
+        meter_ids = config.meter_ids()
+        self.stats = FleetStats(meters=len(meter_ids))
+        self.meters = [Meter(meter_id, config, self.stats, clock) for meter_id in meter_ids]
         self._stopping = False
         self._drain_deadline = math.inf
         self._deadline_moved = asyncio.Event()
@@ -53,8 +57,7 @@ class Fleet:
         if not self._stopping:
             self._stopping = True
             log.info(
-                "stop requested: no more readings; delivering what is buffered for up to %g s"
-                " (stop again to quit now)",
+                "stop requested: no more readings; delivering what is buffered for up to %g s (stop again to quit now)",
                 SHUTDOWN_DRAIN_S,
             )
             for meter in self.meters:
@@ -66,15 +69,24 @@ class Fleet:
 
     async def run(self) -> FleetStats:
         """Run the fleet to the end and return the final counts (``buffered`` is then what is unsent)."""
-        ensure_file_descriptors(self._config.meters + SPARE_FILE_DESCRIPTORS)
+        ensure_file_descriptors(len(self.meters) + SPARE_FILE_DESCRIPTORS)
         log.info(
-            "fleet starting: meters=%d consumer=%s period=%gs count=%s seed=%d",
-            self._config.meters,
+            "fleet starting: meters=%d (%s) consumer=%s period=%gs count=%s seed=%d",
+            len(self.meters),
+            self._config.fleet_path or "anonymous",
             self._config.consumer,
             self._config.period_s,
             self._config.count if self._config.count is not None else "unlimited",
             self._config.seed,
         )
+        for injection in self._config.inject:
+            log.info(
+                "%s: injecting fault %s: %s (consumer alert: %s)",
+                injection.meter_id,
+                injection.fault.kind,
+                injection.fault.effect,
+                injection.fault.alert,
+            )
         opened: list[Meter] = []
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -129,9 +141,7 @@ class Fleet:
                     return
                 self._deadline_moved.clear()
                 moved: asyncio.Future[Any] = asyncio.ensure_future(self._deadline_moved.wait())
-                await asyncio.wait(
-                    [all_drained, moved], timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED
-                )
+                await asyncio.wait([all_drained, moved], timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED)
                 moved.cancel()
         finally:
             all_drained.cancel()

@@ -1,7 +1,8 @@
 """One simulated meter: a bottle model, a buffer of unsent readings and its own CoAP client.
 
 Two loops per meter. ``produce`` takes a reading every period (the first one after a seeded, per-meter
-delay, so a fleet's requests spread over the period instead of bursting) and appends it to the buffer.
+delay, so a fleet's requests spread over the period instead of bursting) and appends it to the buffer; a
+meter simulating the offline fault stops taking readings after a few and stays up, silent.
 ``send`` PUTs buffered readings to the consumer oldest-first, one at a time, as CON requests with JSON
 bodies (docs/wire-format.md). They are separate so a slow or dead consumer never delays a measurement.
 
@@ -46,7 +47,7 @@ from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.contentformat import ContentFormat
 
 from smartgas_publisher.config import PublisherConfig
-from smartgas_publisher.model import BottleModel, Reading
+from smartgas_publisher.model import Bottle, BottleModel, Reading
 from smartgas_publisher.stats import FleetStats
 
 #: Answers that refuse the reading itself; any other 4.xx says the endpoint is wrong, and is retried.
@@ -109,11 +110,11 @@ def encode(reading: Reading) -> bytes:
 class Meter:
     """A meter's identity, bottle model, buffer and CoAP client, with a produce loop and a send loop."""
 
-    def __init__(
-        self, meter_id: str, config: PublisherConfig, stats: FleetStats, clock: Clock = utc_now
-    ) -> None:
+    def __init__(self, meter_id: str, config: PublisherConfig, stats: FleetStats, clock: Clock = utc_now) -> None:
         self.meter_id = meter_id
-        self.model = BottleModel(meter_id, config.seed)
+        fleet_meter = config.fleet.meter(meter_id) if config.fleet is not None else None
+        bottle = Bottle.of(fleet_meter) if fleet_meter is not None else None
+        self.model = BottleModel(meter_id, config.seed, bottle, config.fault(meter_id))
         self._uri = config.reading_uri(meter_id)
         self._period_s = config.period_s
         self._count = config.count
@@ -164,12 +165,22 @@ class Meter:
     # ---- production
 
     async def produce(self) -> None:
-        """Take a reading every period until ``count`` readings (if set) or ``stop_producing``."""
+        """Take a reading every period until ``count`` readings (if set) or ``stop_producing``.
+
+        A meter that falls silent (the offline fault) counts as done with ``count``; without it, it waits
+        silently for ``stop_producing`` like the others.
+        """
         loop = asyncio.get_running_loop()
         due = loop.time() + self._first_delay_s
         produced = 0
+        silent_after = self.model.silent_after
         try:
             while self._count is None or produced < self._count:
+                if silent_after is not None and produced >= silent_after:
+                    log.info("%s: offline fault: silent after %d readings", self.meter_id, produced)
+                    if self._count is None:
+                        await self._stop_producing.wait()
+                    break
                 if await self._stopped_before(due):
                     break
                 self._buffer(self.model.next_reading(self._clock()))

@@ -1,19 +1,30 @@
 """The simulated gas bottle behind one meter: pure, seeded and reproducible, no I/O.
 
-Each meter watches one bottle of a fixed internal volume, delivered full at a nominal fill pressure. Gas
-is drawn following a daily consumption profile (mornings and evenings, nothing at night) with noise; the
-gas temperature follows a daily cycle by the meter's clock (UTC). The meter reports the pressure the ideal
-gas law gives, P = n·R·T / V. When the bottle is nearly empty it is swapped for a full one of the same
-size.
+Each meter watches one bottle of a fixed internal volume with a nominal fill pressure (at 15 °C). Gas is
+drawn by a daily profile of UTC hours, with noise: a fleet-file meter draws about its ``draw_mol_per_h``
+in its site's working hours (a gentle hump, lowest at the edges) and nothing outside them; an anonymous
+meter follows a household-like profile (mornings and evenings, nothing at night). The gas temperature
+follows a daily cycle by the meter's clock (UTC). The meter reports the pressure the ideal gas law
+gives, P = n·R·T / V. A bottle starts 30-100 % full; below 5 % it is swapped for a full one of the
+same size. A fault (``fault.py``) may bend each of these steps.
 
-All randomness comes from one ``random.Random`` per meter, seeded from ``f"{seed}:{meter_id}"``, so the
-same seed, meter id and sequence of clock times give the same readings on every run and machine.
+The pressure is computed from the temperature as reported (rounded) and reported to 1e-6 bar, without
+sensor noise: the consumer computes the gas content n = P·V / (R·T) of every reading and judges leaks
+by how fast it falls between consecutive readings, so an idle bottle must come out constant (to about
+1e-6 mol), and a drawn one must fall by what was drawn.
+
+All randomness comes from one ``random.Random`` per meter, seeded from ``f"{seed}:{meter_id}"`` (the
+site's temperature offset from ``f"{seed}:site:{site_id}"``, so the meters of a site agree), so the same
+seed, meter and sequence of clock times give the same readings on every run and machine.
 """
 
 import math
 import random
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+
+from smartgas_publisher.fault import NO_FAULT, Fault
+from smartgas_publisher.fleetfile import FleetMeter
 
 #: Molar gas constant, J/(mol·K) (exact since the 2019 SI redefinition).
 GAS_CONSTANT_J_PER_MOL_K = 8.314462618
@@ -27,20 +38,27 @@ BOTTLE_VOLUMES_L = (10.0, 13.4, 26.8, 50.0)
 #: Nominal fill pressures, bar; the industry states them at 15 °C.
 FILL_PRESSURES_BAR = (200.0, 300.0)
 FILL_TEMPERATURE_C = 15.0
-#: Below this pressure the bottle counts as empty and is swapped for a full one.
-REFILL_BELOW_BAR = 5.0
+#: Below this fraction of its full content the bottle counts as empty and is swapped for a full one.
+SWAP_BELOW_FILL_FRACTION = 0.05
+HOURS_PER_DAY = 24
 
-#: Relative draw in each UTC hour of the day (1.0 = peak): idle at night, peaks morning and evening.
+#: Anonymous meters: relative draw in each UTC hour of the day (1.0 = peak): idle at night, peaks morning
+#: and evening.
 HOURLY_DRAW_WEIGHTS = (
     0.0, 0.0, 0.0, 0.0, 0.0, 0.1,  # 00-05
     0.6, 1.0, 0.9, 0.5, 0.3, 0.3,  # 06-11
     0.5, 0.4, 0.3, 0.3, 0.4, 0.7,  # 12-17
     1.0, 0.9, 0.6, 0.3, 0.1, 0.0,  # 18-23
 )  # fmt: skip
-#: Per meter, the fraction of a full bottle drawn in one hour at peak weight is drawn from this range:
+#: Anonymous meters: per meter, the fraction of a full bottle drawn in one hour at peak weight is drawn from this range:
 #: with the profile above (about 10.7 peak-hours a day) a bottle lasts roughly 2 to 6 days.
 PEAK_DRAW_FRACTION_PER_HOUR = (0.015, 0.04)
-#: Standard deviation of the multiplicative noise on each draw.
+#: Fleet-file meters: the shape of a working day, base + peak·sin(π·x) over the working hours (x from 0
+#: to 1), scaled to average 1, so the site draws draw_mol_per_h on average, 0.65 to 1.2 of it by hour.
+WORKDAY_BASE = 0.7
+WORKDAY_PEAK = 0.6
+#: Standard deviation of the multiplicative noise on each draw. Even at the peak of the working day, a
+#: draw three times draw_mol_per_h (the consumer's leak threshold) is more than 6 standard deviations away.
 DRAW_NOISE = 0.25
 #: A new installation starts somewhere between these fill levels.
 INITIAL_FILL_FRACTION = (0.3, 1.0)
@@ -51,11 +69,9 @@ DAILY_AMPLITUDE_C = 8.0
 WARMEST_HOUR = 16.0
 SITE_OFFSET_C = 3.0
 TEMPERATURE_NOISE_C = 0.2
-#: Standard deviation of the pressure sensor's noise.
-PRESSURE_NOISE_BAR = 0.02
 
-#: Reported precision (decimal places).
-PRESSURE_DECIMALS = 2
+#: Reported precision (decimal places); see the module docstring for why the pressure has six.
+PRESSURE_DECIMALS = 6
 TEMPERATURE_DECIMALS = 2
 
 
@@ -84,22 +100,36 @@ def daily_temperature_c(moment: datetime) -> float:
     return MEAN_TEMPERATURE_C + DAILY_AMPLITUDE_C * math.cos(2 * math.pi * (hour - WARMEST_HOUR) / 24)
 
 
-def draw_weight_hours(start: datetime, end: datetime) -> float:
-    """The consumption profile integrated from ``start`` to ``end``, in peak-hours (0 if end <= start)."""
+def draw_weight_hours(start: datetime, end: datetime, hourly_weights: tuple[float, ...] = HOURLY_DRAW_WEIGHTS) -> float:
+    """A profile of 24 UTC-hour weights integrated from ``start`` to ``end``, in weight-hours (0 if end <= start)."""
     start, end = start.astimezone(UTC), end.astimezone(UTC)
     if end <= start:
         return 0.0
     full_days, remainder = divmod(end - start, timedelta(days=1))
-    total = full_days * sum(HOURLY_DRAW_WEIGHTS)
+    total = full_days * sum(hourly_weights)
     # The rest is under a day: walk it hour boundary by hour boundary (at most 25 steps).
     cursor = start
     stop = start + remainder
     while cursor < stop:
         next_hour = cursor.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
         segment_end = min(next_hour, stop)
-        total += HOURLY_DRAW_WEIGHTS[cursor.hour] * _hours(segment_end - cursor)
+        total += hourly_weights[cursor.hour] * _hours(segment_end - cursor)
         cursor = segment_end
     return total
+
+
+def working_hours_weights(start: int, end: int) -> tuple[float, ...]:
+    """24 UTC-hour weights for a site working [start, end): 0 outside, a hump averaging 1 inside.
+
+    ``end`` may be 24; ``start > end`` wraps midnight (``[22, 6]`` works 22:00 to 06:00), as the consumer
+    reads the fleet file. ``start == end`` never works.
+    """
+    length = end - start if start <= end else HOURS_PER_DAY - start + end
+    shape = [WORKDAY_BASE + WORKDAY_PEAK * math.sin(math.pi * (i + 0.5) / length) for i in range(length)]
+    weights = [0.0] * HOURS_PER_DAY
+    for i, value in enumerate(shape):
+        weights[(start + i) % HOURS_PER_DAY] = value * length / sum(shape)
+    return tuple(weights)
 
 
 @dataclass(frozen=True)
@@ -116,58 +146,119 @@ class Reading:
         return asdict(self)
 
 
-class BottleModel:
-    """The bottle a meter watches; ``next_reading`` advances it to a clock time and measures."""
+@dataclass(frozen=True)
+class Bottle:
+    """The bottle a meter watches and how its site draws from it."""
 
-    def __init__(self, meter_id: str, seed: int) -> None:
+    volume_l: float
+    #: Nominal filling pressure at FILL_TEMPERATURE_C: a full bottle.
+    fill_pressure_bar: float
+    #: Gas drawn per hour at weight 1.0 of the profile, mol/h.
+    draw_mol_per_h: float
+    #: 24 weights, one per UTC hour.
+    hourly_draw_weights: tuple[float, ...]
+    #: Meters of one site share its temperature offset; None for an anonymous meter.
+    site_id: str | None = None
+
+    @classmethod
+    def of(cls, meter: FleetMeter) -> "Bottle":
+        """The bottle a fleet-file meter describes, drawn in its site's working hours."""
+        return cls(
+            volume_l=meter.volume_l,
+            fill_pressure_bar=meter.nominal_pressure_bar,
+            draw_mol_per_h=meter.draw_mol_per_h,
+            hourly_draw_weights=working_hours_weights(*meter.site.working_hours_utc),
+            site_id=meter.site.site_id,
+        )
+
+    @property
+    def full_amount_mol(self) -> float:
+        """Moles in the bottle filled to its nominal pressure at 15 °C (the consumer's 100 % fill)."""
+        return amount_mol(self.fill_pressure_bar, FILL_TEMPERATURE_C, self.volume_l)
+
+
+def random_bottle(rng: random.Random) -> Bottle:
+    """An anonymous meter's bottle: a common size and fill pressure, drawn by the household-like profile."""
+    volume_l = rng.choice(BOTTLE_VOLUMES_L)
+    fill_pressure_bar = rng.choice(FILL_PRESSURES_BAR)
+    full_amount_mol = amount_mol(fill_pressure_bar, FILL_TEMPERATURE_C, volume_l)
+    peak_draw_mol_per_h = full_amount_mol * rng.uniform(*PEAK_DRAW_FRACTION_PER_HOUR)
+    return Bottle(volume_l, fill_pressure_bar, peak_draw_mol_per_h, HOURLY_DRAW_WEIGHTS)
+
+
+class BottleModel:
+    """The bottle a meter watches; ``next_reading`` advances it to a clock time and measures.
+
+    Without ``bottle`` the meter is anonymous and its bottle is drawn at random from the seed.
+    """
+
+    def __init__(self, meter_id: str, seed: int, bottle: Bottle | None = None, fault: Fault = NO_FAULT) -> None:
         self.meter_id = meter_id
+        self.fault = fault
         self._rng = random.Random(f"{seed}:{meter_id}")
         rng = self._rng
-        self.volume_l = rng.choice(BOTTLE_VOLUMES_L)
-        self.fill_pressure_bar = rng.choice(FILL_PRESSURES_BAR)
-        self._peak_draw_fraction_per_hour = rng.uniform(*PEAK_DRAW_FRACTION_PER_HOUR)
-        self._site_offset_c = rng.uniform(-SITE_OFFSET_C, SITE_OFFSET_C)
-        self.full_amount_mol = amount_mol(self.fill_pressure_bar, FILL_TEMPERATURE_C, self.volume_l)
-        self._amount_mol = self.full_amount_mol * rng.uniform(*INITIAL_FILL_FRACTION)
+        self.bottle = random_bottle(rng) if bottle is None else bottle
+        site_rng = rng if self.bottle.site_id is None else random.Random(f"{seed}:site:{self.bottle.site_id}")
+        self._site_offset_c = site_rng.uniform(-SITE_OFFSET_C, SITE_OFFSET_C)
+        self.full_amount_mol = self.bottle.full_amount_mol
+        self._extra_loss_mol_per_h = fault.extra_loss_mol_per_h(self.bottle.draw_mol_per_h)
+        start_fill = rng.uniform(*(fault.start_fill_fraction or INITIAL_FILL_FRACTION))
+        self._amount_mol = max(
+            self.full_amount_mol * start_fill,
+            amount_mol(fault.start_min_pressure_bar, FILL_TEMPERATURE_C, self.volume_l),
+        )
         self._next_seq = 0
         self._last_measured: datetime | None = None
         self.swaps = 0
+
+    @property
+    def volume_l(self) -> float:
+        return self.bottle.volume_l
+
+    @property
+    def fill_pressure_bar(self) -> float:
+        return self.bottle.fill_pressure_bar
 
     @property
     def amount_mol(self) -> float:
         """Gas left in the bottle now, moles."""
         return self._amount_mol
 
+    @property
+    def silent_after(self) -> int | None:
+        """How many readings the meter sends before it falls silent (the offline fault); None: all."""
+        return self.fault.silent_after
+
     def next_reading(self, now: datetime) -> Reading:
         """Draw the gas used since the previous reading, measure at ``now`` and return the reading.
 
-        ``now`` must be timezone-aware. A clock that steps back draws nothing for that interval.
+        ``now`` must be timezone-aware; it is taken to the millisecond, as the reading's ``ts``. A clock
+        that steps back draws nothing for that interval.
         """
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("now must be a timezone-aware datetime")
         now = now.astimezone(UTC)
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        fault = self.fault
         if self._last_measured is not None:
             noise = max(0.0, self._rng.gauss(1.0, DRAW_NOISE))
-            drawn_mol = (
-                self.full_amount_mol
-                * self._peak_draw_fraction_per_hour
-                * draw_weight_hours(self._last_measured, now)
-                * noise
-            )
-            self._amount_mol = max(0.0, self._amount_mol - drawn_mol)
-        temperature_c = (
-            daily_temperature_c(now) + self._site_offset_c + self._rng.gauss(0.0, TEMPERATURE_NOISE_C)
-        )
-        if pressure_bar(self._amount_mol, temperature_c, self.volume_l) < REFILL_BELOW_BAR:
+            weight_hours = draw_weight_hours(self._last_measured, now, self.bottle.hourly_draw_weights)
+            drawn_mol = self.bottle.draw_mol_per_h * weight_hours * noise if fault.draws else 0.0
+            lost_mol = self._extra_loss_mol_per_h * max(0.0, _hours(now - self._last_measured))
+            self._amount_mol = max(0.0, self._amount_mol - drawn_mol - lost_mol)
+        base_c = daily_temperature_c(now) + self._site_offset_c if fault.temperature_c is None else fault.temperature_c
+        temperature_c = base_c + self._rng.gauss(0.0, TEMPERATURE_NOISE_C)
+        if self._next_seq == fault.glitch_seq:
+            temperature_c += fault.glitch_temperature_c
+        temperature_c = round(temperature_c, TEMPERATURE_DECIMALS)
+        if fault.swaps_when_empty and self._amount_mol < SWAP_BELOW_FILL_FRACTION * self.full_amount_mol:
             self._amount_mol = self.full_amount_mol
             self.swaps += 1
-        measured_bar = pressure_bar(self._amount_mol, temperature_c, self.volume_l)
-        measured_bar += self._rng.gauss(0.0, PRESSURE_NOISE_BAR)
         reading = Reading(
             seq=self._next_seq,
             ts=format_timestamp(now),
-            pressure_bar=round(max(0.0, measured_bar), PRESSURE_DECIMALS),
-            temperature_c=round(temperature_c, TEMPERATURE_DECIMALS),
+            pressure_bar=round(pressure_bar(self._amount_mol, temperature_c, self.volume_l), PRESSURE_DECIMALS),
+            temperature_c=temperature_c,
             volume_l=self.volume_l,
         )
         self._next_seq += 1
