@@ -14,8 +14,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := libcoap3-bin docker-compose
 RUN_DIR := var
 RUN_PORT ?= 5683
-RUN_METERS ?= 5
+RUN_HTTP_PORT ?= 8080
 RUN_PERIOD ?= 2
+RUN_LOG_READINGS ?= true
+# e.g. RUN_INJECT='--inject leak:bottle-0007 --inject offline:bottle-0012'
+RUN_INJECT ?=
 
 .PHONY: help run test test-unit test-integration test-live lint typecheck deps venv bench e2e clean
 
@@ -46,15 +49,21 @@ venv: $(VENV)/.installed
 
 # The two services run in sessions of their own (setsid), so a Ctrl-C reaches them once, through the
 # trap: the publisher stops producing and delivers what it holds, then the consumer commits and exits.
+# A fresh administrator key is made for each run and handed to the dashboard in the URL's fragment.
 run: venv
 	@mkdir -p $(RUN_DIR)
-	@echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT), store $(RUN_DIR)/smartgas.db," \
-	      "$(RUN_METERS) meters every $(RUN_PERIOD) s. Ctrl-C stops both."
-	@setsid $(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 --coap-port $(RUN_PORT) \
-	    --db $(RUN_DIR)/smartgas.db --log-readings true & consumer=$$!; \
+	@key=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
+	url="http://127.0.0.1:$(RUN_HTTP_PORT)/dashboard/#key=$$key"; \
+	echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT) (store $(RUN_DIR)/smartgas.db), the 50 meters of"; \
+	echo "fleet/fleet.yaml every $(RUN_PERIOD) s. Ctrl-C stops both. Dashboard:"; \
+	echo "    $$url"; \
+	SMARTGAS_CONSUMER_ADMIN_KEY=$$key setsid $(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 \
+	    --coap-port $(RUN_PORT) --http-port $(RUN_HTTP_PORT) --db $(RUN_DIR)/smartgas.db --fleet fleet/fleet.yaml \
+	    --expected-period $(RUN_PERIOD) --log-readings $(RUN_LOG_READINGS) & consumer=$$!; \
 	sleep 2; \
-	setsid $(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --meters $(RUN_METERS) \
-	    --period $(RUN_PERIOD) & publisher=$$!; \
+	setsid $(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --fleet fleet/fleet.yaml \
+	    --period $(RUN_PERIOD) $(RUN_INJECT) & publisher=$$!; \
+	if [ -n "$$DISPLAY" ] && command -v xdg-open >/dev/null; then xdg-open "$$url" >/dev/null 2>&1 || true; fi; \
 	trap 'kill -INT $$publisher 2>/dev/null; wait $$publisher; kill -INT $$consumer 2>/dev/null' INT TERM; \
 	wait $$publisher; kill -INT $$consumer 2>/dev/null; wait $$consumer
 
