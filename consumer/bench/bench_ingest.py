@@ -67,16 +67,25 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
             "127.0.0.1",
             "--coap-port",
             "0",
+            "--http-port",
+            "0",
             "--db",
             str(db),
             "--group-window-ms",
             str(group_window_ms),
             stderr=asyncio.subprocess.PIPE,
         )
+        drain: asyncio.Task[bytes] | None = None
         try:
             assert process.stderr is not None
-            match = LISTENING.search(await asyncio.wait_for(process.stderr.readline(), 20))
+            match = None
+            deadline = time.monotonic() + 20
+            while match is None and time.monotonic() < deadline:
+                line = await asyncio.wait_for(process.stderr.readline(), 20)
+                assert line, "consumer did not start"
+                match = LISTENING.search(line)
             assert match, "consumer did not start"
+            drain = asyncio.create_task(process.stderr.read())  # keeps the log pipe from filling up
             port = int(match.group(1))
             latencies: list[float] = []
             started = time.perf_counter()
@@ -88,6 +97,8 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
         finally:
             process.terminate()
             await process.wait()
+            if drain is not None:
+                drain.cancel()
         with sqlite3.connect(db) as connection:
             stored = connection.execute("SELECT count(*) FROM readings").fetchone()[0]
     total = sum(acknowledged)

@@ -28,7 +28,9 @@ def reading_schema() -> dict[str, Any]:
 @pytest.fixture
 def consumer_config(tmp_path: Path) -> ConsumerConfig:
     # Port 0: the kernel picks a free port, so parallel runs never collide (and never touch 5683).
-    return ConsumerConfig(coap_host="127.0.0.1", coap_port=0, db=tmp_path / "store.db", status_interval_s=3600)
+    return ConsumerConfig(
+        coap_host="127.0.0.1", coap_port=0, http_port=0, db=tmp_path / "store.db", status_interval_s=3600
+    )
 
 
 @pytest.fixture

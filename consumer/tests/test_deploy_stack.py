@@ -104,7 +104,12 @@ def test_docker_compose_config_validates() -> None:
 
 def test_no_version_key_and_only_known_services(compose: dict[str, Any]) -> None:
     assert "version" not in compose  # the Compose Specification, read by v1 (≥ 1.27) and v2 alike
-    assert set(compose["services"]) == {"elasticsearch", "kibana", "setup", "consumer", "publisher"}
+    services = compose["services"]
+    assert set(services) == {"elasticsearch", "kibana", "setup", "consumer", "publisher", "prometheus", "grafana"}
+    # Plain `up` starts the core stack; `--profile monitoring up` adds Prometheus and Grafana.
+    profiles = {name: service.get("profiles", []) for name, service in services.items()}
+    assert {name for name, names in profiles.items() if names} == {"prometheus", "grafana"}
+    assert profiles["prometheus"] == profiles["grafana"] == ["monitoring"]
 
 
 def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
@@ -136,7 +141,8 @@ def test_images_are_pinned_by_env(compose: dict[str, Any], env: dict[str, str]) 
         resolved = interpolate(image, env)
         repository, _, tag = resolved.rpartition(":")
         assert repository and tag and tag != "latest", f"{name}: {resolved}"
-        assert re.fullmatch(r"\d+\.\d+\.\d+", tag), f"{name}: {resolved} is not a full version"
+        # Prometheus tags its images with a leading v (v3.14.0).
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {resolved} is not a full version"
         if "build" in service:
             assert service["build"]["context"] == "."  # Dockerfiles need constraints.txt and docs/
             assert service["build"]["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:?set PYTHON_IMAGE in .env}"
@@ -149,16 +155,18 @@ def test_stack_version_equals_the_pinned_client(env: dict[str, str]) -> None:
 
 def test_host_ports_bind_the_loopback_unless_told_otherwise(compose: dict[str, Any], env: dict[str, str]) -> None:
     assert env["BIND_ADDRESS"] == "127.0.0.1"
-    published = {}
+    published: dict[str, list[str]] = {}
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {port}"
             assert interpolate(port, {}).startswith("127.0.0.1:")  # even without .env
-            published[name] = interpolate(port, env)
+            published.setdefault(name, []).append(interpolate(port, env))
     assert published == {
-        "elasticsearch": "127.0.0.1:9200:9200",
-        "kibana": "127.0.0.1:5601:5601",
-        "consumer": "127.0.0.1:5683:5683/udp",
+        "elasticsearch": ["127.0.0.1:9200:9200"],
+        "kibana": ["127.0.0.1:5601:5601"],
+        "consumer": ["127.0.0.1:5683:5683/udp", "127.0.0.1:8080:8080"],
+        "prometheus": ["127.0.0.1:9090:9090"],
+        "grafana": ["127.0.0.1:3000:3000"],
     }
     moved = interpolate(
         compose["services"]["consumer"]["ports"][0], {**env, "BIND_ADDRESS": "0.0.0.0", "COAP_PORT": "5684"}
@@ -184,6 +192,8 @@ def test_start_order_is_acyclic_and_waits_on_health(compose: dict[str, Any]) -> 
         "setup": {"elasticsearch": "service_healthy"},
         "consumer": {"setup": "service_completed_successfully", "elasticsearch": "service_healthy"},
         "publisher": {"consumer": "service_healthy"},
+        "prometheus": {},  # scrapes the consumer when it is there; `up` says when it is not
+        "grafana": {"prometheus": "service_healthy"},
     }
     actual = {
         name: {dep: cond["condition"] for dep, cond in (service.get("depends_on") or {}).items()}
@@ -206,9 +216,14 @@ def test_state_lives_in_named_volumes(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         for mount in service.get("volumes", []):
             source = mount.split(":", 1)[0]
+            if source.startswith("./"):
+                # Configuration from the repository (the monitoring profile's provisioning), read-only.
+                assert source.startswith("./deploy/") and mount.endswith(":ro"), f"{name}: {mount}"
+                assert (REPO / source).is_dir(), f"{name}: {source} is missing"
+                continue
             assert source in declared, f"{name}: {mount} is not a named volume"
             used.add(source)
-    assert used == declared == {"esdata", "kibanadata", "consumerdata"}
+    assert used == declared == {"esdata", "kibanadata", "consumerdata", "prometheusdata", "grafanadata"}
 
 
 def test_single_node_security_on_http_without_tls(compose: dict[str, Any]) -> None:

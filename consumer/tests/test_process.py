@@ -24,6 +24,14 @@ pytestmark = pytest.mark.integration
 LISTENING = re.compile(rb"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 
 
+async def first_match(stream: asyncio.StreamReader, pattern: re.Pattern[bytes]) -> re.Match[bytes]:
+    """Read log lines until one matches (the caller bounds the time)."""
+    while line := await stream.readline():
+        if match := pattern.search(line):
+            return match
+    raise AssertionError("the consumer exited before it was listening")
+
+
 @asynccontextmanager
 async def consumer_process(db: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     process = await asyncio.create_subprocess_exec(
@@ -35,17 +43,22 @@ async def consumer_process(db: Path) -> AsyncIterator[tuple[asyncio.subprocess.P
         "127.0.0.1",
         "--coap-port",
         "0",
+        "--http-port",
+        "0",
         "--db",
         str(db),
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
+    drain: asyncio.Task[None] | None = None
     try:
-        line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
-        match = LISTENING.search(line)
-        assert match, line
+        match = await asyncio.wait_for(first_match(process.stderr, LISTENING), timeout=20)
+        # Keep reading its log, so a full pipe never blocks the consumer.
+        drain = asyncio.create_task(process.stderr.read())  # type: ignore[arg-type]
         yield process, int(match.group(1))
     finally:
+        if drain is not None:
+            drain.cancel()
         if process.returncode is None:
             process.kill()
             await process.wait()

@@ -1,8 +1,8 @@
 """The shipped provisioning assets: index templates and Kibana saved objects, checked against each other.
 
 No Kibana runs here, so these tests hold the saved objects to what an import needs: every line an object,
-every reference resolvable inside the file, every field a panel or search uses mapped in the index
-template that the data view's pattern selects, with a type that fits its use.
+every reference resolvable inside the file, every field a panel, search or map layer uses mapped in the
+index template that the data view's pattern selects, with a type that fits its use.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ ALERTS_FIELDS = {
     "message": "text",
     "value": "double",
     "opened_at": "date",
+    "updated_at": "date",
     "resolved_at": "date",
+    "occurrences": "integer",
 }
 
 
@@ -98,6 +100,15 @@ def lens_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 def dashboard() -> dict[str, Any]:
     return by_key(saved_objects())[("dashboard", "smartgas-fleet")]
+
+
+def map_layers(map_object: dict[str, Any]) -> list[dict[str, Any]]:
+    layers: list[dict[str, Any]] = json.loads(map_object["attributes"]["layerListJSON"])
+    return layers
+
+
+#: Layer types as Kibana 7.14 wrote them; its 8.1 migration renames them (VECTOR → GEOJSON_VECTOR, ...).
+MAP_LAYER_TYPES_7_14 = {"VECTOR", "VECTOR_TILE", "TILE", "TILED_VECTOR", "HEATMAP", "BLENDED_VECTOR"}
 
 
 # -- index templates ---------------------------------------------------------------------------------
@@ -182,6 +193,7 @@ def test_every_line_is_an_importable_saved_object() -> None:
         "index-pattern",
         "search",
         "search",
+        "map",
         "dashboard",
     ]
     for obj in objects:
@@ -227,9 +239,12 @@ def test_dashboard_identity_time_and_refresh() -> None:
 def test_dashboard_panels_are_the_agreed_ones() -> None:
     panels = json.loads(dashboard()["attributes"]["panelsJSON"])
     lens = {p["title"]: p for p in panels if p["type"] == "lens"}
-    assert set(lens) == {"Moles per meter", "Pressure per meter", "Temperature per meter"}
+    assert set(lens) == {"Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter"}
     searches = {p["title"] for p in panels if p["type"] == "search"}
     assert searches == {"Latest readings", "Alerts"}
+    maps = {p["title"] for p in panels if p["type"] == "map"}
+    assert maps == {"Meters by location"}
+    assert {p["type"] for p in panels} == {"lens", "search", "map"}
     for panel in panels:
         assert panel["gridData"]["i"] == panel["panelIndex"]
         assert 0 <= panel["gridData"]["x"] and panel["gridData"]["x"] + panel["gridData"]["w"] <= 48
@@ -237,28 +252,30 @@ def test_dashboard_panels_are_the_agreed_ones() -> None:
 
 
 def test_panel_references_follow_the_dashboard_convention() -> None:
-    """By-reference panels: panelRefName ↔ "panelIndex:panelRefName"; by-value Lens: each inner reference
-    is repeated on the dashboard as "panelIndex:name" (Kibana injects them back from there)."""
+    """By-reference panels (searches, the map): panelRefName ↔ "panelIndex:panelRefName"; by-value Lens: each
+    inner reference is repeated on the dashboard as "panelIndex:name" (Kibana injects them back from there)."""
     board = dashboard()
     names = {ref["name"]: ref for ref in board["references"]}
     panels = json.loads(board["attributes"]["panelsJSON"])
     for panel in panels:
-        if panel["type"] == "search":
+        if panel["type"] in ("search", "map"):
             reference = names[f"{panel['panelIndex']}:{panel['panelRefName']}"]
-            assert reference["type"] == "search"
+            assert reference["type"] == panel["type"]
+            assert "attributes" not in panel["embeddableConfig"]  # by reference, not by value
         else:
+            assert panel["type"] == "lens"
             inner = panel["embeddableConfig"]["attributes"]["references"]
             assert inner
             for ref in inner:
                 outer = names[f"{panel['panelIndex']}:{ref['name']}"]
                 assert (outer["type"], outer["id"]) == (ref["type"], ref["id"])
-    expected = sum(
-        1 if p["type"] == "search" else len(p["embeddableConfig"]["attributes"]["references"]) for p in panels
-    )
+    expected = sum(1 if "panelRefName" in p else len(p["embeddableConfig"]["attributes"]["references"]) for p in panels)
     assert len(board["references"]) == expected
 
 
-@pytest.mark.parametrize("title", ["Moles per meter", "Pressure per meter", "Temperature per meter"])
+@pytest.mark.parametrize(
+    "title", ["Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter"]
+)
 def test_lens_charts_plot_mapped_fields_per_meter(title: str) -> None:
     objects = saved_objects()
     (panel,) = [p for p in lens_panels(dashboard()) if p["title"] == title]
@@ -308,3 +325,86 @@ def test_saved_searches_show_mapped_columns_newest_first(search_id: str, columns
     fields = data_view_fields(objects, reference["id"])
     for column in [*columns, "@timestamp"]:
         assert column in fields, f"{search_id}: {column} is not mapped"
+
+
+def test_dashboard_shows_fill_percent_per_meter() -> None:
+    (panel,) = [p for p in lens_panels(dashboard()) if p["title"] == "Fill % per meter"]
+    layers = panel["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["formBased"]["layers"]
+    metrics = [c for layer in layers.values() for c in layer["columns"].values() if not c["isBucketed"]]
+    assert [(c["sourceField"], c["operationType"]) for c in metrics] == [("fill_pct", "average")]
+
+
+def test_dashboard_has_an_alerts_panel_on_the_alerts_data_view() -> None:
+    objects = saved_objects()
+    board = dashboard()
+    names = {ref["name"]: ref for ref in board["references"]}
+    (panel,) = [p for p in json.loads(board["attributes"]["panelsJSON"]) if p["title"] == "Alerts"]
+    search = by_key(objects)[("search", names[f"{panel['panelIndex']}:{panel['panelRefName']}"]["id"])]
+    (reference,) = search["references"]
+    assert (reference["type"], reference["id"]) == ("index-pattern", "smartgas-alerts")
+    assert panel["gridData"]["w"] == 48  # the full width: alerts are the first thing to read
+
+
+# -- the map -----------------------------------------------------------------------------------------
+
+
+def meters_map() -> dict[str, Any]:
+    return by_key(saved_objects())[("map", "smartgas-meters-map")]
+
+
+def test_map_is_a_7_14_map_object_kibana_migrates_forward() -> None:
+    """Written like Kibana's own fixtures (kbn_archiver/maps.json): 7.14 layer types, typeMigrationVersion 7.14.0."""
+    map_object = meters_map()
+    assert map_object["typeMigrationVersion"] == "7.14.0"
+    attributes = map_object["attributes"]
+    assert attributes["title"] == "SmartGas meters map"
+    layers = map_layers(map_object)
+    assert {layer["type"] for layer in layers} <= MAP_LAYER_TYPES_7_14
+    assert len({layer["id"] for layer in layers}) == len(layers)
+    state = json.loads(attributes["mapStateJSON"])
+    assert -90 <= state["center"]["lat"] <= 90 and -180 <= state["center"]["lon"] <= 180
+    assert state["refreshConfig"] == {"isPaused": False, "interval": 10000}  # as the dashboard
+    json.loads(attributes["uiStateJSON"])
+    (basemap, *_) = layers
+    assert basemap["sourceDescriptor"] == {"type": "EMS_TMS", "isAutoSelect": True}
+
+
+def test_map_layer_references_follow_kibanas_naming() -> None:
+    """Kibana extracts a layer's data view as reference "layer_{index}_source_index_pattern"."""
+    map_object = meters_map()
+    references = {ref["name"]: ref for ref in map_object["references"]}
+    expected = set()
+    for index, layer in enumerate(map_layers(map_object)):
+        ref_name = layer["sourceDescriptor"].get("indexPatternRefName")
+        if ref_name is None:
+            continue
+        assert ref_name == f"layer_{index}_source_index_pattern"
+        assert "indexPatternId" not in layer["sourceDescriptor"]  # the id lives in the reference only
+        assert references[ref_name]["type"] == "index-pattern"
+        expected.add(ref_name)
+    assert set(references) == expected
+
+
+def test_map_shows_each_meter_at_its_location_with_mapped_fields() -> None:
+    objects = saved_objects()
+    map_object = meters_map()
+    references = {ref["name"]: ref["id"] for ref in map_object["references"]}
+    (layer,) = [layer for layer in map_layers(map_object) if layer["sourceDescriptor"]["type"] == "ES_SEARCH"]
+    source = layer["sourceDescriptor"]
+    fields = data_view_fields(objects, references[source["indexPatternRefName"]])
+    assert references[source["indexPatternRefName"]] == "smartgas-readings"
+    assert fields[source["geoField"]] == "geo_point"
+    # One point per meter: its latest reading (top hit by time, split by meter).
+    assert (source["scalingType"], source["topHitsSize"]) == ("TOP_HITS", 1)
+    assert fields[source["topHitsSplitField"]] == "keyword" and source["topHitsSplitField"] == "meter_id"
+    assert fields[source["sortField"]] in DATE and source["sortOrder"] == "desc"
+    for name in source["tooltipProperties"]:
+        assert name in fields, f"tooltip field {name} is not mapped"
+    for name, style in layer["style"]["properties"].items():
+        if style.get("type") != "DYNAMIC":
+            continue
+        field = style["options"]["field"]
+        assert field["origin"] == "source"
+        assert field["name"] in fields, f"{name}: {field['name']} is not mapped"
+        if name in ("fillColor", "lineColor", "iconSize", "lineWidth"):
+            assert fields[field["name"]] in NUMERIC, f"{name} scales with a number"

@@ -236,8 +236,12 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         "API keys file (YAML: client → SHA-256 of its key; docs/api.md); unset, the API answers 401 to all",
     ),
-    Setting("admin_key", "--admin-key", str,
-            "an administrator API key, besides the keys file (best as the environment variable; .env in compose)"),
+    Setting(
+        "admin_key",
+        "--admin-key",
+        str,
+        "an administrator API key, besides the keys file (best as the environment variable; .env in compose)",
+    ),
     Setting("expected_period_s", "--expected-period", _positive_float, "seconds between two readings of a meter"),
     Setting(
         "offline_after_periods",

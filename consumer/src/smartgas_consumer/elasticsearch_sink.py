@@ -32,6 +32,7 @@ from elasticsearch import ApiError, AsyncElasticsearch, UnsupportedProductError
 from elasticsearch.helpers import async_streaming_bulk
 
 from smartgas_consumer.fleet import Fleet
+from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.store import DeadLetter, ReadingStore, StoredReading
 
 _LOG = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class ElasticsearchSink:
         prune_every_s: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.source = source
         self.client = client
@@ -216,6 +218,7 @@ class ElasticsearchSink:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.counters = ShipCounters()
+        self._metrics = metrics if metrics is not None else Metrics(process=False)
         self.failures_in_a_row = 0
         self.last_error: str | None = None
 
@@ -256,6 +259,7 @@ class ElasticsearchSink:
                 outcome = await self._call(self.ship(batch))
             except ShipFailed as err:
                 self.counters.request_failures += 1
+                self._metrics.ship_failure(self.source.name)
                 await self._after_failure(str(err))
                 continue
             if outcome.to_retry:
@@ -349,6 +353,9 @@ class ElasticsearchSink:
         self.counters.shipped += len(shipped)
         self.counters.dead_lettered += len(refused)
         self.counters.item_retries += to_retry
+        self._metrics.shipped(self.source.name, len(shipped))
+        self._metrics.dead_lettered(self.source.name, len(refused))
+        self._metrics.retried(self.source.name, to_retry)
         return BatchOutcome(len(shipped), len(refused), to_retry)
 
     def _actions(self, batch: list[Shipment]) -> Iterator[dict[str, Any]]:

@@ -18,6 +18,7 @@ from aiocoap.error import ConstructionRenderableError
 from smartgas_consumer import physics
 from smartgas_consumer.error import StoreUnavailable
 from smartgas_consumer.fleet import Fleet, FleetMeter
+from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.reading import Reading, check_meter_id, decode_body, parse_reading
 from smartgas_consumer.store import CommitResult, Enrichment, ReadingStore, SequenceOutcome, StoreClosed
 
@@ -85,10 +86,12 @@ class ReadingIntake:
         fleet: Fleet | None = None,
         log_readings: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet or Fleet()
         self.counters = IntakeCounters()
+        self.metrics = metrics if metrics is not None else Metrics(process=False)
         self._log_readings = log_readings
         self._clock = clock
         # Called after each newly stored reading (sinks wake up to ship it, alerts evaluate it).
@@ -97,11 +100,14 @@ class ReadingIntake:
     async def accept(self, meter_id: str, payload: bytes, content_format: int | None) -> Accepted:
         """Validate, compute and durably store one reading; raise a CoAP-coded error if it is refused."""
         self.counters.received += 1
+        self.metrics.reading_received()
         try:
             reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format))
             return await self._store(reading)
         except ConstructionRenderableError as err:
-            self.counters.rejected[rejection_reason(err)] += 1
+            reason = rejection_reason(err)
+            self.counters.rejected[reason] += 1
+            self.metrics.reading_rejected(reason)
             _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
             raise
 
@@ -120,6 +126,7 @@ class ReadingIntake:
             result = await self.store.add(reading, moles, received_at, enrichment)
         except StoreClosed as err:
             raise StoreUnavailable(f"reading not stored, retry later: {err}") from err
+        self.metrics.reading_stored(result)
         if result.stored:
             self.counters.stored += 1
             self.counters.missing += result.missing

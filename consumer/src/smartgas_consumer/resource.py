@@ -8,6 +8,7 @@ CoAP code and diagnostic text aiocoap sends as the response.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import cbor2
@@ -42,23 +43,26 @@ class MeterReading(Resource, PathCapable):
         return LinkFormat([])
 
     async def render(self, request: Message) -> Message:
+        started = time.perf_counter()
         path = request.opt.uri_path
         if len(path) != 2 or path[1] != "reading":
             raise error.NotFound()
-        meter_id = check_meter_id(path[0])
         if request.code == Code.PUT:
-            return await self._put(meter_id, request)
+            # The intake checks the meter id itself, so a bad one is counted as a rejected reading.
+            return await self._put(path[0], request, started)
+        meter_id = check_meter_id(path[0])
         if request.code == Code.GET:
             return await self._get(meter_id, request)
         raise error.UnallowedMethod()
 
-    async def _put(self, meter_id: str, request: Message) -> Message:
+    async def _put(self, meter_id: str, request: Message, started: float) -> Message:
         content_format = request.opt.content_format
         accepted = await self._intake.accept(
             meter_id, request.payload, None if content_format is None else int(content_format)
         )
         response = encode(accepted.as_dict(), int(content_format or CONTENT_FORMAT_JSON))
         response.code = Code.CHANGED
+        self._intake.metrics.ack_latency(time.perf_counter() - started)
         return response
 
     async def _get(self, meter_id: str, request: Message) -> Message:

@@ -18,6 +18,7 @@ import aiocoap
 from aiocoap import resource
 from elasticsearch import AsyncElasticsearch
 
+from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine, AlertSource, Kind
 from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys
 from smartgas_consumer.config import ConsumerConfig
@@ -25,10 +26,12 @@ from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource
 from smartgas_consumer.fleet import Fleet, load_fleet
 from smartgas_consumer.intake import ReadingIntake
+from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.provision import install_templates
 from smartgas_consumer.queries import FleetQueries
 from smartgas_consumer.resource import MeterList, MeterReading
-from smartgas_consumer.store import ReadingStore, StoreSummary
+from smartgas_consumer.store import ReadingStore, StoreSummary, format_timestamp
+from smartgas_consumer.webhook import WEBHOOK_SCHEMA, WebhookDispatcher
 
 _LOG = logging.getLogger(__name__)
 #: Linux's SO_RCVBUFFORCE (not exported by Python's socket module).
@@ -66,46 +69,88 @@ def receive_buffer_bytes(sock: socket.socket) -> int:
 
 
 class Consumer:
-    """One running consumer. ``await start()``, then ``await stop()`` (idempotent)."""
+    """One running consumer. ``await start()``, then ``await stop()`` (idempotent, safe after a failed start)."""
 
     def __init__(self, config: ConsumerConfig) -> None:
         self.config = config
-        # The fleet file is read here, before any socket opens: a broken file stops the start.
+        # The fleet and keys files are read here, before any socket opens: a broken file stops the start.
         self.fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
-        self.store = ReadingStore(config.db, group_window_s=config.group_window_ms / 1000)
-        self.intake = ReadingIntake(self.store, fleet=self.fleet, log_readings=config.log_readings)
-        self.elasticsearch: AsyncElasticsearch | None = None
-        self.sink: ElasticsearchSink | None = None
-        if config.elasticsearch_url is not None:
-            self.elasticsearch = make_client(config)
-            readings = ReadingSource(
-                self.store,
-                index=config.elasticsearch_index,
-                fleet=self.fleet,
-                retention=timedelta(hours=config.retention_hours),
-            )
-            self.sink = ElasticsearchSink(
-                readings,
-                self.elasticsearch,
-                batch_size=config.ship_batch_size,
-                backoff=Backoff(cap_s=config.ship_backoff_max_s),
-                prepare=install_templates,
-            )
-            sink = self.sink
-            self.intake.on_stored.append(lambda _event: sink.wake())
         self.api_keys = ApiKeys.load(config.api_keys).with_admin_key(config.admin_key)
+        self.metrics = Metrics(alert_kinds=[str(kind) for kind in Kind])
+        self.store = ReadingStore(
+            config.db,
+            group_window_s=config.group_window_ms / 1000,
+            extra_schema=[ALERT_SCHEMA, WEBHOOK_SCHEMA],
+            on_commit=self.metrics.commit,
+        )
+        self.intake = ReadingIntake(
+            self.store, fleet=self.fleet, log_readings=config.log_readings, metrics=self.metrics
+        )
+        self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
+        self.intake.on_stored.append(self.alerts.on_stored)
+        self.webhooks: WebhookDispatcher | None = None
+        if config.webhook_urls:
+            self.webhooks = webhooks = WebhookDispatcher(self.store, config.webhook_urls)
+            self.alerts.recorders.append(webhooks.record)  # outbox rows commit in the alert's own transaction
+            self.alerts.on_change.append(lambda _change: webhooks.wake())
+        self.elasticsearch: AsyncElasticsearch | None = None
+        self.sinks: list[ElasticsearchSink] = []
+        if config.elasticsearch_url is not None:
+            self._add_sinks(config)
         self.queries = FleetQueries(
             self.store,
             self.fleet,
             offline_after=timedelta(seconds=config.expected_period_s * config.offline_after_periods),
+            open_alerts_by_meter=self.alerts.open_by_meter,
         )
-        self.http = HttpServer(build_app(self.queries, self.api_keys), config.http_host, config.http_port)
+        self.http = HttpServer(
+            build_app(self.queries, self.api_keys, alerts=self.alerts, metrics=self.metrics.render),
+            config.http_host,
+            config.http_port,
+        )
         self._context: aiocoap.Context | None = None
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
 
+    def _add_sinks(self, config: ConsumerConfig) -> None:
+        """One Elasticsearch client, shared by the readings sink and the alerts sink."""
+        self.elasticsearch = make_client(config)
+        readings = ReadingSource(
+            self.store,
+            index=config.elasticsearch_index,
+            fleet=self.fleet,
+            retention=timedelta(hours=config.retention_hours),
+        )
+        for source, new_data in ((readings, self.intake.on_stored), (AlertSource(self.store), self.alerts.on_change)):
+            sink = ElasticsearchSink(
+                source,
+                self.elasticsearch,
+                batch_size=config.ship_batch_size,
+                backoff=Backoff(cap_s=config.ship_backoff_max_s),
+                prepare=install_templates,
+                metrics=self.metrics,
+            )
+            new_data.append(lambda _news, sink=sink: sink.wake())  # type: ignore[misc]
+            self.sinks.append(sink)
+
+    @property
+    def sink(self) -> ElasticsearchSink | None:
+        """The readings sink, if Elasticsearch is configured."""
+        return self.sinks[0] if self.sinks else None
+
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await self.store.open()
+        # Alerts load their open alerts and recent readings before any new reading can arrive.
+        await self.alerts.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
         self._context = await aiocoap.Context.create_server_context(
             build_site(self.intake),
@@ -125,10 +170,11 @@ class Consumer:
             summary.readings,
             summary.meters,
         )
-        if self.sink is not None:
-            await self.sink.start()
+        for sink in self.sinks:
+            await sink.start()
+        if self.sinks:
             _LOG.info(
-                "shipping readings to Elasticsearch at %s, index %s",
+                "shipping readings and alerts to Elasticsearch at %s, index %s",
                 self.config.elasticsearch_url,
                 self.config.elasticsearch_index,
             )
@@ -164,9 +210,23 @@ class Consumer:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             _LOG.info("status: %s", self.intake.counters.describe())
+            now = datetime.now(UTC)
+            summary = await self.store.summary()
+            await self.refresh_metrics(summary, now)
             if self.sink is not None:
-                summary = await self.store.summary()
-                _LOG.info("shipping: %s", describe_lag(summary, datetime.now(UTC)))
+                _LOG.info("shipping: %s", describe_lag(summary, now))
+
+    async def refresh_metrics(self, summary: StoreSummary, now: datetime) -> None:
+        """The gauges read from state: shipping lag and store sizes, meters online, open alerts."""
+        self.metrics.refresh(summary, now)
+        cutoff = format_timestamp(now - self.queries.offline_after)
+        online: int = await self.store.read(
+            lambda connection: connection.execute(
+                "SELECT count(*) FROM meters WHERE last_seen >= ?", (cutoff,)
+            ).fetchone()[0]
+        )
+        self.metrics.set_meters(online, len(self.fleet.meters), summary.meters)
+        self.metrics.set_open_alerts(self.alerts.open_counts())
 
     async def stop(self) -> None:
         if self._status_task is not None:
@@ -177,10 +237,14 @@ class Consumer:
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
-        if self.sink is not None:
-            await self.sink.stop()  # what is unshipped stays pending in the store for the next start
+        await self.alerts.stop()  # judges what is still queued
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        for sink in self.sinks:
+            await sink.stop()  # what is unshipped stays pending in the store for the next start
         if self.elasticsearch is not None:
             await self.elasticsearch.close()
+            self.elasticsearch = None
         await self.store.close()
         _LOG.info("consumer stopped: %s", self.intake.counters.describe())
 

@@ -1,0 +1,399 @@
+"""The alert engine on a real SQLite store, fed by the real intake: lifecycle, restart, offline, shipping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_elasticsearch import FakeElasticsearch
+from test_alerts import VOLUME_L, fleet, pressure_for
+
+from smartgas_consumer.alerts import ALERT_SCHEMA, LEAK_MIN_READINGS, AlertEngine, AlertSource, to_alert_document
+from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.elastic import make_client
+from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
+from smartgas_consumer.fleet import Fleet
+from smartgas_consumer.intake import ReadingIntake
+from smartgas_consumer.provision import INDEX_TEMPLATES, template_body
+from smartgas_consumer.store import ReadingStore
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+CONFIG = ConsumerConfig(expected_period_s=10.0, offline_after_periods=3.0)
+
+
+@dataclass
+class Clock:
+    """The consumer's clock, moved by the test."""
+
+    now: datetime = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Rig:
+    """A store, the intake and the alert engine, wired as the consumer wires them."""
+
+    path: Path
+    fleet: Fleet = field(default_factory=fleet)
+    clock: Clock = field(default_factory=Clock)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    seq: dict[str, int] = field(default_factory=dict)
+    store: ReadingStore | None = None
+    engine: AlertEngine | None = None
+    intake: ReadingIntake | None = None
+
+    async def open(self) -> AlertEngine:
+        self.store = ReadingStore(self.path, extra_schema=[ALERT_SCHEMA])
+        await self.store.open()
+        self.intake = ReadingIntake(self.store, fleet=self.fleet, clock=self.clock)
+        self.engine = AlertEngine(self.store, CONFIG, fleet=self.fleet, clock=self.clock, offline_check_s=3600)
+        self.engine.on_change.append(self.changes.append)
+        self.intake.on_stored.append(self.engine.on_stored)
+        await self.engine.start()
+        return self.engine
+
+    async def close(self) -> None:
+        assert self.engine is not None and self.store is not None
+        await self.engine.stop()
+        await self.store.close()
+
+    async def send(
+        self, pressure_bar: float, temperature_c: float = 20.0, *, meter_id: str = "m1", after_s: float = 10.0
+    ) -> None:
+        """One reading, ``after_s`` after the previous one, received 50 ms after it was taken."""
+        assert self.intake is not None and self.engine is not None
+        seq = self.seq.get(meter_id, -1) + 1
+        self.seq[meter_id] = seq
+        ts = T0 + timedelta(seconds=after_s * seq)
+        self.clock.now = max(self.clock.now, ts + timedelta(milliseconds=50))
+        body = {
+            "seq": seq,
+            "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "pressure_bar": pressure_bar,
+            "temperature_c": temperature_c,
+            "volume_l": VOLUME_L,
+        }
+        await self.intake.accept(meter_id, json.dumps(body).encode(), 50)
+        await self.engine.flush()
+
+    def events(self) -> list[tuple[str, str, str]]:
+        return [(c["event"], c["alert"]["kind"], c["alert"]["state"]) for c in self.changes]
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    running = Rig(tmp_path / "store.db")
+    await running.open()
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+# -- lifecycle ---------------------------------------------------------------------------------------------
+
+
+async def test_open_update_resolve_is_persisted_and_survives_reopening(rig: Rig) -> None:
+    assert rig.engine is not None
+    await rig.send(200.0)
+    await rig.send(225.0)
+    await rig.send(230.0)
+    assert rig.engine.open_counts() == {
+        "over_pressure": 1,
+        "over_temperature": 0,
+        "low_content": 0,
+        "leak": 0,
+        "sensor_fault": 0,
+        "offline": 0,
+    }
+    (opened,) = await rig.engine.list_alerts()
+    assert opened["state"] == "open"
+    assert (opened["occurrences"], opened["value"]) == (2, 230.0)
+    assert opened["alert_id"] == "m1:over_pressure:2026-11-23T08:00:10.000000Z"
+    assert opened["opened_at"] == "2026-11-23T08:00:10.000000Z"
+    assert opened["updated_at"] == "2026-11-23T08:00:20.000000Z"
+    assert (opened["client_id"], opened["site_id"], opened["severity"]) == ("acme", "lyon", "critical")
+    await rig.send(217.0)  # inside the hysteresis: still open, unchanged
+    assert (await rig.engine.list_alerts())[0]["state"] == "open"
+    await rig.send(200.0)
+    assert rig.events() == [
+        ("alert.opened", "over_pressure", "open"),
+        ("alert.updated", "over_pressure", "open"),
+        ("alert.resolved", "over_pressure", "resolved"),
+    ]
+    assert rig.engine.open_counts()["over_pressure"] == 0
+    await rig.close()
+
+    await rig.open()
+    (resolved,) = await rig.engine.list_alerts()
+    assert resolved == {
+        "alert_id": "m1:over_pressure:2026-11-23T08:00:10.000000Z",
+        "meter_id": "m1",
+        "client_id": "acme",
+        "site_id": "lyon",
+        "kind": "over_pressure",
+        "severity": "critical",
+        "state": "resolved",
+        "message": "pressure back to 200.0 bar (limit 220.0)",
+        "value": 200.0,
+        "opened_at": "2026-11-23T08:00:10.000000Z",
+        "updated_at": "2026-11-23T08:00:40.000000Z",
+        "resolved_at": "2026-11-23T08:00:40.000000Z",
+        "occurrences": 2,
+    }
+
+
+async def test_one_open_alert_per_meter_and_kind_and_a_new_one_after_resolving(rig: Rig) -> None:
+    assert rig.engine is not None
+    for pressure in (230.0, 231.0, 200.0, 240.0):
+        await rig.send(pressure)
+    await rig.send(150.0, 60.0, meter_id="x9")  # unknown meter: over-temperature only
+    alerts = await rig.engine.list_alerts()
+    assert [(a["meter_id"], a["kind"], a["state"], a["opened_at"]) for a in alerts] == [
+        ("m1", "over_pressure", "open", "2026-11-23T08:00:30.000000Z"),
+        ("m1", "over_pressure", "resolved", "2026-11-23T08:00:00.000000Z"),
+        ("x9", "over_temperature", "open", "2026-11-23T08:00:00.000000Z"),
+    ]
+    unknown = (await rig.engine.list_alerts(meter_id="x9"))[0]
+    assert (unknown["client_id"], unknown["site_id"], unknown["severity"]) == (None, None, "warning")
+    assert [a["meter_id"] for a in await rig.engine.list_alerts(client_id="acme")] == ["m1", "m1"]
+    assert len(await rig.engine.list_alerts(state="open")) == 2
+    assert len(await rig.engine.list_alerts(state="resolved", meter_id="m1")) == 1
+    assert len(await rig.engine.list_alerts(limit=1)) == 1
+    assert rig.engine.open_counts()["over_pressure"] == 1
+
+
+async def test_an_open_alert_survives_a_restart_and_resolves_afterwards(rig: Rig) -> None:
+    assert rig.engine is not None
+    await rig.send(150.0, 56.0)
+    await rig.close()
+    engine = await rig.open()
+    assert engine.open_counts()["over_temperature"] == 1
+    await rig.send(150.0, 52.0)
+    (alert,) = await engine.list_alerts()
+    assert alert["state"] == "resolved"
+    assert alert["alert_id"] == "m1:over_temperature:2026-11-23T08:00:00.000000Z"
+
+
+async def test_the_leak_window_is_reloaded_from_the_store_after_a_restart(rig: Rig) -> None:
+    """A leak seen over readings before and after a restart trips on the first reading after it."""
+    moles = 300.0
+    rate = 33.0  # mol/h: 11 × the meter's draw
+    for _ in range(LEAK_MIN_READINGS - 1):
+        await rig.send(pressure_for(moles))
+        moles -= rate * 10 / 3600
+    await rig.close()
+    engine = await rig.open()
+    await rig.send(pressure_for(moles))
+    (leak,) = await engine.list_alerts()
+    assert (leak["kind"], leak["state"]) == ("leak", "open")
+    assert leak["value"] == pytest.approx(rate, rel=0.01)
+
+
+async def test_a_failing_recorder_rolls_the_change_back(rig: Rig) -> None:
+    assert rig.engine is not None
+
+    def broken(connection: sqlite3.Connection, change: dict[str, Any]) -> None:
+        connection.execute("INSERT INTO no_such_table VALUES (1)")
+
+    rig.engine.recorders.append(broken)
+    await rig.send(230.0)  # the worker logs the failure and goes on
+    assert await rig.engine.list_alerts() == []
+    assert rig.engine.open_counts()["over_pressure"] == 0
+    assert rig.changes == []
+    rig.engine.recorders.remove(broken)
+    await rig.send(231.0)
+    assert [a["state"] for a in await rig.engine.list_alerts()] == ["open"]
+
+
+# -- offline ---------------------------------------------------------------------------------------------------
+
+
+async def test_offline_after_the_window_and_resolved_by_the_next_reading(rig: Rig) -> None:
+    assert rig.engine is not None
+    await rig.send(150.0)
+    last = rig.clock.now
+    await rig.engine.evaluate_offline(last + timedelta(seconds=30))  # exactly 3 periods: not yet
+    assert await rig.engine.list_alerts() == []
+    await rig.engine.evaluate_offline(last + timedelta(seconds=31))
+    (offline,) = await rig.engine.list_alerts()
+    assert (offline["kind"], offline["severity"], offline["value"]) == ("offline", "warning", 31.0)
+    assert offline["opened_at"] == "2026-11-23T08:00:31.050000Z"
+    assert "no reading for 31 s" in offline["message"]
+    await rig.engine.evaluate_offline(last + timedelta(seconds=60))  # still silent: nothing new
+    assert len(await rig.engine.list_alerts()) == 1
+    await rig.send(150.0, after_s=65.0)
+    (resolved,) = await rig.engine.list_alerts()
+    assert (resolved["state"], resolved["value"]) == ("resolved", 65.0)
+    assert resolved["resolved_at"] == "2026-11-23T08:01:05.050000Z"
+    assert "after 65 s of silence" in resolved["message"]
+    assert [e[0] for e in rig.events()] == ["alert.opened", "alert.resolved"]
+
+
+async def test_after_a_restart_meters_get_a_whole_window_before_counting_as_offline(rig: Rig) -> None:
+    await rig.send(150.0)
+    await rig.close()
+    rig.clock.now = T0 + timedelta(hours=1)  # the consumer was down for an hour
+    engine = await rig.open()
+    await engine.evaluate_offline(rig.clock.now + timedelta(seconds=29))
+    assert await engine.list_alerts() == []
+    await engine.evaluate_offline(rig.clock.now + timedelta(seconds=31))
+    (offline,) = await engine.list_alerts()
+    assert offline["value"] == pytest.approx(3631.0, abs=0.1)  # silent since its last reading
+
+
+async def test_the_offline_timer_runs_on_its_own(tmp_path: Path) -> None:
+    store = ReadingStore(tmp_path / "store.db", extra_schema=[ALERT_SCHEMA])
+    await store.open()
+    clock = Clock()
+    intake = ReadingIntake(store, clock=clock)
+    engine = AlertEngine(store, CONFIG, clock=clock, offline_check_s=0.02)
+    intake.on_stored.append(engine.on_stored)
+    await engine.start()
+    try:
+        body = {"seq": 0, "ts": "2026-11-23T08:00:00Z", "pressure_bar": 150, "temperature_c": 20, "volume_l": 50}
+        await intake.accept("m1", json.dumps(body).encode(), 50)
+        clock.now = T0 + timedelta(minutes=5)
+        await wait_until(lambda: has_alerts(engine, 1))
+    finally:
+        await engine.stop()
+        await store.close()
+
+
+async def has_alerts(engine: AlertEngine, count: int) -> bool:
+    return len(await engine.list_alerts()) == count
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+# -- shipping to Elasticsearch ----------------------------------------------------------------------------------
+
+
+def test_alert_documents_fit_the_alerts_mapping() -> None:
+    from smartgas_consumer.alerts import Alert
+
+    (template,) = [template_body(t) for t in INDEX_TEMPLATES if t.name == "smartgas-alerts"]
+    types = {name: mapping["type"] for name, mapping in template["template"]["mappings"]["properties"].items()}
+    alert = Alert(
+        "m1:leak:2026-11-23T08:00:00.000000Z",
+        "m1",
+        "acme",
+        "lyon",
+        "leak",
+        "critical",
+        "resolved",
+        "loss back to 1.00 mol/h",
+        1.0,
+        "2026-11-23T08:00:00.000000Z",
+        "2026-11-23T08:10:00.000000Z",
+        "2026-11-23T08:10:00.000000Z",
+        7,
+    )
+    document = to_alert_document(alert)
+    assert set(document) == set(types)
+    for name, value in document.items():
+        if types[name] == "date":
+            assert value.endswith("Z")
+            datetime.fromisoformat(value)
+        elif types[name] in ("double", "integer"):
+            assert isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            assert isinstance(value, str)
+    assert document["@timestamp"] == alert.updated_at
+    assert document["site"] == "lyon"
+
+
+@pytest.fixture
+async def fake_es() -> AsyncIterator[FakeElasticsearch]:
+    server = FakeElasticsearch()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def settled(store: ReadingStore) -> bool:
+    def count(connection: sqlite3.Connection) -> int:
+        return int(connection.execute("SELECT count(*) FROM alerts WHERE ship_state = 0").fetchone()[0])
+
+    return await store.read(count) == 0
+
+
+async def test_alerts_are_shipped_and_reshipped_under_the_same_id(rig: Rig, fake_es: FakeElasticsearch) -> None:
+    assert rig.store is not None
+    client = make_client(ConsumerConfig(elasticsearch_url=fake_es.url), request_timeout_s=5)
+    sink = ElasticsearchSink(AlertSource(rig.store), client, backoff=Backoff(base_s=0.01, cap_s=0.05), idle_poll_s=0.02)
+    await sink.start()
+    try:
+        await rig.send(230.0)
+        await wait_until(lambda: settled(rig.store))  # type: ignore[arg-type]
+        alert_id = "m1:over_pressure:2026-11-23T08:00:00.000000Z"
+        assert fake_es.indexed("smartgas-alerts")[alert_id]["state"] == "open"
+        await rig.send(200.0)
+        await wait_until(lambda: settled(rig.store))  # type: ignore[arg-type]
+    finally:
+        await sink.stop()
+        await client.close()
+    indexed = fake_es.indexed("smartgas-alerts")
+    assert list(indexed) == [alert_id]
+    assert indexed[alert_id]["state"] == "resolved"
+    assert indexed[alert_id]["resolved_at"] == "2026-11-23T08:00:10.000000Z"
+    assert fake_es.sent[alert_id] == 2
+
+
+async def test_a_change_while_a_batch_is_in_flight_is_shipped_again(rig: Rig) -> None:
+    assert rig.store is not None
+    source = AlertSource(rig.store)
+    await rig.send(230.0)
+    (in_flight,) = await source.pending(10)
+    await rig.send(235.0)  # the alert changes before the sink confirms the first version
+    await source.mark_shipped([in_flight], T0)
+    (again,) = await source.pending(10)
+    assert again.doc_id == in_flight.doc_id
+    assert again.key > in_flight.key
+    assert again.document["occurrences"] == 2
+    await source.mark_shipped([again], T0)
+    assert await source.pending(10) == []
+    assert await source.prune(T0 + timedelta(days=365)) == 0
+
+
+async def test_a_refused_alert_is_dead_lettered_with_the_reason(rig: Rig, fake_es: FakeElasticsearch) -> None:
+    assert rig.store is not None
+    fake_es.item_plan = lambda _id, _source, _attempt: 400
+    client = make_client(ConsumerConfig(elasticsearch_url=fake_es.url), request_timeout_s=5)
+    sink = ElasticsearchSink(AlertSource(rig.store), client, idle_poll_s=0.02)
+    await sink.start()
+    try:
+        await rig.send(230.0)
+        await wait_until(lambda: settled(rig.store))  # type: ignore[arg-type]
+    finally:
+        await sink.stop()
+        await client.close()
+
+    def letters(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in connection.execute("SELECT ship_state, ship_status, ship_reason FROM alerts")]
+
+    ((state, status, reason),) = await rig.store.read(letters)
+    assert (state, status) == (2, 400)
+    assert "document_parsing_exception" in reason
+    assert sink.counters.dead_lettered == 1
+    await rig.send(231.0)  # a later change is a new version: pending again
+    assert len(await AlertSource(rig.store).pending(10)) == 1
