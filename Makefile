@@ -10,8 +10,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use: libcoap's client (interop), docker-compose (compose file validation).
-DEBIAN_PACKAGES := libcoap3-bin docker-compose
+# Debian packages the tests use: libcoap's client (interop), docker-compose (compose file validation),
+# chromium (the dashboard in a headless browser).
+# command:package pairs; a package is installed when its command is missing.
+DEBIAN_TOOLS := coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium
 RUN_DIR := var
 RUN_PORT ?= 5683
 RUN_HTTP_PORT ?= 8080
@@ -29,8 +31,9 @@ help:
 
 deps:
 	@missing=""; \
-	command -v coap-client-notls >/dev/null || missing="$$missing libcoap3-bin"; \
-	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	for tool in $(DEBIAN_TOOLS); do \
+	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

@@ -22,6 +22,7 @@ from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine, AlertSource, Kin
 from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys
 from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.dashboard import build_dashboard_router
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource
 from smartgas_consumer.fleet import Fleet, load_fleet
@@ -103,8 +104,11 @@ class Consumer:
             offline_after=timedelta(seconds=config.expected_period_s * config.offline_after_periods),
             open_alerts_by_meter=self.alerts.open_by_meter,
         )
+        dashboard = build_dashboard_router(self.queries, self.api_keys)
         self.http = HttpServer(
-            build_app(self.queries, self.api_keys, alerts=self.alerts, metrics=self.metrics.render),
+            build_app(
+                self.queries, self.api_keys, alerts=self.alerts, metrics=self.metrics.render, dashboard=dashboard
+            ),
             config.http_host,
             config.http_port,
         )

@@ -1,0 +1,219 @@
+"""Line charts as SVG, rendered on the server: one measurement of one meter over time.
+
+A pure function of its points, so the dashboard needs no charting library, no CDN and no build step,
+and the tests read the result with ``xml.etree``. The time axis picks a tick step from seconds to weeks
+so that a handful of labelled ticks cover the readings' span (labels in UTC); the value axis uses the
+usual 1-2-5 steps. Every text that reaches the SVG (titles, meter ids, which come from devices) is
+escaped here, and characters XML cannot hold at all are dropped. Colours are presentation attributes,
+not ``style`` attributes or elements, so the SVG renders the same inline under the dashboard's strict
+Content-Security-Policy and opened on its own.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+#: A circle marks each reading while readings are at least this far apart on average; closer, the line
+#: alone reads better.
+MARKER_SPACING_PX = 6
+EMPTY_MESSAGE = "No readings in this window"
+_XML_INVALID = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+#: Candidate time-axis steps in seconds, with the label format each implies.
+_TIME_STEPS: tuple[tuple[int, str], ...] = (
+    (1, "%H:%M:%S"),
+    (2, "%H:%M:%S"),
+    (5, "%H:%M:%S"),
+    (10, "%H:%M:%S"),
+    (15, "%H:%M:%S"),
+    (30, "%H:%M:%S"),
+    (60, "%H:%M"),
+    (120, "%H:%M"),
+    (300, "%H:%M"),
+    (600, "%H:%M"),
+    (900, "%H:%M"),
+    (1800, "%H:%M"),
+    (3600, "%H:%M"),
+    (2 * 3600, "%H:%M"),
+    (3 * 3600, "%H:%M"),
+    (6 * 3600, "%d %b %H:%M"),
+    (12 * 3600, "%d %b %H:%M"),
+    (86400, "%d %b"),
+    (2 * 86400, "%d %b"),
+    (7 * 86400, "%d %b"),
+    (14 * 86400, "%d %b"),
+)
+_WANTED_TIME_TICKS = 5
+_WANTED_VALUE_TICKS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ChartLayout:
+    """The drawing area: the whole SVG and the margins around the plot."""
+
+    width: int = 440
+    height: int = 190
+    left: int = 64
+    right: int = 32
+    top: int = 30
+    bottom: int = 38
+
+    @property
+    def plot_width(self) -> int:
+        return self.width - self.left - self.right
+
+    @property
+    def plot_height(self) -> int:
+        return self.height - self.top - self.bottom
+
+    @property
+    def max_markers(self) -> int:
+        return self.plot_width // MARKER_SPACING_PX
+
+
+def escape(text: str) -> str:
+    """Text for SVG/XML content or a quoted attribute: markup characters escaped, impossible characters dropped."""
+    return html.escape(_XML_INVALID.sub("", text), quote=True)
+
+
+def render_line_chart(
+    points: Sequence[tuple[datetime, float]],
+    *,
+    title: str,
+    unit: str,
+    description: str = "",
+    layout: ChartLayout = ChartLayout(),  # frozen, so one shared default is safe
+) -> str:
+    """An SVG document: ``title`` above, time ticks below, value ticks in ``unit`` on the left, the points as a
+    polyline (one vertex per point, in time order) with a circle on each (while they are not too dense).
+
+    Without points, the axes frame a message instead. ``description`` becomes the SVG's accessible title.
+    """
+    ordered = sorted(((_utc(t), float(v)) for t, v in points if math.isfinite(v)), key=lambda p: p[0])
+    label = f"{title} ({unit})" if unit else title
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {layout.width} {layout.height}"'
+        f' width="{layout.width}" height="{layout.height}" role="img" data-points="{len(ordered)}"'
+        f' font-family="system-ui, sans-serif" font-size="11">',
+        f"<title>{escape(description or label)}</title>",
+        f'<rect class="chart-background" x="0" y="0" width="{layout.width}" height="{layout.height}" fill="#ffffff"/>',
+        f'<text class="chart-title" x="{layout.left}" y="18" font-size="13" font-weight="600"'
+        f' fill="#1f2933">{escape(label)}</text>',
+    ]
+    if not ordered:
+        parts.extend(_frame(layout))
+        parts.append(
+            f'<text class="chart-empty" x="{layout.left + layout.plot_width / 2:.1f}"'
+            f' y="{layout.top + layout.plot_height / 2:.1f}" text-anchor="middle" font-size="13"'
+            f' fill="#7b8794">{escape(EMPTY_MESSAGE)}</text>'
+        )
+        parts.append("</svg>")
+        return "\n".join(parts)
+
+    start, end = ordered[0][0], ordered[-1][0]
+    if end - start < timedelta(seconds=2):  # one reading, or several at once: give the axis some width
+        start, end = start - timedelta(seconds=30), end + timedelta(seconds=30)
+    low, high, value_step = _value_axis(min(v for _, v in ordered), max(v for _, v in ordered))
+    span_s = (end - start).total_seconds()
+
+    def x(moment: datetime) -> float:
+        return layout.left + (moment - start).total_seconds() / span_s * layout.plot_width
+
+    def y(value: float) -> float:
+        return layout.top + (high - value) / (high - low) * layout.plot_height
+
+    decimals = max(0, -math.floor(math.log10(value_step))) if value_step < 1 else 0
+    bottom = layout.top + layout.plot_height
+    for index in range(round((high - low) / value_step) + 1):
+        value = low + index * value_step
+        at = y(value)
+        parts.append(
+            f'<line class="grid" x1="{layout.left}" y1="{at:.1f}" x2="{layout.left + layout.plot_width}"'
+            f' y2="{at:.1f}" stroke="#e4e7eb" stroke-width="1"/>'
+        )
+        parts.append(
+            f'<text class="tick value-tick" x="{layout.left - 6}" y="{at + 4:.1f}" text-anchor="end"'
+            f' fill="#52606d">{value:.{decimals}f}</text>'
+        )
+    step_s, fmt = _time_step(span_s)
+    for tick in _time_ticks(start, end, step_s):
+        at = x(tick)
+        parts.append(
+            f'<line class="tick-mark" x1="{at:.1f}" y1="{bottom}" x2="{at:.1f}" y2="{bottom + 5}"'
+            f' stroke="#9aa5b1" stroke-width="1"/>'
+        )
+        parts.append(
+            f'<text class="tick time-tick" x="{at:.1f}" y="{bottom + 17}" text-anchor="middle"'
+            f' fill="#52606d">{tick.strftime(fmt)}</text>'
+        )
+    parts.extend(_frame(layout))
+    parts.append(
+        f'<text class="axis-label" x="{layout.left + layout.plot_width}" y="{layout.height - 4}" text-anchor="end"'
+        f' fill="#7b8794">time (UTC)</text>'
+    )
+    if unit:
+        parts.append(
+            f'<text class="axis-label unit" x="{layout.left - 6}" y="{layout.top - 8}" text-anchor="end"'
+            f' fill="#7b8794">{escape(unit)}</text>'
+        )
+    vertices = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in ordered)
+    parts.append(
+        f'<polyline class="series" points="{vertices}" fill="none" stroke="#2563eb" stroke-width="2"'
+        f' stroke-linejoin="round" stroke-linecap="round"/>'
+    )
+    if len(ordered) <= layout.max_markers:
+        parts.append('<g class="points" fill="#2563eb">')
+        parts.extend(
+            f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="2.5"><title>{t.strftime("%Y-%m-%d %H:%M:%S")} UTC: '
+            f"{v:.{decimals + 2}f} {escape(unit)}</title></circle>"
+            for t, v in ordered
+        )
+        parts.append("</g>")
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _frame(layout: ChartLayout) -> list[str]:
+    bottom = layout.top + layout.plot_height
+    return [
+        f'<line class="axis x-axis" x1="{layout.left}" y1="{bottom}" x2="{layout.left + layout.plot_width}"'
+        f' y2="{bottom}" stroke="#9aa5b1" stroke-width="1"/>',
+        f'<line class="axis y-axis" x1="{layout.left}" y1="{layout.top}" x2="{layout.left}" y2="{bottom}"'
+        f' stroke="#9aa5b1" stroke-width="1"/>',
+    ]
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _time_step(span_s: float) -> tuple[int, str]:
+    """The smallest step giving at most about ``_WANTED_TIME_TICKS`` ticks over the span."""
+    for step, fmt in _TIME_STEPS:
+        if span_s / step <= _WANTED_TIME_TICKS:
+            return step, fmt
+    weeks = math.ceil(span_s / _WANTED_TIME_TICKS / (7 * 86400))
+    return weeks * 7 * 86400, "%d %b %Y"
+
+
+def _time_ticks(start: datetime, end: datetime, step_s: int) -> list[datetime]:
+    """Tick times inside [start, end], on whole multiples of the step since the epoch (midnight UTC for days)."""
+    first = math.ceil(start.timestamp() / step_s) * step_s
+    last = end.timestamp()
+    return [datetime.fromtimestamp(t, UTC) for t in range(first, math.floor(last) + 1, step_s)]
+
+
+def _value_axis(low: float, high: float) -> tuple[float, float, float]:
+    """A 1-2-5 step and the bounds, multiples of it, that enclose [low, high]."""
+    if high - low < 1e-9 * max(1.0, abs(high)):  # a flat line: centre it in a band around the value
+        pad = abs(high) * 0.05 or 1.0
+        low, high = low - pad, high + pad
+    raw = (high - low) / _WANTED_VALUE_TICKS
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    return math.floor(low / step) * step, math.ceil(high / step) * step, step

@@ -1,0 +1,161 @@
+"""The consumer's built-in dashboard: a static page, its script and stylesheet, and server-rendered charts.
+
+``/dashboard/`` serves ``assets/dashboard/index.html``; the page's own script (``dashboard.js``) reads the
+API key from the URL fragment (``#key=...``, which browsers never send to a server) or from the browser's
+storage, and sends it as ``X-API-Key`` on every request to ``/api``. The charts come from
+``/dashboard/api/meters/{meter_id}/chart.svg``, rendered by ``chart.py`` under the same key and the same
+visibility as the API: another client's meter answers 404, as a meter that does not exist.
+
+Every response carries a strict Content-Security-Policy: scripts and styles from this origin only, no inline
+script, no framing. The assets are read from the package once, when the router is built.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads these annotations at run time.
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Security
+from fastapi.responses import RedirectResponse, Response
+from fastapi.security import APIKeyHeader
+
+from smartgas_consumer.auth import ApiKeys, Principal
+from smartgas_consumer.chart import render_line_chart
+from smartgas_consumer.queries import FleetQueries, Window
+
+PREFIX = "/dashboard"
+#: The page's policy: everything from this origin, nothing inline, nothing from elsewhere, never framed.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"
+    " object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+#: A chart opened on its own may draw, and do nothing else.
+CHART_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"
+DEFAULT_WINDOW = timedelta(hours=1)
+MAX_WINDOW = timedelta(days=31)
+#: The newest readings drawn in one chart; a month of readings every 10 s is thinned to these by the query.
+CHART_READINGS = 2000
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """A chartable measurement: its column in the readings, its title and unit."""
+
+    name: str
+    title: str
+    unit: str
+
+
+MEASURES: tuple[Measure, ...] = (
+    Measure("moles", "Gas left", "mol"),
+    Measure("pressure_bar", "Pressure", "bar"),
+    Measure("fill_pct", "Fill", "%"),
+    Measure("temperature_c", "Temperature", "°C"),
+)
+MeasureName = Literal["moles", "pressure_bar", "fill_pct", "temperature_c"]
+_BY_NAME = {measure.name: measure for measure in MEASURES}
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    """A file as served: its bytes and their media type."""
+
+    body: bytes
+    content_type: str
+
+
+def load_assets() -> dict[str, Asset]:
+    """Every file of ``assets/dashboard``, by name, as shipped in the package."""
+    folder = resources.files("smartgas_consumer") / "assets" / "dashboard"
+    assets = {}
+    for entry in folder.iterdir():
+        suffix = entry.name[entry.name.rfind(".") :]
+        if entry.is_file() and suffix in _CONTENT_TYPES:
+            assets[entry.name] = Asset(entry.read_bytes(), _CONTENT_TYPES[suffix])
+    return assets
+
+
+def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys) -> APIRouter:
+    """The dashboard's routes, for ``build_app(..., dashboard=...)``."""
+    assets = load_assets()
+    page = assets.pop("index.html")
+    router = APIRouter(prefix=PREFIX)
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="your client's API key")
+
+    def caller(key: Annotated[str | None, Security(key_header)]) -> Principal:
+        principal = api_keys.authenticate(key)
+        if principal is None:
+            raise HTTPException(status_code=401, detail="missing or invalid X-API-Key")
+        return principal
+
+    def window(
+        since: Annotated[datetime | None, Query(description="start (RFC 3339); default: until − 1 h")] = None,
+        until: Annotated[datetime | None, Query(description="end (RFC 3339); default: now")] = None,
+    ) -> Window:
+        end = _utc(until) if until is not None else queries.now()
+        start = _utc(since) if since is not None else end - DEFAULT_WINDOW
+        if start > end:
+            raise HTTPException(status_code=422, detail="since must not be after until")
+        if end - start > MAX_WINDOW:
+            raise HTTPException(status_code=422, detail=f"the window may span at most {MAX_WINDOW.days} days")
+        return Window(start, end)
+
+    @router.get("", include_in_schema=False)
+    async def bare() -> RedirectResponse:
+        return RedirectResponse(url=f"{PREFIX}/")
+
+    @router.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return _respond(page, PAGE_POLICY)
+
+    @router.get("/api/meters/{meter_id}/chart.svg", summary="A meter's measurement over time, as an SVG line chart")
+    async def chart(
+        meter_id: str,
+        who: Annotated[Principal, Depends(caller)],
+        span: Annotated[Window, Depends(window)],
+        measure: Annotated[MeasureName, Query(description="what to draw")] = "moles",
+    ) -> Response:
+        readings = await queries.readings(who.client_id, meter_id, span, CHART_READINGS)
+        if readings is None:
+            raise HTTPException(status_code=404, detail=f"meter {meter_id} not found")
+        shown = _BY_NAME[measure]
+        points = [
+            (datetime.fromisoformat(row["ts"]), float(row[measure])) for row in readings if row[measure] is not None
+        ]
+        svg = render_line_chart(
+            points, title=shown.title, unit=shown.unit, description=f"{shown.title} of {meter_id} ({shown.unit})"
+        )
+        return _respond(Asset(svg.encode("utf-8"), "image/svg+xml"), CHART_POLICY)
+
+    @router.get("/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        found = assets.get(name)
+        if found is None:
+            raise HTTPException(status_code=404, detail="not found")
+        return _respond(found, PAGE_POLICY)
+
+    return router
+
+
+def _respond(asset: Asset, policy: str) -> Response:
+    return Response(
+        content=asset.body,
+        media_type=asset.content_type,
+        headers={
+            "Content-Security-Policy": policy,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

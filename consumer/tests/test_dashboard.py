@@ -1,0 +1,563 @@
+"""The dashboard over real HTTP and in a real browser: the page, its assets, its charts, its behaviour.
+
+A real consumer (CoAP, SQLite) with the repository's fleet file and an API keys file, fed over CoAP; the
+HTTP side is ``build_app`` with the dashboard router on loopback, as ``server.py`` assembles it. The
+browser tests drive Debian's headless Chromium over the Chrome DevTools Protocol (aiohttp's websocket
+client): open the page with a key in the fragment, read the DOM, click a meter, wait for polling. They are
+skipped by name where ``/usr/bin/chromium`` is absent (``make deps`` installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import html.parser
+import itertools
+import json
+import os
+import signal
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import aiohttp
+import httpx
+import pytest
+from aiocoap.numbers.codes import Code
+
+from conftest import reading_uri
+from smartgas_consumer.api import HttpServer, build_app
+from smartgas_consumer.auth import digest
+from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.dashboard import PAGE_POLICY, build_dashboard_router
+from smartgas_consumer.fleet import load_fleet
+from smartgas_consumer.server import Consumer
+
+pytestmark = pytest.mark.integration
+
+FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
+FLEET = load_fleet(FLEET_FILE)
+CLIENTS = sorted(FLEET.clients)
+ADMIN_KEY = "admin-key-0123456789abcdef"
+KEYS = {client: f"key-of-{client}-0123456789" for client in CLIENTS} | {"*": ADMIN_KEY}
+OWN_METER = {client: min(m.meter_id for m in FLEET.meters.values() if m.client_id == client) for client in CLIENTS}
+FED = sorted(OWN_METER.values())
+READINGS_EACH = 4
+SVG = "{http://www.w3.org/2000/svg}"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1440,1000",
+]
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="headless browser tests need Debian's chromium (/usr/bin/chromium; make deps)"
+)
+
+
+HOSTILE_MESSAGE = '<img src="x" onerror="document.title=1">pressure <b>low</b> & falling'
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenAlerts:
+    """Stands in for the alert engine behind ``/api/alerts``: one open alert on the first fed meter."""
+
+    opened_at: str
+
+    async def list_alerts(
+        self, *, client_id: str | None = None, state: str | None = None, meter_id: str | None = None, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        meter = FLEET.meters[FED[0]]
+        alert = {
+            "alert_id": "a-1",
+            "meter_id": meter.meter_id,
+            "client_id": meter.client_id,
+            "site_id": meter.site.site_id,
+            "kind": "low_fill",
+            "severity": "warning",
+            "state": "open",
+            "message": HOSTILE_MESSAGE,
+            "value": 12.5,
+            "opened_at": self.opened_at,
+            "updated_at": self.opened_at,
+            "resolved_at": None,
+            "occurrences": 1,
+        }
+        visible = client_id in (None, meter.client_id) and state in (None, "open") and meter_id in (None, FED[0])
+        return [alert] if visible else []
+
+
+@dataclasses.dataclass
+class Dashboard:
+    consumer: Consumer
+    base_url: str
+    coap: aiocoap.Context
+    next_seq: dict[str, int]
+
+    async def feed(self, meter_id: str, pressure_bar: float, ts: datetime) -> None:
+        seq = self.next_seq.get(meter_id, 0)
+        self.next_seq[meter_id] = seq + 1
+        body = {
+            "seq": seq,
+            "ts": ts.isoformat().replace("+00:00", "Z"),
+            "pressure_bar": pressure_bar,
+            "temperature_c": 15.0,
+            "volume_l": FLEET.meters[meter_id].volume_l,
+        }
+        message = aiocoap.Message(
+            code=Code.PUT,
+            uri=reading_uri(self.consumer, meter_id),
+            payload=json.dumps(body).encode(),
+            content_format=50,
+        )
+        response = await asyncio.wait_for(self.coap.request(message).response, 10)
+        assert response.code == Code.CHANGED
+
+
+@pytest.fixture
+async def dashboard(consumer_config: ConsumerConfig, tmp_path: Path) -> AsyncIterator[Dashboard]:
+    keys_file = tmp_path / "api-keys.yaml"
+    lines = [f'  - {{client: "{client}", sha256: {digest(key)}}}' for client, key in KEYS.items()]
+    keys_file.write_text("keys:\n" + "\n".join(lines) + "\n")
+    config = dataclasses.replace(consumer_config, fleet=FLEET_FILE, api_keys=keys_file, http_port=0)
+    consumer = Consumer(config)
+    await consumer.start()
+    http = HttpServer(
+        build_app(
+            consumer.queries,
+            consumer.api_keys,
+            alerts=OpenAlerts(
+                (datetime.now(UTC) - timedelta(minutes=3, seconds=30)).isoformat().replace("+00:00", "Z")
+            ),
+            dashboard=build_dashboard_router(consumer.queries, consumer.api_keys),
+        ),
+        "127.0.0.1",
+        0,
+    )
+    coap = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        await http.start()
+        running = Dashboard(consumer, f"http://127.0.0.1:{http.port}", coap, {})
+        now = datetime.now(UTC).replace(microsecond=0)
+        # Each fed meter: READINGS_EACH readings 10 s apart ending now, pressure falling from 180 bar.
+        for meter_id in FED:
+            for index in range(READINGS_EACH):
+                at = now - timedelta(seconds=10 * (READINGS_EACH - 1 - index))
+                await running.feed(meter_id, 180.0 - 5 * index, at)
+        yield running
+    finally:
+        await coap.shutdown()
+        await http.stop()
+        await consumer.stop()
+
+
+@pytest.fixture
+async def http(dashboard: Dashboard) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=dashboard.base_url, timeout=10) as client:
+        yield client
+
+
+def as_(client: str) -> dict[str, str]:
+    return {"X-API-Key": KEYS[client]}
+
+
+def chart_path(meter_id: str) -> str:
+    return f"/dashboard/api/meters/{meter_id}/chart.svg"
+
+
+# -- the routes, over HTTP ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}], ids=["no-key", "bad-key", "empty"])
+async def test_chart_needs_a_valid_key(http: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    response = await http.get(chart_path(FED[0]), headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "missing or invalid X-API-Key"}
+
+
+@pytest.mark.parametrize("viewer", CLIENTS)
+async def test_chart_of_another_clients_meter_is_404_like_a_missing_one(http: httpx.AsyncClient, viewer: str) -> None:
+    for owner in CLIENTS:
+        response = await http.get(chart_path(OWN_METER[owner]), headers=as_(viewer))
+        if owner == viewer:
+            assert response.status_code == 200
+            continue
+        missing = await http.get(chart_path("no-such-meter"), headers=as_(viewer))
+        assert response.status_code == missing.status_code == 404
+        assert response.json()["detail"].replace(OWN_METER[owner], "X") == missing.json()["detail"].replace(
+            "no-such-meter", "X"
+        )
+
+
+@pytest.mark.parametrize("measure", ["moles", "pressure_bar", "fill_pct", "temperature_c"])
+async def test_chart_of_own_meter_is_an_svg_with_one_point_per_reading(http: httpx.AsyncClient, measure: str) -> None:
+    client = CLIENTS[0]
+    response = await http.get(chart_path(OWN_METER[client]), params={"measure": measure}, headers=as_(client))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/svg+xml"
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    root = ET.fromstring(response.text)
+    assert root.tag == f"{SVG}svg" and root.get("data-points") == str(READINGS_EACH)
+    polyline = root.find(f".//{SVG}polyline")
+    assert polyline is not None and len(polyline.get("points", "").split()) == READINGS_EACH
+    title = root.find(f"{SVG}title")
+    assert title is not None and OWN_METER[client] in (title.text or "")
+
+
+async def test_chart_window_and_its_bounds(http: httpx.AsyncClient) -> None:
+    meter, admin = FED[0], as_("*")
+    old = {"since": "2020-01-01T00:00:00Z", "until": "2020-01-02T00:00:00Z"}
+    empty = ET.fromstring((await http.get(chart_path(meter), params=old, headers=admin)).text)
+    assert empty.get("data-points") == "0"
+    recent = {"since": (datetime.now(UTC) - timedelta(seconds=15)).isoformat()}
+    assert ET.fromstring((await http.get(chart_path(meter), params=recent, headers=admin)).text).get("data-points") in {
+        "2",
+        "3",
+    }
+    for params in (
+        {"since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+        {"since": "2026-01-01T00:00:00Z", "until": "2026-11-01T00:00:00Z"},
+        {"measure": "volume_l"},
+        {"measure": "<svg onload=alert(1)>"},
+    ):
+        assert (await http.get(chart_path(meter), params=params, headers=admin)).status_code == 422, params
+
+
+async def test_hostile_meter_id_in_the_path_is_never_drawn(http: httpx.AsyncClient) -> None:
+    hostile = '<svg onload="alert(1)">'
+    response = await http.get(chart_path(hostile.replace('"', "%22")), headers=as_("*"))
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+
+
+class _PageReader(html.parser.HTMLParser):
+    """Collects what a CSP without 'unsafe-inline' would refuse: inline scripts, handlers, style attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[dict[str, str | None]] = []
+        self.inline: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        names = {name for name, _ in attrs}
+        if tag == "script":
+            self.scripts.append(dict(attrs))
+            self._in_script = True
+        if tag == "style" or "style" in names or any(name.startswith("on") for name in names):
+            self.inline.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_script = False if tag == "script" else self._in_script
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script and data.strip():
+            self.inline.append("script body")
+
+
+async def test_page_is_served_with_a_strict_policy_and_no_inline_code(http: httpx.AsyncClient) -> None:
+    response = await http.get("/dashboard/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    policy = response.headers["content-security-policy"]
+    assert policy == PAGE_POLICY
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["default-src"] == directives["script-src"] == directives["style-src"] == "'self'"
+    assert "unsafe" not in policy and "http" not in policy
+    assert directives["frame-ancestors"] == "'none'"
+    reader = _PageReader()
+    reader.feed(response.text)
+    assert reader.scripts == [{"src": "dashboard.js", "defer": None}]
+    assert reader.inline == []
+    assert "http://" not in response.text and "https://" not in response.text  # nothing from the internet
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("dashboard.js", "text/javascript; charset=utf-8"),
+        ("dashboard.css", "text/css; charset=utf-8"),
+        ("favicon.svg", "image/svg+xml"),
+    ],
+)
+async def test_assets_are_served_from_the_package(http: httpx.AsyncClient, name: str, content_type: str) -> None:
+    response = await http.get(f"/dashboard/{name}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == content_type
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "http://" not in response.text.replace("http://www.w3.org/2000/svg", "")
+
+
+@pytest.mark.parametrize("path", ["/dashboard/nope.js", "/dashboard/..%2Fdashboard.py", "/dashboard/index.html"])
+async def test_nothing_else_is_served(http: httpx.AsyncClient, path: str) -> None:
+    assert (await http.get(path)).status_code == 404
+
+
+async def test_root_and_bare_path_lead_to_the_page(http: httpx.AsyncClient) -> None:
+    for path in ("/", "/dashboard"):
+        response = await http.get(path)
+        assert response.status_code == 307 and response.headers["location"] == "/dashboard/"
+
+
+# -- the page, in headless Chromium ------------------------------------------------------------------
+
+
+class Browser:
+    """One headless Chromium and one page, driven over the DevTools Protocol."""
+
+    def __init__(self, profile: Path) -> None:
+        self.profile = profile
+        self.process: asyncio.subprocess.Process | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.socket: aiohttp.ClientWebSocketResponse | None = None
+        self.errors: list[str] = []
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            str(CHROMIUM),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={self.profile}",
+            "--remote-debugging-port=0",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # its helpers share its process group, stopped together in close()
+        )
+        # Chromium writes the port it picked into the profile once DevTools listens.
+        port_file = self.profile / "DevToolsActivePort"
+        async with asyncio.timeout(20):
+            while not port_file.exists() or not port_file.read_text().strip():
+                assert self.process.returncode is None, "chromium exited at start-up"
+                await asyncio.sleep(0.05)
+        port = port_file.read_text().split()[0]
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as response:
+            pages = [t for t in await response.json() if t["type"] == "page"]
+        self.socket = await self.session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
+        self._reader = asyncio.create_task(self._read())
+        for domain in ("Page", "Runtime", "Log"):
+            await self.send(f"{domain}.enable")
+
+    async def _read(self) -> None:
+        assert self.socket is not None
+        async for message in self.socket:
+            data = json.loads(message.data)
+            if "id" in data:
+                future = self._waiting.pop(data["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(data)
+            elif data.get("method") == "Runtime.exceptionThrown":
+                self.errors.append(data["params"]["exceptionDetails"].get("text", "exception"))
+            elif data.get("method") == "Log.entryAdded" and data["params"]["entry"]["level"] == "error":
+                self.errors.append(data["params"]["entry"]["text"])
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        assert self.socket is not None
+        command_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[command_id] = future
+        await self.socket.send_json({"id": command_id, "method": method, "params": params})
+        answer = await asyncio.wait_for(future, 10)
+        assert "error" not in answer, f"{method}: {answer['error']}"
+        result: dict[str, Any] = answer["result"]
+        return result
+
+    async def open(self, url: str) -> None:
+        """Navigate, and return once the new document has loaded (its script then runs on its own)."""
+        await self.send("Page.navigate", url=url)
+        path = url.split("#")[0]
+        await self.wait_for(f"document.readyState === 'complete' && location.href.startsWith({json.dumps(path)})")
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout_s: float = 10) -> Any:
+        """The expression's value once it is truthy; fails after ``timeout_s``."""
+        value = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not (value := await self.evaluate(expression)):  # noqa: ASYNC110 - polls the page
+                    await asyncio.sleep(0.1)
+        assert value, f"not true within {timeout_s} s: {expression}"
+        return value
+
+    async def click(self, selector: str) -> None:
+        """A real mouse click at the middle of the element, scrolled into view first."""
+        box = await self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self.send("Page.captureScreenshot", format="png")
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.socket is not None:
+            await self.socket.close()
+        if self.session is not None:
+            await self.session.close()
+        if self.process is not None:
+            await stop_process_group(self.process)
+
+
+async def stop_process_group(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the browser's own process group (it started it), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), 10)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+@pytest.fixture
+async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
+    running = Browser(tmp_path / "chromium-profile")
+    try:
+        await running.start()
+        yield running
+    finally:
+        await running.close()
+
+
+ROWS = "document.querySelectorAll('#fleet tbody tr').length"
+
+
+def cell(meter_id: str, css_class: str) -> str:
+    return f"document.querySelector('tr[data-meter=\"{meter_id}\"] .{css_class}').textContent"
+
+
+def chart_points(measure: str) -> str:
+    return f"Number(document.querySelector('.chart-box[data-measure=\"{measure}\"] svg')?.dataset.points ?? -1)"
+
+
+@needs_chromium
+async def test_page_lists_the_whole_fleet(dashboard: Dashboard, browser: Browser, tmp_path: Path) -> None:
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
+    assert await browser.wait_for(f"{ROWS} === {len(FLEET.meters)} && {ROWS}") == 50
+    assert await browser.evaluate("location.hash") == ""  # the key left the address bar
+    assert await browser.evaluate("localStorage.getItem('smartgas.apiKey')") == ADMIN_KEY
+    assert await browser.evaluate("document.querySelector('#who').textContent") == "administrator"
+    listed = await browser.evaluate("[...document.querySelectorAll('#fleet tbody tr')].map(r => r.dataset.meter)")
+    assert sorted(listed) == sorted(FLEET.meters)
+    # Sorted by client name, then site, then meter.
+    order = [(FLEET.clients[m.client_id], m.site.name, m.meter_id) for m in (FLEET.meters[i] for i in listed)]
+    assert order == sorted(order)
+    for meter_id in FED:
+        assert await browser.evaluate(cell(meter_id, "pressure")) == "165.0 bar"
+        assert await browser.evaluate(cell(meter_id, "pill")) == "online"
+        assert (await browser.evaluate(cell(meter_id, "ago"))).endswith(" s ago")
+        assert (await browser.evaluate(cell(meter_id, "fill-value"))).endswith(" %")
+    silent = next(m for m in sorted(FLEET.meters) if m not in FED)
+    assert await browser.evaluate(cell(silent, "pill")) == "never seen"
+    assert await browser.evaluate(cell(silent, "ago")) == "never"
+    assert await browser.evaluate("document.querySelector('#count-online').textContent") == str(len(FED))
+    # The open alert is listed as text: its message's markup is shown, never run.
+    alerts = "document.querySelectorAll('#alerts li')"
+    assert await browser.evaluate(f"{alerts}.length") == 1
+    assert await browser.evaluate("document.querySelector('#alerts .alert-message').textContent") == HOSTILE_MESSAGE
+    assert await browser.evaluate("document.querySelector('#alerts img, #alerts b')") is None
+    assert await browser.evaluate("document.querySelector('#alerts .alert-age').textContent") == "3 min ago"
+    assert await browser.evaluate("document.querySelector('#no-alerts').hidden") is True
+    assert await browser.evaluate("document.querySelector('#count-alerts').textContent") == "1"
+    await browser.screenshot(tmp_path / "dashboard-fleet.png")
+    assert browser.errors == []  # no script error, no refused resource, no CSP violation
+
+
+@needs_chromium
+async def test_clicking_a_meter_draws_its_charts_and_polling_brings_new_readings(
+    dashboard: Dashboard, browser: Browser, tmp_path: Path
+) -> None:
+    meter_id = FED[1]
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}&poll=1")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    await browser.click(f'tr[data-meter="{meter_id}"]')
+    for measure in ("moles", "pressure_bar", "fill_pct"):
+        assert await browser.wait_for(f"{chart_points(measure)} > 0 && {chart_points(measure)}") == READINGS_EACH
+    assert await browser.evaluate("location.hash") == f"#poll=1&meter={meter_id}"
+    assert await browser.evaluate(f"document.querySelector('tr[data-meter=\"{meter_id}\"]').ariaSelected") == "true"
+    assert meter_id in await browser.evaluate("document.querySelector('#meter-title').textContent")
+    polyline = "document.querySelector('.chart-box[data-measure=\"moles\"] polyline').getAttribute('points')"
+    assert len((await browser.evaluate(polyline)).split()) == READINGS_EACH
+    await browser.screenshot(tmp_path / "dashboard-meter.png")
+
+    await dashboard.feed(meter_id, 150.0, datetime.now(UTC))
+    assert await browser.wait_for(f"{chart_points('moles')} === {READINGS_EACH + 1}", timeout_s=8)
+    assert await browser.wait_for(f"{cell(meter_id, 'pressure')} === '150.0 bar'", timeout_s=4)
+    assert browser.errors == []
+
+
+@needs_chromium
+async def test_without_a_key_the_page_asks_for_one(dashboard: Dashboard, browser: Browser) -> None:
+    await browser.open(f"{dashboard.base_url}/dashboard/#key=not-a-key")
+    await browser.wait_for("!document.querySelector('#login').hidden")
+    assert "refused" in await browser.evaluate("document.querySelector('#login-error').textContent")
+    assert await browser.evaluate("document.querySelector('#main').hidden") is True
+    assert await browser.evaluate("localStorage.getItem('smartgas.apiKey')") is None
+    # Type a client's key into the form: the page opens with that client's meters only.
+    client = CLIENTS[2]
+    await browser.evaluate("document.querySelector('#key-input').focus()")
+    await browser.send("Input.insertText", text=KEYS[client])
+    await browser.click("#login-form button[type=submit]")
+    own = sorted(m.meter_id for m in FLEET.meters.values() if m.client_id == client)
+    await browser.wait_for(f"{ROWS} === {len(own)}")
+    listed = await browser.evaluate("[...document.querySelectorAll('#fleet tbody tr')].map(r => r.dataset.meter)")
+    assert sorted(listed) == own
+    assert await browser.evaluate("document.querySelector('#who').textContent") == f"client {client}"
+    # The browser's 401 for not-a-key is the one error expected on the console.
+    assert all("401" in error for error in browser.errors), browser.errors
+
+
+@needs_chromium
+async def test_selected_meter_is_addressable_in_the_fragment(dashboard: Dashboard, tmp_path: Path) -> None:
+    """Load and render with no driver at all: ``--dump-dom`` after a budget of virtual time."""
+    meter_id = FED[0]
+    profile = tmp_path / "dump-profile"
+    url = f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}&meter={meter_id}"
+    process = await asyncio.create_subprocess_exec(
+        str(CHROMIUM),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=4000",
+        "--dump-dom",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        dom, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            await stop_process_group(process)
+    page = dom.decode()
+    assert page.count("<tr data-meter=") == len(FLEET.meters)
+    assert f'data-meter="{meter_id}" tabindex="0" aria-selected="true"' in page
+    assert f"Meter {meter_id}" in page
+    assert f'data-points="{READINGS_EACH}"' in page
+    assert ADMIN_KEY not in page
