@@ -192,7 +192,8 @@ def test_consumer_api_listens_where_prometheus_scrapes(
     compose: dict[str, Any], prometheus_config: dict[str, Any]
 ) -> None:
     consumer = compose["services"]["consumer"]
-    settings = config_module.load({}, {k: str(v) for k, v in consumer["environment"].items()})
+    environment = {k: resolve(str(v), env_file()) for k, v in consumer["environment"].items()}
+    settings = config_module.load({}, environment)
     assert settings.http_host == "0.0.0.0"  # reachable from the compose network, not only the loopback
     assert f"${{BIND_ADDRESS:-127.0.0.1}}:${{API_PORT:-8080}}:{settings.http_port}" in consumer["ports"]
     (job,) = [job for job in prometheus_config["scrape_configs"] if job["job_name"] == CONSUMER_JOB]
