@@ -9,6 +9,7 @@ from typing import Any
 
 import aiocoap
 import pytest
+from webhook_receiver import Receiver
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.server import Consumer
@@ -54,3 +55,14 @@ async def coap() -> AsyncIterator[aiocoap.Context]:
 
 def reading_uri(consumer: Consumer, meter_id: str = "bottle-0001") -> str:
     return f"coap://127.0.0.1:{consumer.port}/meters/{meter_id}/reading"
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on a loopback ephemeral port."""
+    server = Receiver()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

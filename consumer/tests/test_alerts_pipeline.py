@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
-from test_webhook import Receiver, wait_until
+from test_webhook import wait_until
+from webhook_receiver import Receiver
 
 from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine
 from smartgas_consumer.config import ConsumerConfig
@@ -30,16 +30,6 @@ pytestmark = pytest.mark.integration
 
 FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def test_an_over_pressure_reading_reaches_the_webhook_opened_then_resolved(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_webhook import Receiver
+from webhook_receiver import Receiver
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.server import Consumer
@@ -43,16 +43,6 @@ INJECTED = {
     "bottle-0033": ("low-content", "low_content"),
     "bottle-0044": ("sensor-fault", "sensor_fault"),
 }
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

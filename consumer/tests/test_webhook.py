@@ -6,19 +6,16 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from webhook_receiver import Receiver
 
 from smartgas_consumer.alerts import ALERT_SCHEMA
 from smartgas_consumer.elasticsearch_sink import Backoff
 from smartgas_consumer.store import ReadingStore
 from smartgas_consumer.webhook import (
-    DELIVERY_HEADER,
-    EVENT_HEADER,
     WEBHOOK_SCHEMA,
     Outcome,
     WebhookDispatcher,
@@ -28,75 +25,6 @@ from smartgas_consumer.webhook import (
 pytestmark = pytest.mark.integration
 
 FAST = Backoff(base_s=0.01, cap_s=0.2)
-
-
-@dataclass(frozen=True)
-class Received:
-    """One POST as the receiver saw it, and what it answered."""
-
-    delivery_id: str
-    event_header: str
-    content_type: str
-    body: dict[str, Any]
-    status: int
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver: answers ``plan(body)`` (200 by default), or ``statuses`` first; can go away."""
-
-    plan: Callable[[dict[str, Any]], int] = lambda _body: 200
-    statuses: list[int] = field(default_factory=list)
-    delay_s: float = 0.0
-    received: list[Received] = field(default_factory=list)
-    url: str = ""
-    _runner: web.AppRunner | None = None
-    _port: int = 0
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._hook)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
-        await site.start()
-        self._port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{self._port}/hook"
-
-    async def stop(self) -> None:
-        """Go away: connections are refused until ``start()`` again, on the same port."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _hook(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        status = self.statuses.pop(0) if self.statuses else self.plan(body)
-        self.received.append(
-            Received(
-                request.headers.get(DELIVERY_HEADER, ""),
-                request.headers.get(EVENT_HEADER, ""),
-                request.headers.get("Content-Type", ""),
-                body,
-                status,
-            )
-        )
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        return web.json_response({"status": status}, status=status)
-
-    def accepted(self) -> list[Received]:
-        return [r for r in self.received if 200 <= r.status < 300]
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
