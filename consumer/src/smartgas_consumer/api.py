@@ -177,6 +177,43 @@ class Caller(BaseModel):
     admin: bool
 
 
+# -- shared dependencies (the dashboard's chart route uses them too) --------------------------------------
+
+
+def caller_dependency(api_keys: ApiKeys) -> Callable[..., Principal]:
+    """A FastAPI dependency: the principal of the request's X-API-Key, or 401."""
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="your client's API key")
+
+    def caller(key: Annotated[str | None, Security(key_header)]) -> Principal:
+        principal = api_keys.authenticate(key)
+        if principal is None:
+            raise HTTPException(status_code=401, detail="missing or invalid X-API-Key")
+        return principal
+
+    return caller
+
+
+def window_dependency(queries: FleetQueries) -> Callable[..., Window]:
+    """A FastAPI dependency: the ``since``/``until`` window of the request, or 422."""
+
+    def window(
+        since: Annotated[
+            datetime | None,
+            Query(description="start (RFC 3339); default: until − 1 h. Not after until; at most 31 days before it."),
+        ] = None,
+        until: Annotated[datetime | None, Query(description="end (RFC 3339); default: now")] = None,
+    ) -> Window:
+        end = _utc(until) if until is not None else queries.now()
+        start = _utc(since) if since is not None else end - DEFAULT_WINDOW
+        if start > end:
+            raise _invalid_query("since", since, "since must not be after until")
+        if end - start > MAX_WINDOW:
+            raise _invalid_query("since", since, f"the window may span at most {MAX_WINDOW.days} days")
+        return Window(start, end)
+
+    return window
+
+
 # -- the application -------------------------------------------------------------------------------------
 
 
@@ -197,31 +234,9 @@ def build_app(
         docs_url="/api/docs",
         redoc_url=None,
     )
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="your client's API key")
-
-    def caller(key: Annotated[str | None, Security(key_header)]) -> Principal:
-        principal = api_keys.authenticate(key)
-        if principal is None:
-            raise HTTPException(status_code=401, detail="missing or invalid X-API-Key")
-        return principal
-
+    caller = caller_dependency(api_keys)
+    window = window_dependency(queries)
     Who = Annotated[Principal, Depends(caller)]
-
-    def window(
-        since: Annotated[
-            datetime | None,
-            Query(description="start (RFC 3339); default: until − 1 h. Not after until; at most 31 days before it."),
-        ] = None,
-        until: Annotated[datetime | None, Query(description="end (RFC 3339); default: now")] = None,
-    ) -> Window:
-        end = _utc(until) if until is not None else queries.now()
-        start = _utc(since) if since is not None else end - DEFAULT_WINDOW
-        if start > end:
-            raise _invalid_query("since", since, "since must not be after until")
-        if end - start > MAX_WINDOW:
-            raise _invalid_query("since", since, f"the window may span at most {MAX_WINDOW.days} days")
-        return Window(start, end)
-
     Span = Annotated[Window, Depends(window)]
     api = APIRouter(prefix="/api", responses=UNAUTHORIZED)
 

@@ -12,14 +12,14 @@ script, no framing. The assets are read from the package once, when the router i
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time.
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from importlib import resources
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Security
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import RedirectResponse, Response
-from fastapi.security import APIKeyHeader
 
+from smartgas_consumer.api import caller_dependency, window_dependency
 from smartgas_consumer.auth import ApiKeys, Principal
 from smartgas_consumer.chart import render_line_chart
 from smartgas_consumer.queries import FleetQueries, Window
@@ -32,8 +32,6 @@ PAGE_POLICY = (
 )
 #: A chart opened on its own may draw, and do nothing else.
 CHART_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"
-DEFAULT_WINDOW = timedelta(hours=1)
-MAX_WINDOW = timedelta(days=31)
 #: The newest readings drawn in one chart; a month of readings every 10 s is thinned to these by the query.
 CHART_READINGS = 2000
 _CONTENT_TYPES = {
@@ -87,25 +85,8 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys) -> APIRoute
     assets = load_assets()
     page = assets.pop("index.html")
     router = APIRouter(prefix=PREFIX)
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="your client's API key")
-
-    def caller(key: Annotated[str | None, Security(key_header)]) -> Principal:
-        principal = api_keys.authenticate(key)
-        if principal is None:
-            raise HTTPException(status_code=401, detail="missing or invalid X-API-Key")
-        return principal
-
-    def window(
-        since: Annotated[datetime | None, Query(description="start (RFC 3339); default: until − 1 h")] = None,
-        until: Annotated[datetime | None, Query(description="end (RFC 3339); default: now")] = None,
-    ) -> Window:
-        end = _utc(until) if until is not None else queries.now()
-        start = _utc(since) if since is not None else end - DEFAULT_WINDOW
-        if start > end:
-            raise HTTPException(status_code=422, detail="since must not be after until")
-        if end - start > MAX_WINDOW:
-            raise HTTPException(status_code=422, detail=f"the window may span at most {MAX_WINDOW.days} days")
-        return Window(start, end)
+    caller = caller_dependency(api_keys)
+    window = window_dependency(queries)
 
     @router.get("", include_in_schema=False)
     async def bare() -> RedirectResponse:
@@ -115,7 +96,15 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys) -> APIRoute
     async def index() -> Response:
         return _respond(page, PAGE_POLICY)
 
-    @router.get("/api/meters/{meter_id}/chart.svg", summary="A meter's measurement over time, as an SVG line chart")
+    @router.get(
+        "/api/meters/{meter_id}/chart.svg",
+        summary="A meter's measurement over time, as an SVG line chart",
+        responses={
+            200: {"content": {"image/svg+xml": {}}, "description": "the chart"},
+            401: {"description": "Missing or invalid X-API-Key"},
+            404: {"description": "No such meter (or not yours)"},
+        },
+    )
     async def chart(
         meter_id: str,
         who: Annotated[Principal, Depends(caller)],
@@ -155,7 +144,3 @@ def _respond(asset: Asset, policy: str) -> Response:
             "Cache-Control": "no-store",
         },
     )
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
