@@ -207,3 +207,30 @@ async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.DatabaseError, match="schema version 99"):
         await store.open()
     await store.close()
+
+
+async def test_a_slow_read_does_not_hold_back_commits(tmp_path: Path) -> None:
+    # Statistics and status queries run on their own read-only connection and thread: while one is still
+    # running (held here on purpose), readings keep being committed and acknowledged.
+    import threading
+
+    store = await open_store(tmp_path / "s.db")
+    release = threading.Event()
+
+    def slow_query(connection: sqlite3.Connection) -> tuple[str, int]:
+        count = connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+        assert release.wait(timeout=10), "the commit never happened while the read was open"
+        return threading.current_thread().name, count
+
+    try:
+        reading_task = asyncio.create_task(store.read(slow_query))
+        result = await asyncio.wait_for(store.add(reading(seq=1), 1.0, T0), timeout=5)
+        assert result.stored
+        release.set()
+        thread, count_seen = await reading_task
+        assert thread.startswith("sqlite-reader")
+        assert count_seen == 0  # the read saw the store as it was when it began
+        assert (await store.summary()).readings == 1
+    finally:
+        release.set()
+        await store.close()

@@ -14,6 +14,10 @@ Tables (schema version in ``PRAGMA user_version``):
 - ``meters``: the meter registry; a meter is created on first sight, with first/last seen, its epoch,
   last seq and meter timestamp, and counts of gaps, replays and reboots.
 
+Threads: one thread owns the writing connection (every commit, in order); a second thread owns a read-only
+connection for queries (the API, statistics, status). In WAL mode a reader never blocks the writer, so a
+long statistics query cannot hold back acknowledgements.
+
 Sequence rule (per meter, applied inside the commit so concurrent readings see each other):
 
 - seq above the last stored: stored; ``seq - last - 1`` readings are counted missing (a gap);
@@ -261,7 +265,9 @@ class ReadingStore:
         # Called on the loop after each group commit with (rows, seconds): a hook for metrics.
         self._on_commit = on_commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._reader_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
         self._connection: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[_PendingReading] = asyncio.Queue()
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
@@ -270,6 +276,7 @@ class ReadingStore:
 
     async def open(self) -> None:
         await self._run(self._open_connection)
+        await self._run_reader(self._open_reader)
         self._committer = asyncio.create_task(self._commit_loop(), name="store-committer")
 
     async def close(self) -> None:
@@ -280,8 +287,11 @@ class ReadingStore:
             self._committer.cancel()
             await asyncio.gather(self._committer, return_exceptions=True)
             self._committer = None
+        if self._reader is not None:
+            await self._run_reader(self._close_reader)
         if self._connection is not None:
             await self._run(self._close_connection)
+        self._reader_executor.shutdown(wait=True)
         self._executor.shutdown(wait=True)
 
     def _open_connection(self) -> None:
@@ -306,13 +316,32 @@ class ReadingStore:
         connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._connection = connection
 
+    def _open_reader(self) -> None:
+        reader = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        reader.row_factory = sqlite3.Row
+        reader.execute("PRAGMA busy_timeout=5000")
+        self._reader = reader
+
     def _close_connection(self) -> None:
         assert self._connection is not None
         self._connection.close()
         self._connection = None
 
+    def _close_reader(self) -> None:
+        assert self._reader is not None
+        self._reader.close()
+        self._reader = None
+
     async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _run_reader(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._reader_executor, function, *args)
+
+    def _query(self, function: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._reader is None:
+            raise StoreClosed("the store is closed")
+        return function(self._reader)
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -429,18 +458,16 @@ class ReadingStore:
     # -- access for other stages ----------------------------------------------------------------------
 
     async def read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``query(connection)`` on the store's thread (reads see every committed write)."""
-        return await self._run(self._call, query, False)
+        """Run ``query(connection)`` on the reader thread; it sees every write committed before it starts."""
+        return await self._run_reader(self._query, query)
 
     async def write(self, change: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``change(connection)`` on the store's thread inside one transaction (rolled back on error)."""
-        return await self._run(self._call, change, True)
+        """Run ``change(connection)`` on the writer thread inside one transaction (rolled back on error)."""
+        return await self._run(self._change, change)
 
-    def _call(self, function: Callable[[sqlite3.Connection], _T], transaction: bool) -> _T:
+    def _change(self, function: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._connection is None:
             raise StoreClosed("the store is closed")
-        if not transaction:
-            return function(self._connection)
         with self._transaction() as connection:
             return function(connection)
 
@@ -448,36 +475,13 @@ class ReadingStore:
 
     async def latest(self, meter_id: str) -> StoredReading | None:
         """The meter's stored reading with the highest seq, or None."""
-        return await self._run(self._latest, meter_id)
-
-    def _latest(self, meter_id: str) -> StoredReading | None:
-        assert self._connection is not None
-        row = self._connection.execute(
-            f"SELECT {_READING_COLUMNS} FROM readings WHERE meter_id = ? ORDER BY epoch DESC, seq DESC LIMIT 1",
-            (meter_id,),
-        ).fetchone()
-        return stored_reading(row) if row is not None else None
+        return await self.read(lambda connection: _latest(connection, meter_id))
 
     async def meter_ids(self) -> list[str]:
-        return await self._run(self._meter_ids)
-
-    def _meter_ids(self) -> list[str]:
-        assert self._connection is not None
-        rows = self._connection.execute("SELECT meter_id FROM meters ORDER BY meter_id").fetchall()
-        return [row["meter_id"] for row in rows]
+        return await self.read(_meter_ids)
 
     async def summary(self) -> StoreSummary:
-        return await self._run(self._summary)
-
-    def _summary(self) -> StoreSummary:
-        assert self._connection is not None
-        readings, newest = self._connection.execute("SELECT count(*), max(received_at) FROM readings").fetchone()
-        (meters,) = self._connection.execute("SELECT count(*) FROM meters").fetchone()
-        pending, oldest = self._connection.execute(
-            "SELECT count(*), min(received_at) FROM readings WHERE ship_state = 0"
-        ).fetchone()
-        (dead,) = self._connection.execute("SELECT count(*) FROM dead_letters").fetchone()
-        return StoreSummary(readings, meters, newest, pending, oldest, dead)
+        return await self.read(_summary)
 
     # -- shipping (the sinks' durable buffer) ------------------------------------------------------------
 
@@ -518,15 +522,7 @@ class ReadingStore:
             )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        return await self._run(self._dead_letters, limit)
-
-    def _dead_letters(self, limit: int) -> list[DeadLetter]:
-        assert self._connection is not None
-        rows = self._connection.execute(
-            "SELECT reading_id, meter_id, seq, status, reason, document FROM dead_letters ORDER BY reading_id LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [DeadLetter(**dict(row)) for row in rows]
+        return await self.read(lambda connection: _dead_letters(connection, limit))
 
     async def prune_shipped(self, shipped_before: datetime) -> int:
         """Delete readings shipped before the cutoff (the retention); return how many went."""
@@ -548,3 +544,33 @@ class ReadingStore:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+
+
+def _latest(connection: sqlite3.Connection, meter_id: str) -> StoredReading | None:
+    row = connection.execute(
+        f"SELECT {_READING_COLUMNS} FROM readings WHERE meter_id = ? ORDER BY epoch DESC, seq DESC LIMIT 1",
+        (meter_id,),
+    ).fetchone()
+    return stored_reading(row) if row is not None else None
+
+
+def _meter_ids(connection: sqlite3.Connection) -> list[str]:
+    return [row["meter_id"] for row in connection.execute("SELECT meter_id FROM meters ORDER BY meter_id")]
+
+
+def _summary(connection: sqlite3.Connection) -> StoreSummary:
+    readings, newest = connection.execute("SELECT count(*), max(received_at) FROM readings").fetchone()
+    (meters,) = connection.execute("SELECT count(*) FROM meters").fetchone()
+    pending, oldest = connection.execute(
+        "SELECT count(*), min(received_at) FROM readings WHERE ship_state = 0"
+    ).fetchone()
+    (dead,) = connection.execute("SELECT count(*) FROM dead_letters").fetchone()
+    return StoreSummary(readings, meters, newest, pending, oldest, dead)
+
+
+def _dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter]:
+    rows = connection.execute(
+        "SELECT reading_id, meter_id, seq, status, reason, document FROM dead_letters ORDER BY reading_id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [DeadLetter(**dict(row)) for row in rows]
