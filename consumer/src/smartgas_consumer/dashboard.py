@@ -37,7 +37,7 @@ PAGE_POLICY = (
 )
 #: A chart opened on its own may draw, and do nothing else.
 CHART_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"
-#: The newest readings drawn in one chart; a month of readings every 10 s is thinned to these by the query.
+#: The newest readings drawn in one chart (the query's LIMIT): a window that holds more shows its latest ones.
 CHART_READINGS = 2000
 #: Readings more than this many expected periods apart are not joined by the line: the meter was silent
 #: (the same distance beyond which the alert rules stop comparing consecutive readings).
