@@ -15,7 +15,14 @@ import pytest
 from fake_elasticsearch import FakeElasticsearch
 from test_alerts import VOLUME_L, fleet, pressure_for
 
-from smartgas_consumer.alerts import ALERT_SCHEMA, LEAK_MIN_READINGS, AlertEngine, AlertSource, to_alert_document
+from smartgas_consumer.alerts import (
+    ALERT_SCHEMA,
+    LEAK_MIN_READINGS,
+    AlertEngine,
+    AlertNotOpen,
+    AlertSource,
+    to_alert_document,
+)
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
@@ -151,6 +158,9 @@ async def test_open_update_resolve_is_persisted_and_survives_reopening(rig: Rig)
         "updated_at": "2026-11-23T08:00:40.000000Z",
         "resolved_at": "2026-11-23T08:00:40.000000Z",
         "occurrences": 2,
+        "acknowledged_at": None,
+        "acknowledged_by": None,
+        "closed_by": None,
     }
 
 
@@ -230,7 +240,8 @@ async def test_offline_after_the_window_and_resolved_by_the_next_reading(rig: Ri
     (offline,) = await rig.engine.list_alerts()
     assert (offline["kind"], offline["severity"], offline["value"]) == ("offline", "warning", 31.0)
     assert offline["opened_at"] == "2026-11-23T08:00:31.050000Z"
-    assert "no reading for 31 s" in offline["message"]
+    # The text names the moment the silence began, so it stays true however long the alert stays open.
+    assert offline["message"].startswith("no reading since 2026-11-23T08:00:00.050000Z (expected every 10 s")
     await rig.engine.evaluate_offline(last + timedelta(seconds=60))  # still silent: nothing new
     assert len(await rig.engine.list_alerts()) == 1
     await rig.send(150.0, after_s=65.0)
@@ -239,6 +250,44 @@ async def test_offline_after_the_window_and_resolved_by_the_next_reading(rig: Ri
     assert resolved["resolved_at"] == "2026-11-23T08:01:05.050000Z"
     assert "after 65 s of silence" in resolved["message"]
     assert [e[0] for e in rig.events()] == ["alert.opened", "alert.resolved"]
+
+
+async def test_people_acknowledge_and_close_alerts_and_retire_meters_and_a_restart_keeps_it(rig: Rig) -> None:
+    assert rig.engine is not None
+    await rig.send(150.0, meter_id="m1")
+    await rig.send(150.0, meter_id="m2")
+    await rig.send(150.0, meter_id="m3")
+    rig.clock.now += timedelta(minutes=5)
+    await rig.engine.evaluate_offline(rig.clock.now)
+    alerts = {a["meter_id"]: a for a in await rig.engine.list_alerts(state="open")}
+    assert sorted(alerts) == ["m1", "m2", "m3"]
+    seen = await rig.engine.acknowledge(alerts["m1"]["alert_id"], client_id=None, by="admin")
+    assert seen is not None and seen["state"] == "open" and seen["acknowledged_by"] == "admin"
+    assert await rig.engine.acknowledge(alerts["m1"]["alert_id"], client_id="someone-else", by="x") is None
+    closed = await rig.engine.close(alerts["m2"]["alert_id"], client_id=None, by="admin")
+    assert closed is not None and (closed["state"], closed["closed_by"]) == ("resolved", "admin")
+    with pytest.raises(AlertNotOpen):
+        await rig.engine.close(alerts["m2"]["alert_id"], client_id=None, by="admin")
+    await rig.engine.retire("m3", by="admin")
+    assert [a["meter_id"] for a in await rig.engine.list_alerts(state="open")] == ["m1"]
+    await rig.close()
+
+    rig.clock.now += timedelta(hours=1)
+    engine = await rig.open()
+    (still,) = await engine.list_alerts(state="open")
+    assert (still["meter_id"], still["acknowledged_by"]) == ("m1", "admin")
+    await engine.evaluate_offline(rig.clock.now + timedelta(hours=1))
+    # Neither the closed silence (m2) nor the retired meter (m3) opens a new offline alert ...
+    assert [a["meter_id"] for a in await engine.list_alerts(state="open")] == ["m1"]
+    # ... until they send again and fall silent again.
+    await rig.send(150.0, meter_id="m3", after_s=7200.0)
+    await engine.evaluate_offline(rig.clock.now + timedelta(minutes=5))
+    assert sorted(a["meter_id"] for a in await engine.list_alerts(state="open")) == ["m1", "m3"]
+    assert [e[0] for e in rig.events() if e[0] not in ("alert.opened",)] == [
+        "alert.acknowledged",
+        "alert.closed",
+        "alert.closed",
+    ]
 
 
 async def test_after_a_restart_meters_get_a_whole_window_before_counting_as_offline(rig: Rig) -> None:
@@ -305,6 +354,9 @@ def test_alert_documents_fit_the_alerts_mapping() -> None:
         "2026-11-23T08:10:00.000000Z",
         "2026-11-23T08:10:00.000000Z",
         7,
+        acknowledged_at="2026-11-23T08:05:00.000000Z",
+        acknowledged_by="acme",
+        closed_by="admin",
     )
     document = to_alert_document(alert)
     assert set(document) == set(types)

@@ -94,5 +94,8 @@ async def test_an_over_pressure_reading_reaches_the_webhook_opened_then_resolved
         "updated_at": "2026-11-23T08:00:00.000000Z",
         "resolved_at": None,
         "occurrences": 1,
+        "acknowledged_at": None,
+        "acknowledged_by": None,
+        "closed_by": None,
     }
     assert resolved["alert"]["resolved_at"] == "2026-11-23T08:00:10.000000Z"

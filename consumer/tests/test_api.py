@@ -12,11 +12,13 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 import httpx
 import pytest
 from aiocoap.numbers.codes import Code
+from webhook_receiver import Received, Receiver
 
 from conftest import reading_uri
 from smartgas_consumer.auth import digest
@@ -246,3 +248,155 @@ def test_no_key_file_refuses_everyone() -> None:
     from smartgas_consumer.auth import ApiKeys
 
     assert ApiKeys.load(None).authenticate("anything") is None
+
+
+# -- acknowledging and closing alerts, retiring meters -------------------------------------------------
+
+
+@pytest.fixture
+async def handled(consumer_config: ConsumerConfig, tmp_path: Path, receiver: Receiver) -> AsyncIterator[Consumer]:
+    """A consumer whose fed meters are all offline (the real engine judged an hour of silence), with a webhook."""
+    keys_file = tmp_path / "api-keys.yaml"
+    keys_file.write_text("keys:\n" + "".join(f'  - {{client: "{c}", sha256: {digest(k)}}}\n' for c, k in KEYS.items()))
+    config = dataclasses.replace(
+        consumer_config, fleet=FLEET_FILE, api_keys=keys_file, http_port=0, webhook_urls=(receiver.url,)
+    )
+    running = Consumer(config)
+    await running.start()
+    try:
+        await feed(running)
+        await running.alerts.flush()
+        await running.alerts.evaluate_offline(datetime.now(UTC) + timedelta(hours=1))
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def handled_http(handled: Consumer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handled.http.port}", timeout=10) as client:
+        yield client
+
+
+async def offline_alert(http: httpx.AsyncClient, meter_id: str) -> dict[str, Any]:
+    found = (await http.get("/api/alerts", params={"meter_id": meter_id}, headers=as_("*"))).json()["alerts"]
+    (alert,) = [a for a in found if a["kind"] == "offline" and a["state"] == "open"]
+    return dict(alert)
+
+
+async def deliveries_of(receiver: Receiver, alert_id: str, count: int) -> list[Received]:
+    """The webhook POSTs the receiver accepted for one alert, once there are ``count`` of them (20 s at most)."""
+    async with asyncio.timeout(20):
+        while len(found := [r for r in receiver.accepted() if r.body["alert"]["alert_id"] == alert_id]) < count:  # noqa: ASYNC110 - polls a real receiver
+            await asyncio.sleep(0.05)
+    return found
+
+
+async def test_owner_acknowledges_its_alert_which_stays_open_and_another_client_gets_404(
+    handled_http: httpx.AsyncClient,
+) -> None:
+    owner, other = CLIENTS[0], CLIENTS[1]
+    alert = await offline_alert(handled_http, OWN_METER[owner])
+    path = f"/api/alerts/{alert['alert_id']}/acknowledge"
+    foreign = await handled_http.post(path, headers=as_(other))
+    missing = await handled_http.post("/api/alerts/no-such-alert/acknowledge", headers=as_(other))
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.json()["detail"].replace(alert["alert_id"], "X") == missing.json()["detail"].replace(
+        "no-such-alert", "X"
+    )
+    answer = await handled_http.post(path, headers=as_(owner))
+    assert answer.status_code == 200
+    seen = answer.json()
+    assert seen["state"] == "open" and seen["acknowledged_by"] == owner and seen["acknowledged_at"]
+    assert seen["closed_by"] is None
+    # Again, by the administrator: the first acknowledgement stands.
+    again = (await handled_http.post(path, headers=as_("*"))).json()
+    assert (again["acknowledged_by"], again["acknowledged_at"]) == (owner, seen["acknowledged_at"])
+    listed = await offline_alert(handled_http, OWN_METER[owner])
+    assert listed["acknowledged_by"] == owner
+
+
+async def test_close_resolves_an_alert_once_and_webhooks_hear_each_step_once(
+    handled: Consumer, handled_http: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    owner = CLIENTS[2]
+    meter_id = OWN_METER[owner]
+    alert = await offline_alert(handled_http, meter_id)
+    ack = await handled_http.post(f"/api/alerts/{alert['alert_id']}/acknowledge", headers=as_(owner))
+    assert ack.status_code == 200
+    closed = await handled_http.post(f"/api/alerts/{alert['alert_id']}/close", headers=as_(owner))
+    assert closed.status_code == 200
+    assert closed.json()["state"] == "resolved" and closed.json()["closed_by"] == owner
+    assert closed.json()["resolved_at"] and closed.json()["acknowledged_by"] == owner
+    for action in ("close", "acknowledge"):
+        refused = await handled_http.post(f"/api/alerts/{alert['alert_id']}/{action}", headers=as_("*"))
+        assert refused.status_code == 409 and "resolved" in refused.json()["detail"]
+    # The silence was seen by a person: no new offline alert until the meter sends again.
+    await handled.alerts.evaluate_offline(datetime.now(UTC) + timedelta(hours=2))
+    opened = await handled_http.get("/api/alerts", params={"meter_id": meter_id, "state": "open"}, headers=as_("*"))
+    assert opened.json()["alerts"] == []
+    deliveries = await deliveries_of(receiver, alert["alert_id"], 3)
+    events = [r.event_header for r in deliveries]
+    assert events == ["alert.opened", "alert.acknowledged", "alert.closed"]
+    assert deliveries[-1].body["alert"]["closed_by"] == owner
+
+
+async def test_only_an_administrator_retires_a_meter(handled_http: httpx.AsyncClient) -> None:
+    for client in CLIENTS[:2]:
+        for owner in CLIENTS[:2]:
+            response = await handled_http.post(f"/api/meters/{OWN_METER[owner]}/retire", headers=as_(client))
+            assert response.status_code == 403
+    missing = await handled_http.post("/api/meters/no-such-meter/retire", headers=as_("*"))
+    assert missing.status_code == 404
+    listed = (await handled_http.get("/api/meters", headers=as_("*"))).json()["meters"]
+    assert all(m["retired_at"] is None for m in listed)
+
+
+async def test_retired_meter_leaves_the_fleet_and_the_offline_rule_until_it_sends_again(
+    handled: Consumer, handled_http: httpx.AsyncClient
+) -> None:
+    owner = CLIENTS[0]
+    meter_id = OWN_METER[owner]
+    alert = await offline_alert(handled_http, meter_id)
+    retired = await handled_http.post(f"/api/meters/{meter_id}/retire", headers=as_("*"))
+    assert retired.status_code == 200 and retired.json()["retired_at"]
+    # Its open alert closed, by the administrator.
+    after = (await handled_http.get("/api/alerts", params={"meter_id": meter_id}, headers=as_("*"))).json()["alerts"]
+    (closed,) = [a for a in after if a["alert_id"] == alert["alert_id"]]
+    assert closed["state"] == "resolved" and closed["closed_by"] == "admin"
+    # Out of the fleet list (owner's and administrator's), still reachable by id, with its readings.
+    for viewer in (owner, "*"):
+        listed = [m["meter_id"] for m in (await handled_http.get("/api/meters", headers=as_(viewer))).json()["meters"]]
+        assert meter_id not in listed
+        everything = await handled_http.get("/api/meters", params={"include_retired": "true"}, headers=as_(viewer))
+        assert meter_id in [m["meter_id"] for m in everything.json()["meters"]]
+    one = await handled_http.get(f"/api/meters/{meter_id}", headers=as_(owner))
+    assert one.status_code == 200 and one.json()["retired_at"] == retired.json()["retired_at"]
+    series = await handled_http.get(
+        f"/api/meters/{meter_id}/readings",
+        params={"since": (NOW - timedelta(minutes=5)).isoformat()},
+        headers=as_(owner),
+    )
+    assert len(series.json()["readings"]) == 3
+    # The offline rule leaves it alone ...
+    await handled.alerts.evaluate_offline(datetime.now(UTC) + timedelta(hours=3))
+    opened = await handled_http.get("/api/alerts", params={"meter_id": meter_id, "state": "open"}, headers=as_("*"))
+    assert opened.json()["alerts"] == []
+    # ... until a reading brings it back into service.
+    context = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        body = {
+            "seq": 10,
+            "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "pressure_bar": 150.0,
+            "temperature_c": 15.0,
+            "volume_l": FLEET.meters[meter_id].volume_l,
+        }
+        message = aiocoap.Message(
+            code=Code.PUT, uri=reading_uri(handled, meter_id), payload=json.dumps(body).encode(), content_format=50
+        )
+        assert (await asyncio.wait_for(context.request(message).response, 10)).code == Code.CHANGED
+    finally:
+        await context.shutdown()
+    back = (await handled_http.get("/api/meters", headers=as_(owner))).json()["meters"]
+    assert [m["retired_at"] for m in back if m["meter_id"] == meter_id] == [None]

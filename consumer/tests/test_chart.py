@@ -155,3 +155,71 @@ def test_hostile_text_is_escaped_everywhere() -> None:
 def test_escape_is_safe_in_attributes_too() -> None:
     assert escape("a\"b'c<d>&") == "a&quot;b&#x27;c&lt;d&gt;&amp;"
     ET.fromstring(f'<x y="{escape(HOSTILE)}"/>')
+
+
+# -- the bottle's scale and gaps ---------------------------------------------------------------------------
+
+
+def value_ticks(root: ET.Element) -> list[float]:
+    return [float(text) for text in texts(root, "value-tick")]
+
+
+def all_vertices(root: ET.Element) -> list[list[tuple[float, float]]]:
+    return [
+        [(float(x), float(y)) for x, y in (pair.split(",") for pair in line.get("points", "").split())]
+        for line in root.iter(f"{SVG}polyline")
+    ]
+
+
+def test_a_bottle_range_keeps_sensor_noise_flat() -> None:
+    """0.03 mol of noise on 310 mol: fitted to the data it fills the chart; on the bottle's scale it is flat."""
+    noisy = [(START + timedelta(seconds=10 * i), 310.0 + (0.03 if i % 2 else 0.0)) for i in range(40)]
+    plot_height = ChartLayout().plot_height
+    zoomed = parse(render_line_chart(noisy, title="Gas left", unit="mol"))
+    zoomed_ys = [y for _, y in vertices(zoomed)]
+    assert max(zoomed_ys) - min(zoomed_ys) > plot_height / 2  # the old look: a steep saw-tooth
+    bottle = parse(render_line_chart(noisy, title="Gas left", unit="mol", value_range=(0.0, 404.5)))
+    ticks = value_ticks(bottle)
+    assert ticks[0] == 0.0 and ticks[-1] >= 404.5
+    ys = [y for _, y in vertices(bottle)]
+    assert max(ys) - min(ys) < 1.0  # under a pixel
+
+
+def test_a_range_never_hides_points_beyond_it() -> None:
+    over = series(10, timedelta(seconds=10), first=240.0, slope=1.0)  # above the 200 bar nominal
+    root = parse(render_line_chart(over, title="Pressure", unit="bar", value_range=(0.0, 200.0)))
+    ticks = value_ticks(root)
+    assert ticks[0] == 0.0 and ticks[-1] >= 249.0
+    y_axis = next(n for n in root.iter(f"{SVG}line") if "y-axis" in (n.get("class") or ""))
+    top = float(y_axis.get("y1", "0"))
+    assert all(y >= top for _, y in vertices(root))
+
+
+def test_the_line_breaks_where_readings_are_further_apart_than_the_gap() -> None:
+    before = series(10, timedelta(seconds=10))
+    after = [(t + timedelta(minutes=10), v) for t, v in series(5, timedelta(seconds=10))]
+    points = before + after
+    joined = parse(render_line_chart(points, title="Gas left", unit="mol"))
+    assert [len(line) for line in all_vertices(joined)] == [15]
+    broken = parse(render_line_chart(points, title="Gas left", unit="mol", max_gap=timedelta(seconds=30)))
+    assert [len(line) for line in all_vertices(broken)] == [10, 5]
+    group = broken.find(f".//{SVG}g[@class='series-group']")
+    assert group is not None and group.get("data-segments") == "2"
+    # The first line ends left of where the second starts: nothing is drawn across the silence.
+    first, second = all_vertices(broken)
+    assert first[-1][0] < second[0][0]
+
+
+def test_readings_exactly_the_gap_apart_stay_joined() -> None:
+    points = series(4, timedelta(seconds=30))
+    root = parse(render_line_chart(points, title="P", unit="bar", max_gap=timedelta(seconds=30)))
+    assert [len(line) for line in all_vertices(root)] == [4]
+
+
+def test_a_lone_reading_between_gaps_is_marked_even_among_dense_ones() -> None:
+    dense = series(300, timedelta(seconds=10))  # too dense for a circle on each reading
+    lone = (dense[-1][0] + timedelta(hours=1), 250.0)
+    root = parse(render_line_chart([*dense, lone], title="P", unit="bar", max_gap=timedelta(seconds=30)))
+    assert [len(line) for line in all_vertices(root)] == [300, 1]
+    marks = root.find(f".//{SVG}g[@class='points lone']")
+    assert marks is not None and len(marks.findall(f"{SVG}circle")) == 1

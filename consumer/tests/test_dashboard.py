@@ -94,9 +94,21 @@ class OpenAlerts:
             "updated_at": self.opened_at,
             "resolved_at": None,
             "occurrences": 1,
+            "acknowledged_at": None,
+            "acknowledged_by": None,
+            "closed_by": None,
         }
         visible = client_id in (None, meter.client_id) and state in (None, "open") and meter_id in (None, FED[0])
         return [alert] if visible else []
+
+    async def acknowledge(self, alert_id: str, *, client_id: str | None, by: str) -> dict[str, Any] | None:
+        return None  # the tests of acknowledging use the consumer's own server and its real engine
+
+    async def close(self, alert_id: str, *, client_id: str | None, by: str) -> dict[str, Any] | None:
+        return None
+
+    async def retire(self, meter_id: str, *, by: str) -> str:
+        raise AssertionError("retiring is tested on the consumer's own server")
 
 
 @dataclasses.dataclass
@@ -141,7 +153,9 @@ async def dashboard(consumer_config: ConsumerConfig, tmp_path: Path) -> AsyncIte
             alerts=OpenAlerts(
                 (datetime.now(UTC) - timedelta(minutes=3, seconds=30)).isoformat().replace("+00:00", "Z")
             ),
-            dashboard=build_dashboard_router(consumer.queries, consumer.api_keys),
+            dashboard=build_dashboard_router(
+                consumer.queries, consumer.api_keys, expected_period_s=config.expected_period_s
+            ),
         ),
         "127.0.0.1",
         0,
@@ -234,6 +248,30 @@ async def test_chart_window_and_its_bounds(http: httpx.AsyncClient) -> None:
         {"measure": "<svg onload=alert(1)>"},
     ):
         assert (await http.get(chart_path(meter), params=params, headers=admin)).status_code == 422, params
+
+
+async def test_chart_axis_spans_the_bottle_unless_the_readings_are_asked_for(http: httpx.AsyncClient) -> None:
+    meter = FLEET.meters[FED[0]]
+    for measure, full in (("moles", meter.full_moles), ("pressure_bar", meter.nominal_pressure_bar)):
+        bottle = ET.fromstring((await http.get(chart_path(FED[0]), params={"measure": measure}, headers=as_("*"))).text)
+        ticks = [float(t.text or "nan") for t in bottle.iter(f"{SVG}text") if "value-tick" in (t.get("class") or "")]
+        assert ticks[0] == 0 and ticks[-1] >= full, (measure, ticks)
+        params = {"measure": measure, "scale": "data"}
+        data = ET.fromstring((await http.get(chart_path(FED[0]), params=params, headers=as_("*"))).text)
+        ticks = [float(t.text or "nan") for t in data.iter(f"{SVG}text") if "value-tick" in (t.get("class") or "")]
+        assert ticks[0] > 0, (measure, ticks)
+    refused = await http.get(chart_path(FED[0]), params={"scale": "log"}, headers=as_("*"))
+    assert refused.status_code == 422
+
+
+async def test_chart_line_breaks_where_the_meter_was_silent(dashboard: Dashboard, http: httpx.AsyncClient) -> None:
+    meter_id = next(m for m in sorted(FLEET.meters) if m not in FED)
+    now = datetime.now(UTC).replace(microsecond=0)
+    for ago_s in (400, 390, 10, 0):  # six minutes of silence between two pairs of readings
+        await dashboard.feed(meter_id, 150.0, now - timedelta(seconds=ago_s))
+    root = ET.fromstring((await http.get(chart_path(meter_id), headers=as_("*"))).text)
+    lines = [line.get("points", "").split() for line in root.iter(f"{SVG}polyline")]
+    assert [len(points) for points in lines] == [2, 2]
 
 
 async def test_hostile_meter_id_in_the_path_is_never_drawn(http: httpx.AsyncClient) -> None:
@@ -561,3 +599,157 @@ async def test_selected_meter_is_addressable_in_the_fragment(dashboard: Dashboar
     assert f"Meter {meter_id}" in page
     assert f'data-points="{READINGS_EACH}"' in page
     assert ADMIN_KEY not in page
+
+
+async def set_viewport(browser: Browser, width: int, height: int) -> None:
+    await browser.send(
+        "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+    )
+
+
+@needs_chromium
+async def test_client_and_site_names_are_never_cut_at_1400_px(dashboard: Dashboard, browser: Browser) -> None:
+    await set_viewport(browser, 1400, 1000)
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    assert await browser.evaluate("innerWidth") == 1400
+    cut = await browser.evaluate(
+        "[...document.querySelectorAll('#fleet td.client, #fleet td.site')]"
+        ".filter(td => td.scrollWidth > td.clientWidth).map(td => td.textContent)"
+    )
+    assert cut == []
+    untitled = await browser.evaluate(
+        "[...document.querySelectorAll('#fleet td.client, #fleet td.site')]"
+        ".filter(td => td.title !== td.textContent).length"
+    )
+    assert untitled == 0
+    # The table still fits the page: nothing hides behind a horizontal scroll bar either.
+    assert await browser.evaluate("document.querySelector('.table-wrap').scrollWidth") <= await browser.evaluate(
+        "document.querySelector('.table-wrap').clientWidth"
+    )
+    names = set(FLEET.clients.values()) | {site.name for site in FLEET.sites.values()}
+    shown = set(
+        await browser.evaluate(
+            "[...document.querySelectorAll('#fleet td.client, #fleet td.site')].map(td => td.textContent)"
+        )
+    )
+    assert shown <= names and len(shown) > 10
+
+
+@needs_chromium
+async def test_on_a_narrow_screen_a_selected_meter_shows_its_charts_where_the_user_looks(
+    dashboard: Dashboard, browser: Browser, tmp_path: Path
+) -> None:
+    await set_viewport(browser, 1000, 800)
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    last = await browser.evaluate("[...document.querySelectorAll('#fleet tbody tr')].at(-1).dataset.meter")
+    await browser.click(f'tr[data-meter="{last}"]')
+    await browser.wait_for(f"document.querySelector('#meter-title').textContent === 'Meter {last}'")
+    for measure in ("moles", "pressure_bar", "fill_pct"):
+        await browser.wait_for(f"{chart_points(measure)} >= 0")
+    await browser.wait_for("Math.abs(document.querySelector('#meter-panel').getBoundingClientRect().top) < 2")
+    panel_top = await browser.evaluate("document.querySelector('#meter-panel').getBoundingClientRect().top")
+    chart_top = await browser.evaluate(
+        "document.querySelector('.chart-box[data-measure=\"moles\"] svg').getBoundingClientRect().top"
+    )
+    height = await browser.evaluate("innerHeight")
+    assert abs(panel_top) < 2, panel_top
+    assert 0 < chart_top < height, chart_top
+    assert await browser.evaluate("document.activeElement.id") == "meter-title"
+    await browser.screenshot(tmp_path / "dashboard-narrow.png")
+    assert browser.errors == []
+
+
+@needs_chromium
+async def test_axes_over_a_flat_series_run_from_zero_to_the_full_bottle(
+    dashboard: Dashboard, browser: Browser, tmp_path: Path
+) -> None:
+    """A bottle that holds steady (0.01 bar of noise) draws as a flat line, not as a steep fall."""
+    meter_id = next(m for m in sorted(FLEET.meters) if m not in FED)
+    meter = FLEET.meters[meter_id]
+    now = datetime.now(UTC).replace(microsecond=0)
+    for index in range(6):
+        await dashboard.feed(meter_id, 150.0 + (0.01 if index % 2 else 0.0), now - timedelta(seconds=10 * (5 - index)))
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}&meter={meter_id}")
+    await browser.wait_for(f"{chart_points('moles')} === 6 && {chart_points('pressure_bar')} === 6")
+
+    def ticks(measure: str) -> str:
+        return (
+            f"[...document.querySelectorAll('.chart-box[data-measure=\"{measure}\"] .value-tick')]"
+            ".map(t => Number(t.textContent))"
+        )
+
+    def line_height(measure: str) -> str:
+        return f"document.querySelector('.chart-box[data-measure=\"{measure}\"] polyline').getBBox().height"
+
+    moles, pressure = await browser.evaluate(ticks("moles")), await browser.evaluate(ticks("pressure_bar"))
+    assert moles[0] == 0 and moles[-1] >= meter.full_moles
+    assert pressure[0] == 0 and pressure[-1] >= meter.nominal_pressure_bar
+    assert await browser.evaluate(line_height("moles")) < 1
+    assert await browser.evaluate(line_height("pressure_bar")) < 1
+    await browser.screenshot(tmp_path / "dashboard-flat.png")
+    # The user may zoom into the readings instead.
+    await browser.evaluate(
+        "(() => { const s = document.querySelector('#scale'); s.value = 'data';"
+        " s.dispatchEvent(new Event('change')); })()"
+    )
+    await browser.wait_for(f"{ticks('pressure_bar')}[0] > 100")
+    assert browser.errors == []
+
+
+@needs_chromium
+async def test_alerts_are_acknowledged_closed_and_a_meter_retired_from_the_page(
+    dashboard: Dashboard, browser: Browser, tmp_path: Path
+) -> None:
+    """On the consumer's own HTTP server, with the real alert engine: every fed meter has gone offline."""
+    consumer = dashboard.consumer
+    await consumer.alerts.flush()
+    await consumer.alerts.evaluate_offline(datetime.now(UTC) + timedelta(hours=1))
+    assert consumer.http.port is not None
+    base = f"http://127.0.0.1:{consumer.http.port}"
+    await browser.open(f"{base}/dashboard/#key={ADMIN_KEY}&poll=1")
+    await browser.wait_for(f"document.querySelectorAll('#alerts li').length === {len(FED)}")
+    first, second, third = FED[0], FED[1], FED[2]
+
+    def alert_of(meter_id: str) -> str:
+        return f"document.querySelector('#alerts li[data-meter=\"{meter_id}\"]')"
+
+    # The silence is counted when shown, from the meter's last reading: seconds now, not an hour.
+    message = f"{alert_of(first)}.querySelector('.alert-message').textContent"
+    shown = await browser.evaluate(message)
+    assert shown.startswith("no reading for ") and " s (last at " in shown and " h " not in shown
+    await browser.wait_for(f"{message} !== {json.dumps(shown)}")  # and counted again every second
+
+    await browser.click(f'#alerts li[data-meter="{first}"] button[data-action="acknowledge"]')
+    await browser.wait_for(
+        f"{alert_of(first)}?.querySelector('.acknowledged')?.textContent === 'acknowledged by admin'"
+    )
+    assert await browser.evaluate(f"{alert_of(first)}.querySelector('button[data-action=\"acknowledge\"]')") is None
+
+    await browser.click(f'#alerts li[data-meter="{second}"] button[data-action="close"]')
+    await browser.wait_for(f"{alert_of(second)} === null")
+    (closed,) = await consumer.alerts.list_alerts(meter_id=second)
+    assert (closed["state"], closed["closed_by"]) == ("resolved", "admin")
+
+    # Retire: select the meter, click twice (the first click only arms the button).
+    await browser.click(f'tr[data-meter="{third}"]')
+    await browser.wait_for("!document.querySelector('#retire').hidden")
+    await browser.click("#retire")
+    assert (await browser.evaluate("document.querySelector('#retire').textContent")) == f"Confirm: retire {third}"
+    assert await browser.evaluate(f"document.querySelector('tr[data-meter=\"{third}\"]') !== null")
+    await browser.click("#retire")
+    await browser.wait_for(f"document.querySelector('tr[data-meter=\"{third}\"]') === null")
+    assert await browser.wait_for(f"{ROWS} === {len(FLEET.meters) - 1} && {ROWS}") == len(FLEET.meters) - 1
+    assert await browser.evaluate("document.querySelector('#count-meters').textContent") == str(len(FLEET.meters) - 1)
+    assert "retired" in await browser.evaluate("document.querySelector('#meter-facts').textContent")
+    await browser.wait_for(f"{alert_of(third)} === null")
+    await browser.screenshot(tmp_path / "dashboard-handled.png")
+    assert browser.errors == []
+
+    # A client's key: its own alert has the buttons, but there is no retire button.
+    client = FLEET.meters[FED[3]].client_id
+    await browser.open(f"{base}/dashboard/#key={KEYS[client]}&meter={FED[3]}")
+    await browser.wait_for(f"document.querySelector('#who').textContent === 'client {client}'")
+    await browser.wait_for(f"{alert_of(FED[3])}?.querySelector('button[data-action=\"close\"]') != null")
+    assert await browser.evaluate("document.querySelector('#retire').hidden") is True

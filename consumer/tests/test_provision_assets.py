@@ -55,6 +55,9 @@ ALERTS_FIELDS = {
     "updated_at": "date",
     "resolved_at": "date",
     "occurrences": "integer",
+    "acknowledged_at": "date",
+    "acknowledged_by": "keyword",
+    "closed_by": "keyword",
 }
 
 

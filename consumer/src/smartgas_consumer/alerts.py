@@ -72,6 +72,19 @@ CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open ON alerts (meter_id, kind) WHE
 CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (revision) WHERE ship_state = 0;
 CREATE INDEX IF NOT EXISTS alerts_client_opened ON alerts (client_id, opened_at);
 CREATE INDEX IF NOT EXISTS alerts_meter_opened ON alerts (meter_id, opened_at);
+-- What people did to an alert (a table of its own, so stores made before acknowledgement need no migration).
+CREATE TABLE IF NOT EXISTS alert_handling (
+    alert_id        TEXT    PRIMARY KEY REFERENCES alerts (alert_id),
+    acknowledged_at TEXT,
+    acknowledged_by TEXT,                     -- "admin" or the client id whose key acknowledged it
+    closed_by       TEXT                      -- who closed it by hand or retired its meter; NULL: its rule did
+);
+-- Meters taken out of service: out of the fleet table and the offline rule until they send again.
+CREATE TABLE IF NOT EXISTS retired_meters (
+    meter_id   TEXT    PRIMARY KEY,
+    retired_at TEXT    NOT NULL,
+    retired_by TEXT    NOT NULL
+);
 """
 
 #: How far a value must come back past its limit before its alert resolves (so it does not flap).
@@ -433,6 +446,9 @@ class Alert:
     updated_at: str
     resolved_at: str | None
     occurrences: int
+    acknowledged_at: str | None = None  # a person saw it: it stays open, webhooks hear no more until it ends
+    acknowledged_by: str | None = None
+    closed_by: str | None = None  # resolved by a person (or by retiring its meter), not by its rule
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -449,6 +465,9 @@ class Alert:
             "updated_at": self.updated_at,
             "resolved_at": self.resolved_at,
             "occurrences": self.occurrences,
+            "acknowledged_at": self.acknowledged_at,
+            "acknowledged_by": self.acknowledged_by,
+            "closed_by": self.closed_by,
         }
 
 
@@ -456,6 +475,9 @@ _ALERT_COLUMNS = (
     "alert_id, meter_id, client_id, site_id, kind, severity, state, message, value, opened_at, updated_at,"
     " resolved_at, occurrences"
 )
+_HANDLING_COLUMNS = "acknowledged_at, acknowledged_by, closed_by"
+#: Every alert column, with what people did to it: ``{_SELECT_ALERTS} WHERE ...``.
+_SELECT_ALERTS = f"SELECT {_ALERT_COLUMNS}, {_HANDLING_COLUMNS} FROM alerts LEFT JOIN alert_handling USING (alert_id)"
 
 
 def _alert(row: sqlite3.Row) -> Alert:
@@ -468,6 +490,8 @@ class ChangeEvent(enum.StrEnum):
     OPENED = "alert.opened"
     UPDATED = "alert.updated"
     RESOLVED = "alert.resolved"
+    ACKNOWLEDGED = "alert.acknowledged"  # by a person: still open
+    CLOSED = "alert.closed"  # resolved by a person, or because its meter was retired
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +536,20 @@ def _save(connection: sqlite3.Connection, alert: Alert) -> None:
             revision,
         ),
     )
+    if alert.acknowledged_at is not None or alert.closed_by is not None:
+        connection.execute(
+            f"INSERT INTO alert_handling (alert_id, {_HANDLING_COLUMNS}) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (alert_id) DO UPDATE SET acknowledged_at = excluded.acknowledged_at,"
+            " acknowledged_by = excluded.acknowledged_by, closed_by = excluded.closed_by",
+            (alert.alert_id, alert.acknowledged_at, alert.acknowledged_by, alert.closed_by),
+        )
+
+
+class AlertNotOpen(Exception):
+    """Only an open alert can be acknowledged or closed; this one is resolved already."""
+
+    def __init__(self, alert_id: str, action: str) -> None:
+        super().__init__(f"alert {alert_id} is resolved: only an open alert can be {action}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,14 +594,15 @@ class AlertEngine:
 
     async def start(self) -> None:
         """Load open alerts and each meter's recent readings from the store, then start judging."""
-        opened, meters = await self.store.read(self._load)
+        opened, meters, unwatched = await self.store.read(self._load)
         self._open = {(alert.meter_id, alert.kind): alert for alert in opened}
         for meter_id, client_id, site_id, last_seen, samples in meters:
             track = self._tracks[meter_id] = MeterTrack(meter_id, client_id, site_id)
             meter = self.fleet.meter(meter_id)
             for sample in samples:
                 track.observe(sample, meter, self.config)
-            self._last_received[meter_id] = max(last_seen, self._last_received.get(meter_id, last_seen))
+            if meter_id not in unwatched:
+                self._last_received[meter_id] = max(last_seen, self._last_received.get(meter_id, last_seen))
         # A meter gets a whole offline window from now: the consumer's own downtime is not the meter's fault.
         self._started_at = self._clock()
         self._tasks = [
@@ -584,11 +623,8 @@ class AlertEngine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    def _load(self, connection: sqlite3.Connection) -> tuple[list[Alert], list[Any]]:
-        opened = [
-            _alert(row)
-            for row in connection.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE state = ?", (OPEN,)).fetchall()
-        ]
+    def _load(self, connection: sqlite3.Connection) -> tuple[list[Alert], list[Any], set[str]]:
+        opened = [_alert(row) for row in connection.execute(f"{_SELECT_ALERTS} WHERE state = ?", (OPEN,)).fetchall()]
         meters = []
         for meter in connection.execute(
             "SELECT meter_id, client_id, site_id, epoch, last_seen, last_ts FROM meters"
@@ -613,7 +649,18 @@ class AlertEngine:
             ]
             last_seen = datetime.fromisoformat(meter["last_seen"])
             meters.append((meter["meter_id"], meter["client_id"], meter["site_id"], last_seen, samples))
-        return opened, meters
+        # Meters whose silence is nobody's concern until they send again: retired ones, and those whose
+        # offline alert a person closed.
+        unwatched = {
+            row[0]
+            for row in connection.execute(
+                "SELECT meter_id FROM retired_meters JOIN meters USING (meter_id) WHERE last_seen <= retired_at"
+                " UNION SELECT alerts.meter_id FROM alerts JOIN alert_handling USING (alert_id)"
+                " JOIN meters USING (meter_id) WHERE kind = ? AND closed_by IS NOT NULL AND resolved_at >= last_seen",
+                (str(Kind.OFFLINE),),
+            )
+        }
+        return opened, meters, unwatched
 
     # -- readings ------------------------------------------------------------------------------------------
 
@@ -711,10 +758,15 @@ class AlertEngine:
         resolved = replace(alert, state=RESOLVED, value=value, message=message, updated_at=at, resolved_at=at)
         return AlertChange(ChangeEvent.RESOLVED, resolved)
 
-    async def _commit(self, changes: list[AlertChange]) -> None:
+    async def _commit(
+        self, changes: list[AlertChange], also: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        """Record the changes (and ``also``'s writes) in one transaction, then tell the listeners."""
         payloads = [change.as_dict() for change in changes]
 
         def write(connection: sqlite3.Connection) -> None:
+            if also is not None:
+                also(connection)
             for change, payload in zip(changes, payloads, strict=True):
                 _save(connection, change.alert)
                 for recorder in self.recorders:
@@ -731,7 +783,7 @@ class AlertEngine:
                 log = _LOG.warning if change.event is ChangeEvent.OPENED else _LOG.info
                 log(
                     "alert %s: %s %s (%s) %s",
-                    "opened" if change.event is ChangeEvent.OPENED else "resolved",
+                    str(change.event).removeprefix("alert."),
                     change.alert.meter_id,
                     change.alert.kind,
                     change.alert.severity,
@@ -740,6 +792,85 @@ class AlertEngine:
         for payload in payloads:
             for listener in self.on_change:
                 listener(payload)
+
+    # -- what people do ------------------------------------------------------------------------------------
+
+    async def acknowledge(self, alert_id: str, *, client_id: str | None, by: str) -> dict[str, Any] | None:
+        """Mark an open alert as seen by ``by``: it stays open, and webhooks hear of it again only when it ends.
+
+        None when no such alert is visible to ``client_id`` (None: an administrator); AlertNotOpen when it
+        is resolved. Acknowledging again changes nothing: the first acknowledgement stands.
+        """
+        async with self._lock:
+            alert = await self._find(alert_id, client_id)
+            if alert is None:
+                return None
+            if alert.state != OPEN:
+                raise AlertNotOpen(alert.alert_id, "acknowledged")
+            if alert.acknowledged_at is not None:
+                return alert.as_dict()
+            at = format_timestamp(self._clock())
+            seen = replace(alert, acknowledged_at=at, acknowledged_by=by, updated_at=max(at, alert.updated_at))
+            await self._commit([AlertChange(ChangeEvent.ACKNOWLEDGED, seen)])
+            return seen.as_dict()
+
+    async def close(self, alert_id: str, *, client_id: str | None, by: str) -> dict[str, Any] | None:
+        """Resolve an open alert by hand (None and AlertNotOpen as ``acknowledge``).
+
+        If its condition still holds, the next reading that trips the rule opens a new alert; a closed
+        offline alert is not opened again until its meter has sent a reading (a person saw the silence).
+        """
+        async with self._lock:
+            alert = await self._find(alert_id, client_id)
+            if alert is None:
+                return None
+            if alert.state != OPEN:
+                raise AlertNotOpen(alert.alert_id, "closed")
+            change = self._closed(alert, by, format_timestamp(self._clock()))
+            await self._commit([change])
+            if alert.kind == Kind.OFFLINE:
+                self._last_received.pop(alert.meter_id, None)
+            return change.alert.as_dict()
+
+    async def retire(self, meter_id: str, *, by: str) -> str:
+        """Take a meter out of service: its open alerts close and its silence is no longer watched.
+
+        Recorded in ``retired_meters`` with the time (returned) in the same transaction as the closures.
+        A reading received later brings the meter back (``docs/alerts.md``).
+        """
+        async with self._lock:
+            at = format_timestamp(self._clock())
+            changes = [self._closed(alert, by, at) for (owner, _kind), alert in self._open.items() if owner == meter_id]
+
+            def record(connection: sqlite3.Connection) -> None:
+                connection.execute(
+                    "INSERT INTO retired_meters (meter_id, retired_at, retired_by) VALUES (?, ?, ?)"
+                    " ON CONFLICT (meter_id) DO UPDATE SET retired_at = excluded.retired_at,"
+                    " retired_by = excluded.retired_by",
+                    (meter_id, at, by),
+                )
+
+            await self._commit(changes, also=record)
+            self._last_received.pop(meter_id, None)
+            _LOG.info("meter %s retired by %s (%d open alert(s) closed)", meter_id, by, len(changes))
+            return at
+
+    async def _find(self, alert_id: str, client_id: str | None) -> Alert | None:
+        alert = next((a for a in self._open.values() if a.alert_id == alert_id), None)
+        if alert is None:
+            row = await self.store.read(
+                lambda connection: connection.execute(f"{_SELECT_ALERTS} WHERE alert_id = ?", (alert_id,)).fetchone()
+            )
+            alert = _alert(row) if row is not None else None
+        if alert is None or (client_id is not None and alert.client_id != client_id):
+            return None
+        return alert
+
+    @staticmethod
+    def _closed(alert: Alert, by: str, at: str) -> AlertChange:
+        at = max(at, alert.opened_at)
+        closed = replace(alert, state=RESOLVED, updated_at=max(at, alert.updated_at), resolved_at=at, closed_by=by)
+        return AlertChange(ChangeEvent.CLOSED, closed)
 
     # -- silence -------------------------------------------------------------------------------------------
 
@@ -764,8 +895,10 @@ class AlertEngine:
                     continue
                 track = self._tracks.get(meter_id) or MeterTrack(meter_id)
                 silent_s = (now - last).total_seconds()
+                # A text that stays true while the alert is open (the dashboard counts the silence as it shows
+                # it): "since" a moment, not "for" a duration measured once.
                 message = (
-                    f"no reading for {silent_s:.0f} s (expected every {self.config.expected_period_s:g} s,"
+                    f"no reading since {format_timestamp(last)} (expected every {self.config.expected_period_s:g} s,"
                     f" offline after {self.offline_after.total_seconds():g} s)"
                 )
                 changes.append(self._open_alert(track, Kind.OFFLINE, silent_s, message, at))
@@ -803,7 +936,7 @@ class AlertEngine:
                 conditions.append(f"{column} = ?")
                 parameters.append(wanted)
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        query = f"SELECT {_ALERT_COLUMNS} FROM alerts{where} ORDER BY opened_at DESC, alert_id LIMIT ?"
+        query = f"{_SELECT_ALERTS}{where} ORDER BY opened_at DESC, alert_id LIMIT ?"
 
         def select(connection: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = connection.execute(query, (*parameters, limit)).fetchall()
@@ -837,6 +970,9 @@ def to_alert_document(alert: Alert) -> dict[str, Any]:
         "site": alert.site_id,
         "value": alert.value,
         "resolved_at": alert.resolved_at,
+        "acknowledged_at": alert.acknowledged_at,
+        "acknowledged_by": alert.acknowledged_by,
+        "closed_by": alert.closed_by,
     }
     document.update({name: value for name, value in optional.items() if value is not None})
     return document
@@ -858,7 +994,8 @@ class AlertSource:
     async def pending(self, limit: int) -> list[Shipment]:
         def select(connection: sqlite3.Connection) -> list[Shipment]:
             rows = connection.execute(
-                f"SELECT revision, {_ALERT_COLUMNS} FROM alerts WHERE ship_state = ? ORDER BY revision LIMIT ?",
+                f"SELECT revision, {_ALERT_COLUMNS}, {_HANDLING_COLUMNS} FROM alerts"
+                " LEFT JOIN alert_handling USING (alert_id) WHERE ship_state = ? ORDER BY revision LIMIT ?",
                 (ShipState.PENDING, limit),
             ).fetchall()
             shipments = []

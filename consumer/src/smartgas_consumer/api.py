@@ -23,6 +23,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
+from smartgas_consumer.alerts import AlertNotOpen
 from smartgas_consumer.auth import ApiKeys, Principal
 from smartgas_consumer.queries import FleetQueries, Window
 
@@ -31,6 +32,11 @@ DEFAULT_WINDOW = timedelta(hours=1)
 MAX_WINDOW = timedelta(days=31)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such meter, site or client (or not yours)"}}
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "Missing or invalid X-API-Key"}}
+NO_ALERT: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such alert (or not yours)"},
+    409: {"description": "The alert is resolved already: only an open alert can be acknowledged or closed"},
+}
+ADMIN_ONLY: dict[int | str, dict[str, Any]] = {403: {"description": "Only an administrator key may do this"}}
 _T = TypeVar("_T")
 
 
@@ -40,6 +46,12 @@ class AlertsView(Protocol):
     async def list_alerts(
         self, *, client_id: str | None = None, state: str | None = None, meter_id: str | None = None, limit: int = 500
     ) -> list[dict[str, Any]]: ...
+
+    async def acknowledge(self, alert_id: str, *, client_id: str | None, by: str) -> dict[str, Any] | None: ...
+
+    async def close(self, alert_id: str, *, client_id: str | None, by: str) -> dict[str, Any] | None: ...
+
+    async def retire(self, meter_id: str, *, by: str) -> str: ...
 
 
 # -- response models (they are the OpenAPI schema) -----------------------------------------------------
@@ -75,6 +87,10 @@ class Meter(BaseModel):
     moles: float | None
     fill_pct: float | None
     open_alerts: int
+    retired_at: str | None = Field(
+        description="when an administrator retired it (RFC 3339, UTC); null: in service. A reading received"
+        " later brings it back"
+    )
 
 
 class MeterList(BaseModel):
@@ -162,6 +178,11 @@ class Alert(BaseModel):
     updated_at: str
     resolved_at: str | None
     occurrences: int
+    acknowledged_at: str | None = Field(description="when a person acknowledged it; it stays open")
+    acknowledged_by: str | None = Field(description='"admin" or the client whose key acknowledged it')
+    closed_by: str | None = Field(
+        description='who resolved it by hand ("admin" or a client id) or by retiring its meter; null: its rule'
+    )
 
 
 class AlertList(BaseModel):
@@ -245,8 +266,11 @@ def build_app(
         return {"client_id": who.client_id, "admin": who.is_admin}
 
     @api.get("/meters", response_model=MeterList, summary="The meters you may see, with their latest reading")
-    async def meters(who: Who) -> dict[str, Any]:
-        return {"meters": await queries.meters(who.client_id)}
+    async def meters(
+        who: Who,
+        include_retired: Annotated[bool, Query(description="list retired meters too")] = False,
+    ) -> dict[str, Any]:
+        return {"meters": await queries.meters(who.client_id, include_retired=include_retired)}
 
     @api.get("/meters/{meter_id}", response_model=Meter, responses=NOT_FOUND, summary="One meter")
     async def meter(meter_id: str, who: Who) -> dict[str, Any]:
@@ -293,6 +317,48 @@ def build_app(
         found = await alerts.list_alerts(client_id=who.client_id, state=state, meter_id=meter_id, limit=limit)
         return {"alerts": found}
 
+    if alerts is not None:
+        engine = alerts
+
+        @api.post(
+            "/alerts/{alert_id}/acknowledge",
+            response_model=Alert,
+            responses=NO_ALERT,
+            summary="Acknowledge an open alert: it stays open; webhooks hear of it again only when it ends",
+        )
+        async def acknowledge_alert(alert_id: str, who: Who) -> dict[str, Any]:
+            try:
+                found = await engine.acknowledge(alert_id, client_id=who.client_id, by=_actor(who))
+            except AlertNotOpen as err:
+                raise HTTPException(status_code=409, detail=str(err)) from err
+            return _found(found, f"alert {alert_id}")
+
+        @api.post(
+            "/alerts/{alert_id}/close",
+            response_model=Alert,
+            responses=NO_ALERT,
+            summary="Close an open alert by hand (resolved; a condition that still holds opens a new one)",
+        )
+        async def close_alert(alert_id: str, who: Who) -> dict[str, Any]:
+            try:
+                found = await engine.close(alert_id, client_id=who.client_id, by=_actor(who))
+            except AlertNotOpen as err:
+                raise HTTPException(status_code=409, detail=str(err)) from err
+            return _found(found, f"alert {alert_id}")
+
+        @api.post(
+            "/meters/{meter_id}/retire",
+            response_model=Meter,
+            responses={**NOT_FOUND, **ADMIN_ONLY},
+            summary="Retire a meter (administrators): its alerts close, it leaves the fleet list and the offline rule",
+        )
+        async def retire_meter(meter_id: str, who: Who) -> dict[str, Any]:
+            if not who.is_admin:
+                raise HTTPException(status_code=403, detail="only an administrator key may retire a meter")
+            _found(await queries.meter(None, meter_id), f"meter {meter_id}")
+            await engine.retire(meter_id, by=_actor(who))
+            return _found(await queries.meter(None, meter_id), f"meter {meter_id}")
+
     app.include_router(api)
 
     @app.get("/healthz", include_in_schema=False)
@@ -333,6 +399,11 @@ def _invalid_query(name: str, value: object, message: str) -> RequestValidationE
 
 def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _actor(who: Principal) -> str:
+    """Who did it, as alerts record it: "admin" or the client id."""
+    return who.client_id if who.client_id is not None else "admin"
 
 
 def _found(value: _T | None, what: str) -> _T:

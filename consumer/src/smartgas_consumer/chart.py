@@ -3,8 +3,11 @@
 A pure function of its points, so the dashboard needs no charting library, no CDN and no build step,
 and the tests read the result with ``xml.etree``. The time axis picks a tick step from seconds to weeks
 so that a handful of labelled ticks cover the readings' span (labels in UTC); the value axis uses the
-usual 1-2-5 steps. Every text that reaches the SVG (titles, meter ids, which come from devices) is
-escaped here, and characters XML cannot hold at all are dropped. Colours are presentation attributes,
+usual 1-2-5 steps, over the readings or over a range the caller gives (the bottle's, from 0 to full, so
+that sensor noise of 0.03 mol does not fill the height as a steep fall). Readings further apart than
+``max_gap`` are not joined: the line breaks where the meter was silent. Every text that reaches the SVG
+(titles, meter ids, which come from devices) is escaped here, and characters XML cannot hold at all are
+dropped. Colours are presentation attributes,
 not ``style`` attributes or elements, so the SVG renders the same inline under the dashboard's strict
 Content-Security-Policy and opened on its own.
 """
@@ -87,12 +90,18 @@ def render_line_chart(
     title: str,
     unit: str,
     description: str = "",
+    value_range: tuple[float, float] | None = None,
+    max_gap: timedelta | None = None,
     layout: ChartLayout = ChartLayout(),  # frozen, so one shared default is safe
 ) -> str:
-    """An SVG document: ``title`` above, time ticks below, value ticks in ``unit`` on the left, the points as a
-    polyline (one vertex per point, in time order) with a circle on each (while they are not too dense).
+    """An SVG document: ``title`` above, time ticks below, value ticks in ``unit`` on the left, the points as
+    polylines (one vertex per point, in time order) with a circle on each (while they are not too dense).
 
-    Without points, the axes frame a message instead. ``description`` becomes the SVG's accessible title.
+    ``value_range``: the value axis covers at least (low, high), and still every point (a bottle over its
+    nominal pressure is drawn above the top of its range, not off the chart); None: the points alone.
+    ``max_gap``: consecutive points further apart start a new polyline (a gap), and a point alone between
+    two gaps gets its circle however dense the rest. Without points, the axes frame a message instead.
+    ``description`` becomes the SVG's accessible title.
     """
     ordered = sorted(((_utc(t), float(v)) for t, v in points if math.isfinite(v)), key=lambda p: p[0])
     label = f"{title} ({unit})" if unit else title
@@ -118,7 +127,10 @@ def render_line_chart(
     start, end = ordered[0][0], ordered[-1][0]
     if end - start < timedelta(seconds=2):  # one reading, or several at once: give the axis some width
         start, end = start - timedelta(seconds=30), end + timedelta(seconds=30)
-    low, high, value_step = _value_axis(min(v for _, v in ordered), max(v for _, v in ordered))
+    lowest, highest = min(v for _, v in ordered), max(v for _, v in ordered)
+    if value_range is not None:
+        lowest, highest = min(lowest, value_range[0]), max(highest, value_range[1])
+    low, high, value_step = _value_axis(lowest, highest)
     span_s = (end - start).total_seconds()
 
     def x(moment: datetime) -> float:
@@ -161,11 +173,20 @@ def render_line_chart(
             f'<text class="axis-label unit" x="{layout.left - 6}" y="{layout.top - 8}" text-anchor="end"'
             f' fill="#7b8794">{escape(unit)}</text>'
         )
-    vertices = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in ordered)
-    parts.append(
-        f'<polyline class="series" points="{vertices}" fill="none" stroke="#2563eb" stroke-width="2"'
-        f' stroke-linejoin="round" stroke-linecap="round"/>'
-    )
+    segments = split_at_gaps(ordered, max_gap)
+    parts.append(f'<g class="series-group" data-segments="{len(segments)}">')
+    for segment in segments:
+        vertices = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in segment)
+        parts.append(
+            f'<polyline class="series" points="{vertices}" fill="none" stroke="#2563eb" stroke-width="2"'
+            f' stroke-linejoin="round" stroke-linecap="round"/>'
+        )
+    parts.append("</g>")
+    lone = [segment[0] for segment in segments if len(segment) == 1]
+    if len(ordered) > layout.max_markers and lone:  # a polyline of one vertex draws nothing: mark it
+        parts.append('<g class="points lone" fill="#2563eb">')
+        parts.extend(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="2.5"/>' for t, v in lone)
+        parts.append("</g>")
     if len(ordered) <= layout.max_markers:
         parts.append('<g class="points" fill="#2563eb">')
         parts.extend(
@@ -176,6 +197,19 @@ def render_line_chart(
         parts.append("</g>")
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def split_at_gaps(
+    ordered: Sequence[tuple[datetime, float]], max_gap: timedelta | None
+) -> list[list[tuple[datetime, float]]]:
+    """Time-ordered points cut into runs whose consecutive points are at most ``max_gap`` apart."""
+    segments: list[list[tuple[datetime, float]]] = []
+    for point in ordered:
+        if segments and (max_gap is None or point[0] - segments[-1][-1][0] <= max_gap):
+            segments[-1].append(point)
+        else:
+            segments.append([point])
+    return segments
 
 
 def _frame(layout: ChartLayout) -> list[str]:

@@ -4,15 +4,19 @@
 API key from the URL fragment (``#key=...``, which browsers never send to a server) or from the browser's
 storage, and sends it as ``X-API-Key`` on every request to ``/api``. The charts come from
 ``/dashboard/api/meters/{meter_id}/chart.svg``, rendered by ``chart.py`` under the same key and the same
-visibility as the API: another client's meter answers 404, as a meter that does not exist.
+visibility as the API: another client's meter answers 404, as a meter that does not exist. A chart's value
+axis runs from 0 to the bottle's full content or nominal pressure (from the fleet file), or over the
+readings alone when the user picks that; its line breaks where readings are more than ``GAP_PERIODS``
+expected periods apart.
 
 Every response carries a strict Content-Security-Policy: scripts and styles from this origin only, no inline
 script, no framing. The assets are read from the package once, when the router is built.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time.
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Annotated, Literal
 
@@ -22,6 +26,7 @@ from fastapi.responses import RedirectResponse, Response
 from smartgas_consumer.api import caller_dependency, window_dependency
 from smartgas_consumer.auth import ApiKeys, Principal
 from smartgas_consumer.chart import render_line_chart
+from smartgas_consumer.fleet import FleetMeter
 from smartgas_consumer.queries import FleetQueries, Window
 
 PREFIX = "/dashboard"
@@ -32,8 +37,11 @@ PAGE_POLICY = (
 )
 #: A chart opened on its own may draw, and do nothing else.
 CHART_POLICY = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"
-#: The newest readings drawn in one chart; a month of readings every 10 s is thinned to these by the query.
+#: The newest readings drawn in one chart (the query's LIMIT): a window that holds more shows its latest ones.
 CHART_READINGS = 2000
+#: Readings more than this many expected periods apart are not joined by the line: the meter was silent
+#: (the same distance beyond which the alert rules stop comparing consecutive readings).
+GAP_PERIODS = 3.0
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -44,20 +52,27 @@ _CONTENT_TYPES = {
 
 @dataclass(frozen=True, slots=True)
 class Measure:
-    """A chartable measurement: its column in the readings, its title and unit."""
+    """A chartable measurement: its column in the readings, its title and unit, and its whole scale.
+
+    ``full_range_fn``: the axis a full bottle spans, from the fleet file's entry (None for a meter missing
+    from it: from 0 to the readings); None for a measure with no natural scale (temperature).
+    """
 
     name: str
     title: str
     unit: str
+    full_range_fn: Callable[[FleetMeter | None], tuple[float, float]] | None
 
 
 MEASURES: tuple[Measure, ...] = (
-    Measure("moles", "Gas left", "mol"),
-    Measure("pressure_bar", "Pressure", "bar"),
-    Measure("fill_pct", "Fill", "%"),
-    Measure("temperature_c", "Temperature", "°C"),
+    Measure("moles", "Gas left", "mol", lambda meter: (0.0, meter.full_moles if meter else 0.0)),
+    Measure("pressure_bar", "Pressure", "bar", lambda meter: (0.0, meter.nominal_pressure_bar if meter else 0.0)),
+    Measure("fill_pct", "Fill", "%", lambda _meter: (0.0, 100.0)),
+    Measure("temperature_c", "Temperature", "°C", None),
 )
 MeasureName = Literal["moles", "pressure_bar", "fill_pct", "temperature_c"]
+#: ``bottle``: from 0 to full (or nominal pressure); ``data``: fitted to the readings, to see their detail.
+Scale = Literal["bottle", "data"]
 _BY_NAME = {measure.name: measure for measure in MEASURES}
 
 
@@ -80,8 +95,9 @@ def load_assets() -> dict[str, Asset]:
     return assets
 
 
-def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys) -> APIRouter:
-    """The dashboard's routes, for ``build_app(..., dashboard=...)``."""
+def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys, *, expected_period_s: float) -> APIRouter:
+    """The dashboard's routes, for ``build_app(..., dashboard=...)``; a chart's gaps from ``expected_period_s``."""
+    max_gap = timedelta(seconds=GAP_PERIODS * expected_period_s)
     assets = load_assets()
     page = assets.pop("index.html")
     router = APIRouter(prefix=PREFIX)
@@ -110,6 +126,9 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys) -> APIRoute
         who: Annotated[Principal, Depends(caller)],
         span: Annotated[Window, Depends(window)],
         measure: Annotated[MeasureName, Query(description="what to draw")] = "moles",
+        scale: Annotated[
+            Scale, Query(description="value axis: bottle = from 0 to full or nominal pressure; data = the readings")
+        ] = "bottle",
     ) -> Response:
         readings = await queries.readings(who.client_id, meter_id, span, CHART_READINGS)
         if readings is None:
@@ -118,8 +137,14 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys) -> APIRoute
         points = [
             (datetime.fromisoformat(row["ts"]), float(row[measure])) for row in readings if row[measure] is not None
         ]
+        full = shown.full_range_fn
         svg = render_line_chart(
-            points, title=shown.title, unit=shown.unit, description=f"{shown.title} of {meter_id} ({shown.unit})"
+            points,
+            title=shown.title,
+            unit=shown.unit,
+            description=f"{shown.title} of {meter_id} ({shown.unit})",
+            value_range=full(queries.fleet.meter(meter_id)) if full is not None and scale == "bottle" else None,
+            max_gap=max_gap,
         )
         return _respond(Asset(svg.encode("utf-8"), "image/svg+xml"), CHART_POLICY)
 

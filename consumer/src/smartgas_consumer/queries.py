@@ -1,7 +1,9 @@
 """Read-side of the store for the HTTP API and dashboard: the fleet registry, series and statistics.
 
 Every query takes the asking client (``None`` for an administrator) and returns only that client's
-meters; a meter of another client is indistinguishable from one that does not exist. Statistics are
+meters; a meter of another client is indistinguishable from one that does not exist. A retired meter
+(``retired_meters``, written by the alert engine) is left out of the fleet list until it sends a reading
+again; it stays reachable by its id, with its readings and statistics. Statistics are
 computed by SQLite over the readings kept locally (all of them without Elasticsearch; the retention
 window with it).
 """
@@ -60,18 +62,20 @@ class FleetQueries:
 
     # -- the registry --------------------------------------------------------------------------------
 
-    async def meters(self, client_id: str | None) -> list[dict[str, Any]]:
-        """Every meter the client may see: those registered (seen at least once) and those in the fleet file."""
-        rows = await self.store.read(lambda c: _registry_rows(c, None))
-        return self._describe(rows, client_id)
+    async def meters(self, client_id: str | None, *, include_retired: bool = False) -> list[dict[str, Any]]:
+        """Every meter the client may see: those registered (seen at least once) and those in the fleet file,
+        without the retired ones unless asked."""
+        rows, retired = await self.store.read(lambda c: (_registry_rows(c, None), _retired(c, None)))
+        described = self._describe(rows, retired, client_id)
+        return [m for m in described if include_retired or m["retired_at"] is None]
 
     async def meter(self, client_id: str | None, meter_id: str) -> dict[str, Any] | None:
-        rows = await self.store.read(lambda c: _registry_rows(c, meter_id))
-        described = self._describe(rows, client_id, only=meter_id)
+        rows, retired = await self.store.read(lambda c: (_registry_rows(c, meter_id), _retired(c, meter_id)))
+        described = self._describe(rows, retired, client_id, only=meter_id)
         return described[0] if described else None
 
     def _describe(
-        self, rows: list[sqlite3.Row], client_id: str | None, only: str | None = None
+        self, rows: list[sqlite3.Row], retired: dict[str, str], client_id: str | None, only: str | None = None
     ) -> list[dict[str, Any]]:
         now = self.now()
         open_alerts = self._open_alerts_by_meter()
@@ -92,6 +96,10 @@ class FleetQueries:
                 continue
             last_seen = row["last_seen"] if row is not None else None
             online = last_seen is not None and now - datetime.fromisoformat(last_seen) <= self.offline_after
+            # Retired until it sends again: a reading received after the retirement brings the meter back.
+            retired_at = retired.get(meter_id)
+            if retired_at is not None and last_seen is not None and last_seen > retired_at:
+                retired_at = None
             described.append(
                 {
                     "meter_id": meter_id,
@@ -121,6 +129,7 @@ class FleetQueries:
                     "moles": row["moles"] if row else None,
                     "fill_pct": row["fill_pct"] if row else None,
                     "open_alerts": open_alerts.get(meter_id, 0),
+                    "retired_at": retired_at,
                 }
             )
         return described
@@ -182,6 +191,12 @@ def _registry_rows(connection: sqlite3.Connection, meter_id: str | None) -> list
         f" FROM meters m LEFT JOIN readings r ON r.id = m.last_reading_id {where} ORDER BY m.meter_id",
         parameters,
     ).fetchall()
+
+
+def _retired(connection: sqlite3.Connection, meter_id: str | None) -> dict[str, str]:
+    where, parameters = ("WHERE meter_id = ?", [meter_id]) if meter_id is not None else ("", [])
+    rows = connection.execute(f"SELECT meter_id, retired_at FROM retired_meters {where}", parameters).fetchall()
+    return {row["meter_id"]: row["retired_at"] for row in rows}
 
 
 def _statistics(

@@ -104,7 +104,7 @@ class Consumer:
             offline_after=timedelta(seconds=config.expected_period_s * config.offline_after_periods),
             open_alerts_by_meter=self.alerts.open_by_meter,
         )
-        dashboard = build_dashboard_router(self.queries, self.api_keys)
+        dashboard = build_dashboard_router(self.queries, self.api_keys, expected_period_s=config.expected_period_s)
         self.http = HttpServer(
             build_app(
                 self.queries, self.api_keys, alerts=self.alerts, metrics=self.metrics.render, dashboard=dashboard

@@ -1,4 +1,4 @@
-"""Webhooks: every alert opened or resolved is POSTed as JSON to each configured URL, and never lost.
+"""Webhooks: every alert opened, acknowledged, resolved or closed is POSTed as JSON to each URL, never lost.
 
 An outbox in the store's file: when the alert engine records a change, ``WebhookDispatcher.record`` adds
 one delivery per URL *in the same transaction*, so a change is never stored without its deliveries (or
@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     delivery_id     TEXT    NOT NULL UNIQUE,  -- sent as X-SmartGas-Delivery: the receiver's idempotency key
     url             TEXT    NOT NULL,
     alert_id        TEXT    NOT NULL,
-    event           TEXT    NOT NULL,         -- alert.opened or alert.resolved
+    event           TEXT    NOT NULL,         -- alert.opened, .acknowledged, .resolved or .closed
     body            TEXT    NOT NULL,         -- the JSON sent, fixed when recorded
     created_at      TEXT    NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
@@ -61,8 +61,9 @@ CREATE INDEX IF NOT EXISTS webhook_pending_alert ON webhook_deliveries (url, ale
 CREATE INDEX IF NOT EXISTS webhook_delivered ON webhook_deliveries (delivered_at) WHERE delivered_at IS NOT NULL;
 """
 
-#: Alert changes that become deliveries (updates of an open alert are not sent: they come every reading).
-DELIVERED_EVENTS = frozenset({"alert.opened", "alert.resolved"})
+#: Alert changes that become deliveries: each happens once per alert. Updates of an open alert are not sent
+#: (they come every reading), so after its acknowledgement an alert is heard of again only when it ends.
+DELIVERED_EVENTS = frozenset({"alert.opened", "alert.acknowledged", "alert.resolved", "alert.closed"})
 DELIVERY_HEADER = "X-SmartGas-Delivery"
 EVENT_HEADER = "X-SmartGas-Event"
 #: How long delivered rows stay in the outbox (for inspection) before they are pruned.

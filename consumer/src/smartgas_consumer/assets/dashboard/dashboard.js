@@ -5,6 +5,11 @@
 // from the API reaches the page through textContent, never as markup; charts are SVG documents rendered
 // and escaped by the server (chart.py), parsed as XML and inserted as nodes. The fragment also carries the
 // selected meter (#meter=bottle-0001) and, optionally, the poll interval in seconds (#poll=2).
+//
+// Texts that depend on the time (how long ago, how long a meter has been silent) are computed when shown
+// and again every second, never taken from a message written when an alert opened. Below 1200 px the
+// charts sit under the table, so selecting a meter scrolls its charts into view. Acknowledge, close and
+// retire are POSTs with the same key; the API decides who may (a client key never sees a retire button).
 "use strict";
 
 (() => {
@@ -12,6 +17,8 @@
   const DEFAULT_POLL_S = 5;
   const MIN_POLL_S = 1;
   const CHART_MEASURES = ["moles", "pressure_bar", "fill_pct"];
+  const NARROW = window.matchMedia("(max-width: 1200px)"); // the width at which the layout becomes one column
+  const RETIRE_CONFIRM_MS = 5000;
 
   const $ = (selector) => document.querySelector(selector);
   const state = {
@@ -22,9 +29,13 @@
     filter: "",
     selected: null,
     rangeS: 3600,
+    scale: "bottle",
+    admin: false,
+    retired: null, // the meter this page retired last, to say so where its charts were
     pollMs: DEFAULT_POLL_S * 1000,
     serverOffsetMs: 0, // server clock minus browser clock, where the Date header shows they differ
     timer: null,
+    inFlight: null, // the poll under way, if any
     chartGeneration: 0,
     refreshes: 0,
   };
@@ -76,8 +87,8 @@
 
   // -- talking to the API -----------------------------------------------------------------------------
 
-  async function request(path) {
-    const response = await fetch(path, { headers: { "X-API-Key": state.key }, cache: "no-store" });
+  async function request(path, method = "GET") {
+    const response = await fetch(path, { method, headers: { "X-API-Key": state.key }, cache: "no-store" });
     // The Date header counts whole seconds: trust it only where the clocks differ by more than that.
     const date = Date.parse(response.headers.get("Date") || "");
     if (Number.isFinite(date)) {
@@ -85,7 +96,16 @@
       state.serverOffsetMs = Math.abs(offset) > 1500 ? offset : 0;
     }
     if (response.status === 401) throw new AuthError("the key was refused");
-    if (!response.ok) throw new Error(`${path.split("?")[0]} answered ${response.status}`);
+    if (!response.ok) {
+      let detail = "";
+      try {
+        const body = await response.json();
+        if (typeof body.detail === "string") detail = `: ${body.detail}`;
+      } catch (err) {
+        /* not JSON: the status says enough */
+      }
+      throw new Error(`${path.split("?")[0]} answered ${response.status}${detail}`);
+    }
     return response;
   }
 
@@ -101,6 +121,27 @@
     if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
     if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
     return `${Math.floor(seconds / 86400)} d ago`;
+  }
+
+  function duration(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+  }
+
+  // When an offline meter fell silent: its last reading as the registry knows it, else what the alert
+  // recorded (opened at, after `value` seconds of silence).
+  function silentSince(alert) {
+    const meter = state.meters.find((m) => m.meter_id === alert.meter_id);
+    if (meter && meter.last_seen) return Date.parse(meter.last_seen);
+    if (typeof alert.value === "number") return Date.parse(alert.opened_at) - alert.value * 1000;
+    return null;
+  }
+
+  function silenceText(sinceMs) {
+    return `no reading for ${duration((serverNow() - sinceMs) / 1000)} (last at ${new Date(sinceMs).toLocaleString()})`;
   }
 
   const number = (value, digits) => (value === null || value === undefined ? "–" : value.toFixed(digits));
@@ -233,24 +274,67 @@
     const items = state.alerts.map((alert) => {
       const item = element("li");
       item.dataset.meter = alert.meter_id;
+      item.dataset.alert = alert.alert_id;
       const head = element("div", "alert-head");
+      const age = element("span", "alert-age", ago(alert.opened_at));
+      age.dataset.when = alert.opened_at;
+      age.title = `opened ${alert.opened_at}`;
       head.append(
         element("span", `severity ${alert.severity}`, alert.severity),
         element("span", "alert-kind", alert.kind),
         element("span", "alert-meter", alert.meter_id),
-        element("span", "alert-age", ago(alert.opened_at)),
+        age,
       );
-      item.append(head, element("div", "alert-message", alert.message));
+      const message = element("div", "alert-message", alert.message);
+      const since = alert.kind === "offline" ? silentSince(alert) : null;
+      if (since !== null && Number.isFinite(since)) {
+        message.dataset.silentSince = String(since);
+        message.textContent = silenceText(since);
+        message.title = alert.message;
+      }
+      const actions = element("div", "alert-actions");
+      if (alert.acknowledged_at) {
+        const seen = element("span", "acknowledged", `acknowledged by ${alert.acknowledged_by}`);
+        seen.title = alert.acknowledged_at;
+        actions.append(seen);
+      } else {
+        actions.append(actionButton("acknowledge", "Acknowledge"));
+      }
+      actions.append(actionButton("close", "Close"));
+      item.classList.toggle("is-acknowledged", Boolean(alert.acknowledged_at));
+      item.append(head, message, actions);
       return item;
     });
     $("#alerts").replaceChildren(...items);
     $("#no-alerts").hidden = items.length > 0;
   }
 
+  function actionButton(action, label) {
+    const button = element("button", "action", label);
+    button.type = "button";
+    button.dataset.action = action;
+    return button;
+  }
+
   function tickAges() {
-    document.querySelectorAll("#fleet td.ago").forEach((td) => {
-      td.textContent = ago(td.dataset.when || null);
+    document.querySelectorAll("#fleet td.ago, #alerts .alert-age").forEach((node) => {
+      node.textContent = ago(node.dataset.when || null);
     });
+    document.querySelectorAll("#alerts .alert-message[data-silent-since]").forEach((node) => {
+      node.textContent = silenceText(Number(node.dataset.silentSince));
+    });
+  }
+
+  async function actOnAlert(alertId, action) {
+    let problem = null;
+    try {
+      await request(`/api/alerts/${encodeURIComponent(alertId)}/${action}`, "POST");
+    } catch (err) {
+      if (err instanceof AuthError) return failed(err);
+      problem = err;
+    }
+    await refresh();
+    if (problem) setStatus(`Could not ${action} the alert: ${problem.message}`, true);
   }
 
   // -- the selected meter ----------------------------------------------------------------------------
@@ -258,9 +342,14 @@
   function renderFacts() {
     const meter = state.meters.find((m) => m.meter_id === state.selected);
     $("#meter-title").textContent = state.selected ? `Meter ${state.selected}` : "Select a meter";
+    const retire = $("#retire");
+    retire.hidden = !(state.admin && meter);
+    if (retire.dataset.armed !== state.selected) disarmRetire();
     if (!meter) {
-      $("#meter-facts").textContent = state.selected
-        ? "This meter is not in your fleet." : "Click a row of the table to see its readings over time.";
+      let text = "Click a row of the table to see its readings over time.";
+      if (state.selected === state.retired) text = "This meter is retired: it left the table; its readings stay in the API.";
+      else if (state.selected) text = "This meter is not in your fleet.";
+      $("#meter-facts").textContent = text;
       return;
     }
     const parts = [
@@ -276,8 +365,41 @@
     $("#meter-facts").textContent = parts.filter(Boolean).join(" · ");
   }
 
+  function disarmRetire() {
+    const retire = $("#retire");
+    delete retire.dataset.armed;
+    retire.textContent = "Retire meter";
+    retire.classList.remove("armed");
+  }
+
+  // Two clicks retire: the first arms the button for a few seconds and says what the second will do.
+  async function retireSelected() {
+    const retire = $("#retire");
+    const meterId = state.selected;
+    if (!meterId) return;
+    if (retire.dataset.armed !== meterId) {
+      retire.dataset.armed = meterId;
+      retire.textContent = `Confirm: retire ${meterId}`;
+      retire.classList.add("armed");
+      setTimeout(() => { if (retire.dataset.armed === meterId) disarmRetire(); }, RETIRE_CONFIRM_MS);
+      return;
+    }
+    disarmRetire();
+    let problem = null;
+    try {
+      await request(`/api/meters/${encodeURIComponent(meterId)}/retire`, "POST");
+      state.retired = meterId;
+      document.querySelectorAll(".chart-box").forEach((box) => box.replaceChildren());
+    } catch (err) {
+      if (err instanceof AuthError) return failed(err);
+      problem = err;
+    }
+    await refresh();
+    if (problem) setStatus(`Could not retire ${meterId}: ${problem.message}`, true);
+  }
+
   async function loadCharts() {
-    if (!state.selected) return;
+    if (!state.selected || !state.meters.some((m) => m.meter_id === state.selected)) return;
     const generation = ++state.chartGeneration;
     const since = new Date(serverNow() - state.rangeS * 1000).toISOString();
     const meter = encodeURIComponent(state.selected);
@@ -285,7 +407,7 @@
       const box = document.querySelector(`.chart-box[data-measure="${measure}"]`);
       let node;
       try {
-        const params = new URLSearchParams({ measure, since });
+        const params = new URLSearchParams({ measure, since, scale: state.scale });
         const text = await (await request(`/dashboard/api/meters/${meter}/chart.svg?${params}`)).text();
         const parsed = new DOMParser().parseFromString(text, "image/svg+xml");
         const root = parsed.documentElement;
@@ -312,7 +434,16 @@
     });
     document.querySelectorAll(".chart-box").forEach((box) => box.replaceChildren());
     renderFacts();
-    loadCharts().catch(failed);
+    // One column: the charts are under the whole table, out of sight; bring them to where the user looks,
+    // and again once they are drawn (until then the page may be too short to bring them to the top).
+    const reveal = () => {
+      if (NARROW.matches && state.selected === meterId) $("#meter-panel").scrollIntoView({ block: "start" });
+    };
+    if (NARROW.matches) {
+      reveal();
+      $("#meter-title").focus({ preventScroll: true });
+    }
+    loadCharts().then(reveal).catch(failed);
   }
 
   // -- the loop --------------------------------------------------------------------------------------
@@ -331,7 +462,15 @@
     setStatus(`Cannot reach the consumer: ${err.message}. Retrying…`, true);
   }
 
+  // One poll at a time: a refresh asked for while one runs waits for it, then polls again (fresh data after
+  // an action), and only the last poll arms the timer.
   async function refresh() {
+    if (state.inFlight) await state.inFlight.catch(() => {});
+    if (!state.inFlight) state.inFlight = poll().finally(() => { state.inFlight = null; });
+    return state.inFlight;
+  }
+
+  async function poll() {
     clearTimeout(state.timer);
     try {
       const [meters, alerts] = await Promise.all([getJson("/api/meters"), getJson("/api/alerts?state=open")]);
@@ -358,6 +497,7 @@
     setStatus("Loading…", false);
     try {
       const me = await getJson("/api/me");
+      state.admin = me.admin;
       $("#who").textContent = me.admin ? "administrator" : `client ${me.client_id}`;
     } catch (err) {
       failed(err);
@@ -412,7 +552,19 @@
     });
     $("#alerts").addEventListener("click", (event) => {
       const item = event.target.closest("li[data-meter]");
-      if (item) select(item.dataset.meter);
+      if (!item) return;
+      const button = event.target.closest("button[data-action]");
+      if (button) {
+        button.disabled = true;
+        actOnAlert(item.dataset.alert, button.dataset.action);
+        return;
+      }
+      select(item.dataset.meter);
+    });
+    $("#retire").addEventListener("click", () => { retireSelected(); });
+    $("#scale").addEventListener("change", (event) => {
+      state.scale = event.target.value;
+      loadCharts().catch(failed);
     });
     $("#filter").addEventListener("input", (event) => {
       state.filter = event.target.value;
