@@ -523,6 +523,9 @@ async def test_page_lists_the_whole_fleet(dashboard: Dashboard, browser: Browser
     assert await browser.evaluate("document.querySelector('#alerts .alert-age').textContent") == "3 min ago"
     assert await browser.evaluate("document.querySelector('#no-alerts').hidden") is True
     assert await browser.evaluate("document.querySelector('#count-alerts').textContent") == "1"
+    # Nothing selected yet: the panel invites a click (it once said a meter was retired).
+    facts = await browser.evaluate("document.querySelector('#meter-facts').textContent")
+    assert facts == "Click a row of the table to see its readings over time."
     await browser.screenshot(tmp_path / "dashboard-fleet.png")
     assert browser.errors == []  # no script error, no refused resource, no CSP violation
 

@@ -347,7 +347,7 @@
     if (retire.dataset.armed !== state.selected) disarmRetire();
     if (!meter) {
       let text = "Click a row of the table to see its readings over time.";
-      if (state.selected === state.retired) text = "This meter is retired: it left the table; its readings stay in the API.";
+      if (state.selected && state.selected === state.retired) text = "This meter is retired: it left the table; its readings stay in the API.";
       else if (state.selected) text = "This meter is not in your fleet.";
       $("#meter-facts").textContent = text;
       return;
