@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import aiocoap
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from smartgas_consumer.auth import digest
@@ -56,6 +58,10 @@ def consumer_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             str(FLEET_FILE),
             "--api-keys",
             str(keys),
+            # Schemathesis tries wrong keys on every operation (its ignored-auth check); from one address that
+            # soon means 429s, which test_http_hardening.py covers. Here the throttle is kept out of the way.
+            "--wrong-keys-per-minute",
+            "1000000",
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -146,3 +152,44 @@ def test_api_without_a_key_is_401_everywhere(operations: list[Any]) -> None:
 
     for operation in operations:
         run_operation(operation, no_key)
+
+
+# Any RFC 3339 moment, from year 1 to year 9999 with any offset up to ±23:59, in since and until: the answer is
+# 200 or a 422 in the validation shape, never a 500, and the kept-alive connection survives (year 1 with a
+# positive offset once overflowed on the way to UTC and closed the connection).
+def rfc3339(moment: datetime, offset_min: int) -> str:
+    hours, minutes = divmod(abs(offset_min), 60)
+    return f"{moment.isoformat()}{'-' if offset_min < 0 else '+'}{hours:02d}:{minutes:02d}"
+
+
+MOMENTS = st.builds(
+    rfc3339,
+    # Anywhere, and often within a day of datetime's own limits, where conversions and arithmetic overflow.
+    st.datetimes(min_value=datetime.min, max_value=datetime.max)
+    | st.datetimes(min_value=datetime.min, max_value=datetime(1, 1, 2))
+    | st.datetimes(min_value=datetime(9999, 12, 30), max_value=datetime.max),
+    st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59),
+)
+WINDOWED = [
+    "/api/meters/bottle-0001/readings",
+    "/api/sites/lyon-gerland/stats",
+    "/dashboard/api/meters/bottle-0001/chart.svg",
+]
+
+
+def test_any_window_is_200_or_422(consumer_url: str) -> None:
+    with httpx.Client(base_url=consumer_url, headers={"X-API-Key": KEYS["*"]}, timeout=30) as http:
+        ports: set[int] = set()
+
+        @given(path=st.sampled_from(WINDOWED), since=st.none() | MOMENTS, until=st.none() | MOMENTS)
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def answered(path: str, since: str | None, until: str | None) -> None:
+            params = {name: value for name, value in (("since", since), ("until", until)) if value is not None}
+            response = http.get(path, params=params)
+            assert response.status_code in (200, 422), (path, params, response.status_code, response.text)
+            if response.status_code == 422:
+                assert response.json()["detail"][0]["loc"][0] == "query"
+            ports.add(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+        answered()
+        assert len(ports) == 1  # every answer on one kept-alive connection

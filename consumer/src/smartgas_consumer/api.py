@@ -1,9 +1,12 @@
 """The consumer's HTTP API (FastAPI, OpenAPI at ``/api/openapi.json``): the fleet, statistics, alerts.
 
-Every ``/api`` route needs an ``X-API-Key`` (``auth.py``): 401 without one or with a bad one. A client
-sees only its own meters, sites and alerts; another client's meter answers 404 exactly as a meter that
-does not exist. An administrator key sees everything. ``/metrics`` (Prometheus) and ``/healthz`` need no
-key and say nothing about any client. Runs in the consumer's event loop (``HttpServer``).
+Every ``/api`` route needs an ``X-API-Key`` (``auth.py``): 401 without one or with a bad one, 429 from
+an address that sent too many bad ones. A client sees only its own meters, sites and alerts; another
+client's meter answers 404 exactly as a meter that does not exist. An administrator key sees everything.
+``/metrics`` (Prometheus) and ``/healthz`` need no key and say nothing about any client. Runs in the
+consumer's event loop (``HttpServer``), which sets TCP_NODELAY on every accepted connection and adds the
+security headers (``SecurityHeaders``) to every response, errors included. Every query parameter is
+bounded: a value out of range is a 422 in FastAPI's validation shape, never a 500.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads these annotations at run time, and the
@@ -11,6 +14,7 @@ key and say nothing about any client. Runs in the consumer's event loop (``HttpS
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smartgas_consumer.alerts import AlertNotOpen
 from smartgas_consumer.auth import ApiKeys, Principal
@@ -30,8 +35,24 @@ from smartgas_consumer.queries import FleetQueries, Window
 _LOG = logging.getLogger(__name__)
 DEFAULT_WINDOW = timedelta(hours=1)
 MAX_WINDOW = timedelta(days=31)
+#: The moments a window may name: far from datetime's limits, so no arithmetic on them can overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+#: Longest meter id accepted as a filter: the wire format's longest (reading.py, METER_ID_PATTERN).
+MAX_ID_LENGTH = 64
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such meter, site or client (or not yours)"}}
-UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "Missing or invalid X-API-Key"}}
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid X-API-Key"},
+    429: {"description": "Too many invalid keys from this address; retry after Retry-After seconds"},
+}
+#: Added to every response that does not set its own (the dashboard sets a stricter policy on its page).
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+)
 NO_ALERT: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such alert (or not yours)"},
     409: {"description": "The alert is resolved already: only an open alert can be acknowledged or closed"},
@@ -202,12 +223,23 @@ class Caller(BaseModel):
 
 
 def caller_dependency(api_keys: ApiKeys) -> Callable[..., Principal]:
-    """A FastAPI dependency: the principal of the request's X-API-Key, or 401."""
+    """A FastAPI dependency: the principal of the request's X-API-Key, or 401 (429 from an address that
+    sent too many wrong keys: then no key is even looked at, so guessing cannot go on at full speed)."""
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="your client's API key")
 
-    def caller(key: Annotated[str | None, Security(key_header)]) -> Principal:
+    def caller(request: Request, key: Annotated[str | None, Security(key_header)]) -> Principal:
+        address = request.client.host if request.client is not None else None
+        wait_s = api_keys.throttle.retry_after_s(address)
+        if wait_s > 0:
+            raise HTTPException(
+                status_code=429,
+                detail="too many invalid X-API-Key attempts from your address; retry later",
+                headers={"Retry-After": str(math.ceil(wait_s))},
+            )
         principal = api_keys.authenticate(key)
         if principal is None:
+            if key:  # a missing key is no guess; a wrong one is
+                api_keys.throttle.failed(address)
             raise HTTPException(status_code=401, detail="missing or invalid X-API-Key")
         return principal
 
@@ -220,12 +252,15 @@ def window_dependency(queries: FleetQueries) -> Callable[..., Window]:
     def window(
         since: Annotated[
             datetime | None,
-            Query(description="start (RFC 3339); default: until − 1 h. Not after until; at most 31 days before it."),
+            Query(
+                description="start (RFC 3339, years 1970 to 9998); default: until − 1 h. Not after until; at most"
+                " 31 days before it."
+            ),
         ] = None,
-        until: Annotated[datetime | None, Query(description="end (RFC 3339); default: now")] = None,
+        until: Annotated[datetime | None, Query(description="end (RFC 3339, years 1970 to 9998); default: now")] = None,
     ) -> Window:
-        end = _utc(until) if until is not None else queries.now()
-        start = _utc(since) if since is not None else end - DEFAULT_WINDOW
+        end = _moment("until", until) if until is not None else queries.now()
+        start = _moment("since", since) if since is not None else end - DEFAULT_WINDOW
         if start > end:
             raise _invalid_query("since", since, "since must not be after until")
         if end - start > MAX_WINDOW:
@@ -252,7 +287,8 @@ def build_app(
         version="1",
         description="The gas-bottle fleet: meters, readings, statistics and alerts. Send your key as X-API-Key.",
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # The Swagger UI and ReDoc pages load their scripts from a CDN: off. The spec is the JSON above.
+        docs_url=None,
         redoc_url=None,
     )
     caller = caller_dependency(api_keys)
@@ -309,7 +345,7 @@ def build_app(
     async def list_alerts(
         who: Who,
         state: Annotated[Literal["open", "resolved"] | None, Query(description="only this state")] = None,
-        meter_id: Annotated[str | None, Query(description="only this meter")] = None,
+        meter_id: Annotated[str | None, Query(description="only this meter", max_length=MAX_ID_LENGTH)] = None,
         limit: Annotated[int, Query(ge=1, le=5000)] = 500,
     ) -> dict[str, Any]:
         if alerts is None:
@@ -397,8 +433,15 @@ def _invalid_query(name: str, value: object, message: str) -> RequestValidationE
     )
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+def _moment(name: str, moment: datetime) -> datetime:
+    """A window's end in UTC (naive means UTC), or 422 when it lies outside EARLIEST..LATEST."""
+    try:
+        utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
+        utc = None
+    if utc is None or not EARLIEST <= utc < LATEST:
+        raise _invalid_query(name, moment, f"{name} must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)")
+    return utc
 
 
 def _actor(who: Principal) -> str:
@@ -412,6 +455,28 @@ def _found(value: _T | None, what: str) -> _T:
     return value
 
 
+class SecurityHeaders:
+    """ASGI wrapper: every response, errors and 404s included, gets SECURITY_HEADERS it does not set itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(header for header in SECURITY_HEADERS if header[0] not in present)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn inside a larger service: the consumer, not uvicorn, handles SIGTERM and SIGINT."""
 
@@ -423,10 +488,22 @@ class _QuietServer(uvicorn.Server):
 class HttpServer:
     """Serves an ASGI app on (host, port) in the running event loop; ``port`` is known after ``start()``."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+        # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets whose protocol
+        # says TCP, and without it every kept-alive answer waits ~40 ms for the client's delayed ACK (Nagle).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._host, self._wanted_port = host, port
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        config = uvicorn.Config(
+            SecurityHeaders(app),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            server_header=False,
+            # No proxy stands in front: X-Forwarded-For is a client's claim and must not pick the address
+            # that wrong keys are counted against.
+            proxy_headers=False,
+        )
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
         self.port: int | None = None

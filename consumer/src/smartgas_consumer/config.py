@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SMARTGAS_CONSUMER_"
+#: The administrator key's rule (docs/security.md): long, printable ASCII, varied, and not a placeholder.
+ADMIN_KEY_MIN_LENGTH = 32
+ADMIN_KEY_MIN_DISTINCT = 8
+MAKE_A_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 class ConfigError(ValueError):
@@ -51,6 +55,7 @@ class ConsumerConfig:
     http_port: int = 8080
     api_keys: Path | None = None
     admin_key: str | None = field(default=None, repr=False)
+    wrong_keys_per_minute: int = 10
     # Fleet operations: when a meter counts as offline, and the alert thresholds (docs/alerts.md)
     expected_period_s: float = 10.0
     offline_after_periods: float = 3.0
@@ -140,6 +145,23 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _admin_key(text: str) -> str:
+    if "changeme" in text.lower():
+        problem = "is a placeholder"
+    elif len(text) < ADMIN_KEY_MIN_LENGTH:
+        problem = f"has {len(text)} characters"
+    elif not all("!" <= c <= "~" for c in text):
+        problem = "holds spaces, control or non-ASCII characters"
+    elif len(set(text)) < ADMIN_KEY_MIN_DISTINCT:
+        problem = f"uses only {len(set(text))} different characters"
+    else:
+        return text
+    raise ValueError(
+        f"{problem}: it must be at least {ADMIN_KEY_MIN_LENGTH} random printable ASCII characters, at least"
+        f" {ADMIN_KEY_MIN_DISTINCT} of them different (make one: {MAKE_A_KEY})"
+    )
+
+
 def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -157,6 +179,7 @@ class Setting:
     flag: str
     parse: Callable[[str], Any]
     help: str
+    secret: bool = False  # never echoed in an error message
 
     @property
     def env(self) -> str:
@@ -200,12 +223,14 @@ SETTINGS: tuple[Setting, ...] = (
         "--elasticsearch-password",
         str,
         "password of that user (prefer the environment variable: flags show in `ps`)",
+        secret=True,
     ),
     Setting(
         "elasticsearch_api_key",
         "--elasticsearch-api-key",
         str,
         "Elasticsearch API key (base64 'id:key'), instead of user and password",
+        secret=True,
     ),
     Setting(
         "elasticsearch_ca_certs",
@@ -239,8 +264,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "admin_key",
         "--admin-key",
-        str,
-        "an administrator API key, besides the keys file (best as the environment variable; .env in compose)",
+        _admin_key,
+        "an administrator API key, besides the keys file (best as the environment variable; .env in compose):"
+        " at least 32 random printable ASCII characters, 8 or more different; a placeholder is refused",
+        secret=True,
+    ),
+    Setting(
+        "wrong_keys_per_minute",
+        "--wrong-keys-per-minute",
+        _positive_int,
+        "wrong X-API-Keys an address may send at once, and then per minute, before it is answered 429",
     ),
     Setting("expected_period_s", "--expected-period", _positive_float, "seconds between two readings of a meter"),
     Setting(
@@ -318,7 +351,8 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Consume
         try:
             values[setting.field] = setting.parse(str(raw))
         except ValueError as err:
-            raise ConfigError(f"{source}={raw!r}: {err}") from err
+            shown = "(hidden)" if setting.secret else repr(raw)
+            raise ConfigError(f"{source}={shown}: {err}") from err
     return ConsumerConfig(**values)
 
 

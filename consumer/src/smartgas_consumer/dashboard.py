@@ -119,6 +119,7 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys, *, expected
             200: {"content": {"image/svg+xml": {}}, "description": "the chart"},
             401: {"description": "Missing or invalid X-API-Key"},
             404: {"description": "No such meter (or not yours)"},
+            429: {"description": "Too many invalid keys from this address; retry after Retry-After seconds"},
         },
     )
     async def chart(
@@ -164,6 +165,8 @@ def _respond(asset: Asset, policy: str) -> Response:
         media_type=asset.content_type,
         headers={
             "Content-Security-Policy": policy,
+            # The same framing rule for browsers that predate frame-ancestors.
+            "X-Frame-Options": "SAMEORIGIN" if policy == CHART_POLICY else "DENY",
             "X-Content-Type-Options": "nosniff",
             "Referrer-Policy": "no-referrer",
             "Cache-Control": "no-store",

@@ -20,7 +20,7 @@ from elasticsearch import AsyncElasticsearch
 
 from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine, AlertSource, Kind
 from smartgas_consumer.api import HttpServer, build_app
-from smartgas_consumer.auth import ApiKeys
+from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
 from smartgas_consumer.elastic import make_client
@@ -76,7 +76,8 @@ class Consumer:
         self.config = config
         # The fleet and keys files are read here, before any socket opens: a broken file stops the start.
         self.fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
-        self.api_keys = ApiKeys.load(config.api_keys).with_admin_key(config.admin_key)
+        self.api_keys = ApiKeys.load(config.api_keys, FailedKeyThrottle.per_minute(config.wrong_keys_per_minute))
+        self.api_keys = self.api_keys.with_admin_key(config.admin_key)
         self.metrics = Metrics(alert_kinds=[str(kind) for kind in Kind])
         self.store = ReadingStore(
             config.db,
