@@ -25,7 +25,7 @@ RUN_INJECT ?=
 .PHONY: help run test test-unit test-integration test-live lint typecheck deps venv bench e2e clean
 
 help:
-	@grep -E '^#   make' Makefile | sed 's/^#   //'
+	@grep -hE '^#   make' Makefile mk/*.mk | sed 's/^#   //'
 
 # --- installation -----------------------------------------------------------------------------------
 
@@ -73,7 +73,7 @@ run: venv
 # --- tests ------------------------------------------------------------------------------------------
 
 # Each package's suite runs through `python setup.py test`, as the original lab did.
-test: deps venv lint typecheck
+test: deps venv lint typecheck elasticsearch-zip
 	cd consumer && ../$(BIN)/python setup.py -q test
 	cd publisher && ../$(BIN)/python setup.py -q test
 
@@ -119,3 +119,6 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
+
+# The real Elasticsearch node of the test suite (included last: `make` alone stays `make help`).
+include mk/elasticsearch.mk

@@ -337,7 +337,9 @@ async def settled(store: ReadingStore) -> bool:
     return await store.read(count) == 0
 
 
-async def test_alerts_are_shipped_and_reshipped_under_the_same_id(rig: Rig, fake_es: FakeElasticsearch) -> None:
+async def test_each_change_of_an_alert_is_shipped_as_a_document_of_its_own(
+    rig: Rig, fake_es: FakeElasticsearch
+) -> None:
     assert rig.store is not None
     client = make_client(ConsumerConfig(elasticsearch_url=fake_es.url), request_timeout_s=5)
     sink = ElasticsearchSink(AlertSource(rig.store), client, backoff=Backoff(base_s=0.01, cap_s=0.05), idle_poll_s=0.02)
@@ -346,17 +348,18 @@ async def test_alerts_are_shipped_and_reshipped_under_the_same_id(rig: Rig, fake
         await rig.send(230.0)
         await wait_until(lambda: settled(rig.store))  # type: ignore[arg-type]
         alert_id = "m1:over_pressure:2026-11-23T08:00:00.000000Z"
-        assert fake_es.indexed("smartgas-alerts")[alert_id]["state"] == "open"
+        assert fake_es.indexed("smartgas-alerts")[f"{alert_id}:1"]["state"] == "open"
         await rig.send(200.0)
         await wait_until(lambda: settled(rig.store))  # type: ignore[arg-type]
     finally:
         await sink.stop()
         await client.close()
     indexed = fake_es.indexed("smartgas-alerts")
-    assert list(indexed) == [alert_id]
-    assert indexed[alert_id]["state"] == "resolved"
-    assert indexed[alert_id]["resolved_at"] == "2026-11-23T08:00:10.000000Z"
-    assert fake_es.sent[alert_id] == 2
+    assert list(indexed) == [f"{alert_id}:1", f"{alert_id}:2"]  # the alert's history: opened, then resolved
+    assert indexed[f"{alert_id}:1"]["state"] == "open"
+    assert indexed[f"{alert_id}:2"]["state"] == "resolved"
+    assert indexed[f"{alert_id}:2"]["resolved_at"] == "2026-11-23T08:00:10.000000Z"
+    assert fake_es.sent == {f"{alert_id}:1": 1, f"{alert_id}:2": 1}
 
 
 async def test_a_change_while_a_batch_is_in_flight_is_shipped_again(rig: Rig) -> None:
@@ -367,7 +370,8 @@ async def test_a_change_while_a_batch_is_in_flight_is_shipped_again(rig: Rig) ->
     await rig.send(235.0)  # the alert changes before the sink confirms the first version
     await source.mark_shipped([in_flight], T0)
     (again,) = await source.pending(10)
-    assert again.doc_id == in_flight.doc_id
+    assert again.doc_id != in_flight.doc_id  # a version of its own in the alerts data stream
+    assert again.doc_id.rpartition(":")[0] == in_flight.doc_id.rpartition(":")[0] == again.document["alert_id"]
     assert again.key > in_flight.key
     assert again.document["occurrences"] == 2
     await source.mark_shipped([again], T0)

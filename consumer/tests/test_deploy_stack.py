@@ -148,9 +148,12 @@ def test_images_are_pinned_by_env(compose: dict[str, Any], env: dict[str, str]) 
             assert service["build"]["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:?set PYTHON_IMAGE in .env}"
 
 
-def test_stack_version_equals_the_pinned_client(env: dict[str, str]) -> None:
+def test_stack_version_suits_the_pinned_client(env: dict[str, str]) -> None:
+    """The client talks to a cluster of its own major and of its minor or later (Elastic's compatibility rule)."""
     pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
-    assert env["STACK_VERSION"] == pins["elasticsearch"]
+    stack = tuple(int(part) for part in env["STACK_VERSION"].split(".")[:2])
+    client = tuple(int(part) for part in pins["elasticsearch"].split(".")[:2])
+    assert stack[0] == client[0] and stack[1] >= client[1]
 
 
 def test_host_ports_bind_the_loopback_unless_told_otherwise(compose: dict[str, Any], env: dict[str, str]) -> None:

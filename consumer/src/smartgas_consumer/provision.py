@@ -5,7 +5,9 @@ idempotent, so running it again (after editing an asset, say) is safe:
 
 1. wait, bounded, until Elasticsearch answers and its cluster health is yellow or green;
 2. when given, set the ``kibana_system`` user's password, so that Kibana can log in to Elasticsearch;
-3. install the composable index templates (``assets/elasticsearch/*.json``), before any reading is indexed;
+3. install the composable index templates (``assets/elasticsearch/*.json``), before any reading is indexed:
+   each makes its names (``smartgas-readings*``, ``smartgas-alerts*``) data streams whose data stream
+   lifecycle keeps ``retention_days`` of data;
 4. when a Kibana URL is configured, wait, bounded, until Kibana's core services are available, then import
    the saved objects (``assets/kibana/smartgas.ndjson``: data views, saved searches and the
    "SmartGas fleet" dashboard), overwriting earlier copies, and fail if Kibana rejected any of them.
@@ -15,8 +17,10 @@ line per try, up to ``wait_timeout_s``; what cannot pass (bad credentials, a ref
 saved object) fails at once. This module is the boundary where the Elasticsearch client's and aiohttp's
 exceptions become :class:`ProvisionError`, whose message names the step and carries the server's text.
 
-:func:`install_templates` is also the shipper's start-up step. There it lets the client's exceptions
-through, because the shipper's own boundary classifies them for its retry policy.
+:func:`prepare_data_stream` is the shipper's start-up step: it installs the templates, then brings a data
+stream that already exists up to them (:func:`evolve_data_stream`: a template reaches only indices created
+after it). There it lets the client's exceptions through, because the shipper's own boundary classifies
+them for its retry policy.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 import aiohttp
 from elastic_transport import TransportError
-from elasticsearch import ApiError, AsyncElasticsearch, UnsupportedProductError
+from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, UnsupportedProductError
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
@@ -50,18 +54,37 @@ BACKOFF_CAP_S = 5.0
 ANSWER_EXCERPT_CHARS = 2000
 
 
+#: Days of data a data stream keeps when the configuration does not say (0: keep everything).
+DEFAULT_RETENTION_DAYS = 30
+
+
 @dataclass(frozen=True, slots=True)
 class IndexTemplate:
-    """A composable index template: its name in Elasticsearch and its body's file in assets/elasticsearch."""
+    """A composable index template: its name in Elasticsearch and its body's file in assets/elasticsearch.
+
+    The template's index pattern is ``{name}*``: a data stream it shapes is named ``name`` or starts with it.
+    """
 
     name: str
     asset: str
+
+    def matches(self, data_stream: str) -> bool:
+        return data_stream.startswith(self.name)
 
 
 INDEX_TEMPLATES: tuple[IndexTemplate, ...] = (
     IndexTemplate("smartgas-readings", "readings-template.json"),
     IndexTemplate("smartgas-alerts", "alerts-template.json"),
 )
+
+
+def template_for(data_stream: str) -> IndexTemplate:
+    """The template whose pattern covers ``data_stream``; ValueError for a name no template matches."""
+    for template in INDEX_TEMPLATES:
+        if template.matches(data_stream):
+            return template
+    patterns = ", ".join(f"{template.name}*" for template in INDEX_TEMPLATES)
+    raise ValueError(f"{data_stream!r} matches no SmartGas index template ({patterns})")
 
 
 class ProvisionError(Exception):
@@ -75,9 +98,15 @@ def _asset(folder: str, name: str) -> bytes:
     return (resources.files("smartgas_consumer") / "assets" / folder / name).read_bytes()
 
 
-def template_body(template: IndexTemplate) -> dict[str, Any]:
-    """The body of ``PUT /_index_template/{name}``, as shipped in the package."""
+def lifecycle(retention_days: int) -> dict[str, Any]:
+    """A data stream lifecycle keeping ``retention_days`` days of data (0: no retention, keep everything)."""
+    return {"data_retention": f"{retention_days}d"} if retention_days > 0 else {}
+
+
+def template_body(template: IndexTemplate, *, retention_days: int = DEFAULT_RETENTION_DAYS) -> dict[str, Any]:
+    """The body of ``PUT /_index_template/{name}``, as shipped in the package, with the lifecycle's retention."""
     body: dict[str, Any] = json.loads(_asset("elasticsearch", template.asset))
+    body["template"]["lifecycle"] = lifecycle(retention_days)
     return body
 
 
@@ -89,11 +118,64 @@ def saved_objects_ndjson() -> bytes:
 # -- Elasticsearch -----------------------------------------------------------------------------------
 
 
-async def install_templates(client: AsyncElasticsearch) -> None:
+async def install_templates(client: AsyncElasticsearch, *, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
     """Install (or replace) every index template. Raises the client's own errors: callers translate them."""
     for template in INDEX_TEMPLATES:
-        await client.indices.put_index_template(name=template.name, body=template_body(template))
-        _LOG.info("index template %s installed", template.name)
+        body = template_body(template, retention_days=retention_days)
+        await client.indices.put_index_template(name=template.name, body=body)
+        _LOG.info("index template %s installed (version %s)", template.name, body.get("version"))
+
+
+async def evolve_data_stream(
+    client: AsyncElasticsearch, data_stream: str, *, retention_days: int = DEFAULT_RETENTION_DAYS
+) -> str:
+    """Bring an existing data stream up to its installed template; return what was done.
+
+    A template shapes only the indices created after it, so a field it added would be refused (``dynamic:
+    strict``) by the data stream's current backing index. Its mappings are put on the whole data stream,
+    which reaches every backing index, old data included. Where an older backing index cannot take them (a
+    field whose type changed, after an earlier rollover) they are put on the write index only; where the
+    write index cannot take them either, the data stream is rolled over, so new data goes to a backing
+    index made from the new template while old indices keep their own mapping. The lifecycle of a data
+    stream is fixed when it is created; it is set again here, on clusters that have the lifecycle API.
+    """
+    if not await client.indices.exists(index=data_stream):
+        return "not created yet: the first write creates it from the template"
+    mappings = template_body(template_for(data_stream))["template"]["mappings"]
+    done = ""
+    for write_index_only, outcome in ((False, "mappings updated in place"), (True, "write index mappings updated")):
+        try:
+            await client.indices.put_mapping(
+                index=data_stream,
+                properties=mappings["properties"],
+                dynamic=mappings.get("dynamic"),
+                write_index_only=write_index_only,
+            )
+            done = outcome
+            break
+        except BadRequestError as err:
+            _LOG.info("%s: mappings refused (write index only: %s): %s", data_stream, write_index_only, err.message)
+    if not done:
+        _LOG.warning("%s: the new mappings cannot be put on the write index; rolling over", data_stream)
+        await client.indices.rollover(alias=data_stream)
+        done = "rolled over to a backing index from the new template"
+    try:
+        await client.indices.put_data_lifecycle(name=data_stream, **lifecycle(retention_days))
+    except ApiError as err:
+        if err.status_code not in (400, 404, 405) or "no handler found" not in str(err.body):
+            raise
+        # Elasticsearch's minimal distribution has no data-streams module (the tests' node).
+        _LOG.warning("%s: this cluster has no data stream lifecycle API; retention unchanged", data_stream)
+    _LOG.info("data stream %s: %s", data_stream, done)
+    return done
+
+
+async def prepare_data_stream(
+    client: AsyncElasticsearch, data_stream: str, *, retention_days: int = DEFAULT_RETENTION_DAYS
+) -> str:
+    """The shipper's start-up step: the templates installed, then ``data_stream`` brought up to them."""
+    await install_templates(client, retention_days=retention_days)
+    return await evolve_data_stream(client, data_stream, retention_days=retention_days)
 
 
 def _retryable(status: int) -> bool:
@@ -343,7 +425,18 @@ async def provision(config: ConsumerConfig, *, kibana_system_password: str | Non
 
             await _es_step(f"setting the {KIBANA_SYSTEM_USER} password", set_password, timeout_s=wait_timeout_s)
             _LOG.info("%s password set", KIBANA_SYSTEM_USER)
-        await _es_step("installing the index templates", lambda: install_templates(client), timeout_s=wait_timeout_s)
+        retention_days = config.elasticsearch_retention_days
+        await _es_step(
+            "installing the index templates",
+            lambda: install_templates(client, retention_days=retention_days),
+            timeout_s=wait_timeout_s,
+        )
+        for data_stream in (config.elasticsearch_index, config.elasticsearch_alerts_index):
+            await _es_step(
+                f"bringing data stream {data_stream} up to its template",
+                lambda name=data_stream: evolve_data_stream(client, name, retention_days=retention_days),  # type: ignore[misc]
+                timeout_s=wait_timeout_s,
+            )
     finally:
         await client.close()
     if config.kibana_url is None:
