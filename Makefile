@@ -3,7 +3,8 @@
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
 #   make bench  ingest throughput and latency against a real consumer process
 #   make e2e    (Docker machines) the compose stack up, the live suite against it, down again
-# Everything installs into .venv from constraints.txt (pinned), plus Debian packages via apt-get.
+# Everything installs into .venv from constraints.lock (the whole tree pinned; `make lock` makes it from
+# constraints.txt), plus Debian packages via apt-get.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -42,8 +43,8 @@ deps:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python constraints.txt consumer/pyproject.toml publisher/pyproject.toml
-	$(BIN)/pip install -q -c constraints.txt -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
+$(VENV)/.installed: $(BIN)/python constraints.lock consumer/pyproject.toml publisher/pyproject.toml
+	$(BIN)/pip install -q -c constraints.lock -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
 	touch $@
 
 venv: $(VENV)/.installed
@@ -118,7 +119,8 @@ bench: venv
 	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5
 
 clean:
-	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
 
 # The real Elasticsearch node of the test suite (included last: `make` alone stays `make help`).
 include mk/elasticsearch.mk
+include mk/lock.mk

@@ -144,7 +144,7 @@ def test_images_are_pinned_by_env(compose: dict[str, Any], env: dict[str, str]) 
         # Prometheus tags its images with a leading v (v3.14.0).
         assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {resolved} is not a full version"
         if "build" in service:
-            assert service["build"]["context"] == "."  # Dockerfiles need constraints.txt and docs/
+            assert service["build"]["context"] == "."  # Dockerfiles need constraints.lock and docs/
             assert service["build"]["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:?set PYTHON_IMAGE in .env}"
 
 
@@ -276,7 +276,8 @@ def test_dockerfile_rules(package: str, env: dict[str, str]) -> None:
     assert re.search(r"^USER smartgas$", runtime, re.M)
     assert "HEALTHCHECK" in runtime
     assert f'ENTRYPOINT ["smartgas-{package}"]' in runtime
-    assert f"pip install -c /src/constraints.txt --no-build-isolation /src/{package}" in text
+    assert f"pip install -c /src/constraints.lock --no-build-isolation /src/{package}" in text  # the full lock
+    assert "constraints.txt" not in text.replace("\n#", "")
     test_stage = text.split("AS test", 1)[1].split("AS runtime", 1)[0]
     assert "python setup.py test" in test_stage
     assert "libcoap3-bin" in test_stage
@@ -296,4 +297,4 @@ def test_dockerignore_keeps_secrets_and_state_out() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".git", ".env", "**/__pycache__", "**/*.egg-info", "**/*.db"} <= patterns
-    assert "constraints.txt" not in patterns and "docs" not in patterns
+    assert "constraints.lock" not in patterns and "docs" not in patterns
