@@ -21,6 +21,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
 
 from smartgas_consumer import cli
+from smartgas_consumer.config import ConfigError, load
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
@@ -105,7 +106,16 @@ def test_docker_compose_config_validates() -> None:
 def test_no_version_key_and_only_known_services(compose: dict[str, Any]) -> None:
     assert "version" not in compose  # the Compose Specification, read by v1 (≥ 1.27) and v2 alike
     services = compose["services"]
-    assert set(services) == {"elasticsearch", "kibana", "setup", "consumer", "publisher", "prometheus", "grafana"}
+    assert set(services) == {
+        "elasticsearch",
+        "kibana",
+        "setup",
+        "kibana-setup",
+        "consumer",
+        "publisher",
+        "prometheus",
+        "grafana",
+    }
     # Plain `up` starts the core stack; `--profile monitoring up` adds Prometheus and Grafana.
     profiles = {name: service.get("profiles", []) for name, service in services.items()}
     assert {name for name, names in profiles.items() if names} == {"prometheus", "grafana"}
@@ -119,6 +129,9 @@ def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -
         check = service.get("healthcheck") or {}
         if name in short_lived:
             assert service.get("restart") == "no"
+            continue
+        if name == "kibana-setup":  # a one-shot that nothing waits for, restarted until its import passes
+            assert service.get("restart") == "on-failure" and check.get("disable") is True
             continue
         assert not check.get("disable"), name
         assert {"interval", "timeout", "retries"} <= set(check), name
@@ -193,6 +206,7 @@ def test_start_order_is_acyclic_and_waits_on_health(compose: dict[str, Any]) -> 
         "elasticsearch": {},
         "kibana": {"elasticsearch": "service_healthy"},
         "setup": {"elasticsearch": "service_healthy"},
+        "kibana-setup": {"setup": "service_completed_successfully"},  # and nothing depends on it
         "consumer": {"setup": "service_completed_successfully", "elasticsearch": "service_healthy"},
         "publisher": {"consumer": "service_healthy"},
         "prometheus": {},  # scrapes the consumer when it is there; `up` says when it is not
@@ -240,9 +254,12 @@ def test_single_node_security_on_http_without_tls(compose: dict[str, Any]) -> No
 def test_passwords_are_placeholders_marked_change_me(env: dict[str, str]) -> None:
     text = ENV_FILE.read_text()
     assert "CHANGE ME" in text
-    for name in ("ELASTIC_PASSWORD", "KIBANA_PASSWORD", "KIBANA_ENCRYPTION_KEY"):
+    keys = ("KIBANA_ENCRYPTION_KEY", "KIBANA_SECURITY_ENCRYPTION_KEY", "KIBANA_REPORTING_ENCRYPTION_KEY")
+    for name in ("ELASTIC_PASSWORD", "KIBANA_PASSWORD", *keys):
         assert env[name].startswith("changeme"), name
-    assert len(env["KIBANA_ENCRYPTION_KEY"]) >= 32  # Kibana refuses a shorter key
+    for name in keys:
+        assert len(env[name]) >= 32, name  # Kibana refuses a shorter key
+    assert len(set(map(env.get, keys))) == len(keys)  # one key per purpose
     assert len(env["ELASTIC_PASSWORD"]) >= 6 and len(env["KIBANA_PASSWORD"]) >= 6  # Elasticsearch's minimum
 
 
@@ -253,6 +270,10 @@ def test_compose_commands_are_ones_the_cli_accepts(compose: dict[str, Any], env:
     setup = [interpolate(str(part), env) for part in services["setup"]["command"]]
     parsed = parser.parse_args(setup)
     assert parsed.command == "setup"
+    kibana_setup = parser.parse_args([interpolate(str(part), env) for part in services["kibana-setup"]["command"]])
+    assert kibana_setup.command == "setup" and kibana_setup.kibana_only
+    assert "SMARTGAS_CONSUMER_KIBANA_URL" not in services["setup"]["environment"]  # Kibana gates nothing
+    assert "SMARTGAS_CONSUMER_KIBANA_URL" in services["kibana-setup"]["environment"]
     parser.parse_args(services["consumer"]["command"])
     test = services["consumer"]["healthcheck"]["test"]
     assert test[:2] == ["CMD", "smartgas-consumer"]
@@ -298,3 +319,32 @@ def test_dockerignore_keeps_secrets_and_state_out() -> None:
     }
     assert {".git", ".env", "**/__pycache__", "**/*.egg-info", "**/*.db"} <= patterns
     assert "constraints.lock" not in patterns and "docs" not in patterns
+
+
+def test_one_image_build_for_consumer_setup_and_kibana_setup(compose: dict[str, Any]) -> None:
+    """Two services building one tag fail in parallel ("image already exists"): only the consumer builds it."""
+    services = compose["services"]
+    builders: dict[str, list[str]] = {}
+    for name, service in services.items():
+        if "build" in service:
+            builders.setdefault(service["image"], []).append(name)
+    assert all(len(names) == 1 for names in builders.values()), builders
+    consumer_image = services["consumer"]["image"]
+    assert builders[consumer_image] == ["consumer"]
+    assert services["setup"]["image"] == services["kibana-setup"]["image"] == consumer_image
+
+
+def test_kibana_keeps_sessions_across_restarts(compose: dict[str, Any]) -> None:
+    environment = compose["services"]["kibana"]["environment"]
+    assert environment["XPACK_SECURITY_ENCRYPTIONKEY"] == (
+        "${KIBANA_SECURITY_ENCRYPTION_KEY:?set KIBANA_SECURITY_ENCRYPTION_KEY in .env}"
+    )
+
+
+def test_the_readings_data_stream_is_one_the_template_covers(compose: dict[str, Any], env: dict[str, str]) -> None:
+    """The compose name goes through the consumer's own check, which refuses what the template does not match."""
+    for service in ("setup", "consumer"):
+        name = interpolate(compose["services"][service]["environment"]["SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX"], env)
+        assert load({}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX": name}).elasticsearch_index == name
+    with pytest.raises(ConfigError, match="smartgas-readings"):
+        load({}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX": "fleet-readings"})

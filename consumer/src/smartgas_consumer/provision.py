@@ -10,7 +10,10 @@ idempotent, so running it again (after editing an asset, say) is safe:
    lifecycle keeps ``retention_days`` of data;
 4. when a Kibana URL is configured, wait, bounded, until Kibana's core services are available, then import
    the saved objects (``assets/kibana/smartgas.ndjson``: data views, saved searches and the
-   "SmartGas fleet" dashboard), overwriting earlier copies, and fail if Kibana rejected any of them.
+   "SmartGas fleet" dashboard) that are missing in Kibana or older than ours and never edited there
+   (kibana_sync.py: a user's edit is never reverted), and fail if Kibana rejected any of them.
+   ``--kibana-only`` runs this step alone: compose runs it as a service of its own that nothing waits
+   for, so a slow or failing Kibana never holds back ingestion.
 
 Each wait retries what may pass (no connection yet, a timeout, 429, 5xx) with capped backoff and a log
 line per try, up to ``wait_timeout_s``; what cannot pass (bad credentials, a refused template, a rejected
@@ -41,6 +44,17 @@ from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, Unsuppo
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
+from smartgas_consumer.kibana_sync import (
+    RECORD_ID,
+    RECORD_INDEX,
+    Imported,
+    ImportPlan,
+    asset_digest,
+    object_key,
+    plan_import,
+    read_record,
+    record_document,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -403,13 +417,79 @@ async def import_saved_objects(session: aiohttp.ClientSession, *, url: str, ndjs
     return imported
 
 
+async def saved_objects_in_kibana(
+    session: aiohttp.ClientSession, *, url: str, objects: list[dict[str, Any]], timeout_s: float
+) -> dict[str, str | None]:
+    """Which of ``objects`` Kibana has (``POST /api/saved_objects/_bulk_get``): key → its ``updated_at``."""
+    step = f"reading the saved objects in Kibana at {url}"
+    found: dict[str, str | None] = {}
+
+    async def attempt(request_timeout_s: float) -> str | None:
+        wanted = [{"type": saved_object["type"], "id": saved_object["id"]} for saved_object in objects]
+        try:
+            async with session.post(
+                f"{url}/api/saved_objects/_bulk_get",
+                json=wanted,
+                headers={"kbn-xsrf": "true"},
+                timeout=aiohttp.ClientTimeout(total=request_timeout_s),
+            ) as response:
+                status, text = response.status, await response.text()
+        except (aiohttp.ClientError, TimeoutError) as err:
+            return f"{type(err).__name__}: {err}"
+        if _retryable(status):
+            return f"HTTP {status}: {_excerpt(text)[:200]}"
+        if status != 200:
+            raise ProvisionError(f"{step}: HTTP {status}: {_excerpt(text)}")
+        try:
+            answer = json.loads(text)
+            for item in answer["saved_objects"]:
+                if not item.get("error"):
+                    found[object_key(item)] = item.get("updated_at")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ProvisionError(f"{step}: unexpected answer: {_excerpt(text)}") from err
+        return None
+
+    await _poll(step, attempt, timeout_s=timeout_s)
+    return found
+
+
+async def sync_saved_objects(
+    session: aiohttp.ClientSession, client: AsyncElasticsearch, *, url: str, timeout_s: float
+) -> ImportPlan:
+    """Import only the saved objects that are missing in Kibana or older than ours (kibana_sync.py)."""
+    ours = [json.loads(line) for line in saved_objects_ndjson().decode("utf-8").splitlines() if line.strip()]
+    stored = await client.options(ignore_status=404).get(index=RECORD_INDEX, id=RECORD_ID)
+    record = read_record(stored.body.get("_source"))
+    plan = plan_import(ours, await saved_objects_in_kibana(session, url=url, objects=ours, timeout_s=timeout_s), record)
+    for key in plan.kept:
+        _LOG.warning("Kibana: %s was changed in Kibana (or not imported by setup): kept as it is", key)
+    if plan.to_import:
+        ndjson = "".join(json.dumps(saved_object) + "\n" for saved_object in plan.to_import).encode("utf-8")
+        await import_saved_objects(session, url=url, ndjson=ndjson, timeout_s=timeout_s)
+        after = await saved_objects_in_kibana(session, url=url, objects=plan.to_import, timeout_s=timeout_s)
+        for saved_object in plan.to_import:
+            key = object_key(saved_object)
+            record[key] = Imported(asset_digest(saved_object), after.get(key))
+            _LOG.info("Kibana: %s imported (%s)", key, plan.reasons[key])
+        await client.index(index=RECORD_INDEX, id=RECORD_ID, document=record_document(record), refresh=True)
+    return plan
+
+
 # -- the whole setup ---------------------------------------------------------------------------------
 
 
-async def provision(config: ConsumerConfig, *, kibana_system_password: str | None, wait_timeout_s: float) -> None:
+async def provision(
+    config: ConsumerConfig,
+    *,
+    kibana_system_password: str | None,
+    wait_timeout_s: float,
+    kibana_only: bool = False,
+) -> None:
     """Make Elasticsearch (and Kibana, when ``config.kibana_url`` is set) ready for the fleet.
 
-    Each wait (Elasticsearch, then Kibana) is bounded by ``wait_timeout_s``. Raises ProvisionError.
+    ``kibana_only`` skips the Elasticsearch steps (the compose stack runs the Kibana import as a service of
+    its own, so that Kibana never holds back ingestion). Each wait (Elasticsearch, then Kibana) is bounded
+    by ``wait_timeout_s``. Raises ProvisionError.
     """
     if config.elasticsearch_url is None:
         raise ProvisionError("no Elasticsearch URL configured (--elasticsearch-url)")
@@ -417,41 +497,52 @@ async def provision(config: ConsumerConfig, *, kibana_system_password: str | Non
     client = make_client(config, request_timeout_s=REQUEST_TIMEOUT_S)
     try:
         await wait_for_elasticsearch(client, url=url, timeout_s=wait_timeout_s)
-        if kibana_system_password is not None:
-            password = kibana_system_password
-
-            async def set_password() -> None:
-                await client.security.change_password(username=KIBANA_SYSTEM_USER, password=password)
-
-            await _es_step(f"setting the {KIBANA_SYSTEM_USER} password", set_password, timeout_s=wait_timeout_s)
-            _LOG.info("%s password set", KIBANA_SYSTEM_USER)
-        retention_days = config.elasticsearch_retention_days
-        await _es_step(
-            "installing the index templates",
-            lambda: install_templates(client, retention_days=retention_days),
-            timeout_s=wait_timeout_s,
-        )
-        for data_stream in (config.elasticsearch_index, config.elasticsearch_alerts_index):
-            await _es_step(
-                f"bringing data stream {data_stream} up to its template",
-                lambda name=data_stream: evolve_data_stream(client, name, retention_days=retention_days),  # type: ignore[misc]
-                timeout_s=wait_timeout_s,
-            )
+        if not kibana_only:
+            await _provision_elasticsearch(client, config, kibana_system_password, wait_timeout_s)
+        if config.kibana_url is None:
+            _LOG.info("no Kibana URL configured: saved objects not imported")
+            return
+        async with kibana_session(config) as session:
+            await wait_for_kibana(session, url=config.kibana_url, timeout_s=wait_timeout_s)
+            try:
+                plan = await sync_saved_objects(session, client, url=config.kibana_url, timeout_s=wait_timeout_s)
+            except (ApiError, TransportError) as err:
+                raise ProvisionError(f"the record of imported saved objects in Elasticsearch: {err}") from err
     finally:
         await client.close()
-    if config.kibana_url is None:
-        _LOG.info("no Kibana URL configured: saved objects not imported")
-        return
-    async with kibana_session(config) as session:
-        await wait_for_kibana(session, url=config.kibana_url, timeout_s=wait_timeout_s)
-        count = await import_saved_objects(
-            session, url=config.kibana_url, ndjson=saved_objects_ndjson(), timeout_s=wait_timeout_s
-        )
     _LOG.info(
-        "Kibana: %d saved objects imported; dashboard at %s/app/dashboards#/view/smartgas-fleet",
-        count,
+        "Kibana: %d saved objects imported, %d current, %d kept as changed in Kibana; dashboard at "
+        "%s/app/dashboards#/view/smartgas-fleet",
+        len(plan.to_import),
+        len(plan.current),
+        len(plan.kept),
         config.kibana_url,
     )
+
+
+async def _provision_elasticsearch(
+    client: AsyncElasticsearch, config: ConsumerConfig, kibana_system_password: str | None, wait_timeout_s: float
+) -> None:
+    if kibana_system_password is not None:
+        password = kibana_system_password
+
+        async def set_password() -> None:
+            await client.security.change_password(username=KIBANA_SYSTEM_USER, password=password)
+
+        await _es_step(f"setting the {KIBANA_SYSTEM_USER} password", set_password, timeout_s=wait_timeout_s)
+        _LOG.info("%s password set", KIBANA_SYSTEM_USER)
+    retention_days = config.elasticsearch_retention_days
+    await _es_step(
+        "installing the index templates",
+        lambda: install_templates(client, retention_days=retention_days),
+        timeout_s=wait_timeout_s,
+    )
+    for data_stream in (config.elasticsearch_index, config.elasticsearch_alerts_index):
+        await _es_step(
+            f"bringing data stream {data_stream} up to its template",
+            lambda name=data_stream: evolve_data_stream(client, name, retention_days=retention_days),  # type: ignore[misc]
+            timeout_s=wait_timeout_s,
+        )
 
 
 async def main_setup(
@@ -460,6 +551,7 @@ async def main_setup(
     *,
     kibana_system_password_env: str | None,
     wait_timeout_s: float,
+    kibana_only: bool = False,
 ) -> int:
     """``smartgas-consumer setup``: run :func:`provision`; exit code 0 done, 1 failed, 2 misconfigured.
 
@@ -468,6 +560,9 @@ async def main_setup(
     """
     if config.elasticsearch_url is None:
         _LOG.error("setup needs --elasticsearch-url (or SMARTGAS_CONSUMER_ELASTICSEARCH_URL)")
+        return 2
+    if kibana_only and config.kibana_url is None:
+        _LOG.error("setup --kibana-only needs --kibana-url (or SMARTGAS_CONSUMER_KIBANA_URL)")
         return 2
     password: str | None = None
     if kibana_system_password_env is not None:
@@ -480,7 +575,7 @@ async def main_setup(
             )
             return 2
     try:
-        await provision(config, kibana_system_password=password, wait_timeout_s=wait_timeout_s)
+        await provision(config, kibana_system_password=password, wait_timeout_s=wait_timeout_s, kibana_only=kibana_only)
     except ProvisionError as err:
         _LOG.error("setup failed: %s", err)
         return 1
