@@ -35,6 +35,7 @@ from smartgas_consumer.provision import (
     evolve_data_stream,
     install_templates,
     prepare_data_stream,
+    provision,
     template_body,
 )
 from smartgas_consumer.server import Consumer
@@ -324,3 +325,29 @@ async def test_killed_node_mid_shipping_loses_and_duplicates_nothing(
 
 async def _shipped_at_least(sink: ElasticsearchSink, count: int) -> bool:
     return sink.counters.shipped >= count
+
+
+async def test_setup_installs_the_templates_and_upgrades_existing_data_streams(
+    es: AsyncElasticsearch, elasticsearch_url: str
+) -> None:
+    """`smartgas-consumer setup` (its Elasticsearch part) on a real node: templates with the configured
+    retention, and a data stream made by an older template brought up to the new one."""
+    stream = fresh_stream()
+    await create_with_old_template(es, stream, epoch_type=None)
+    config = ConsumerConfig(
+        elasticsearch_url=elasticsearch_url, elasticsearch_index=stream, elasticsearch_retention_days=9
+    )
+    try:
+        await provision(config, kibana_system_password=None, wait_timeout_s=60)
+        templates = await es.indices.get_index_template(name="smartgas-*")
+        by_name = {entry["name"]: entry["index_template"] for entry in templates["index_templates"]}
+        assert set(by_name) >= {"smartgas-readings", "smartgas-alerts"}
+        for template in by_name.values():
+            assert template["template"]["lifecycle"]["data_retention"] == "9d"
+            assert template["data_stream"] == {"hidden": False, "allow_custom_routing": False}
+        backing = (await data_stream_metadata(es, stream))["indices"][-1]["index_name"]
+        assert (await es.indices.get_mapping(index=backing))[backing]["mappings"]["properties"]["epoch"] == {
+            "type": "integer"
+        }
+    finally:
+        await install_templates(es, retention_days=7)
