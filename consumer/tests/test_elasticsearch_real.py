@@ -129,6 +129,8 @@ async def test_readings_become_a_data_stream_with_natural_ids(
     assert mapping["dynamic"] == "strict"
     assert mapping["properties"]["moles"]["type"] == "double"
     assert mapping["properties"]["meter_id"]["type"] == "keyword"
+    # auto_expand_replicas 0-1: a single node holds no replica, so the data stream is green, not yellow.
+    assert (await es.cluster.health(index=stream))["status"] == "green"
 
 
 async def test_data_stream_lifecycle_keeps_the_configured_retention(

@@ -127,7 +127,8 @@ def test_template_maps_exactly_the_agreed_fields(name: str, pattern: str, expect
     mappings = body["template"]["mappings"]
     assert mappings["dynamic"] == "strict"  # an unexpected field is refused, never guessed
     assert {field: mapping["type"] for field, mapping in mappings["properties"].items()} == expected
-    assert body["template"]["settings"]["index"] == {"number_of_shards": 1, "number_of_replicas": 0}
+    # One node: no replica (health green); two nodes or more (docker-compose.cluster.yaml): one replica.
+    assert body["template"]["settings"]["index"] == {"number_of_shards": 1, "auto_expand_replicas": "0-1"}
     assert isinstance(body["priority"], int) and body["priority"] > 100  # above the built-in templates
 
 
