@@ -348,3 +348,63 @@ def test_the_readings_data_stream_is_one_the_template_covers(compose: dict[str, 
         assert load({}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX": name}).elasticsearch_index == name
     with pytest.raises(ConfigError, match="smartgas-readings"):
         load({}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX": "fleet-readings"})
+
+
+# -- the three-node cluster (docker-compose.cluster.yaml) ------------------------------------------------
+
+CLUSTER_FILE = REPO / "docker-compose.cluster.yaml"
+
+
+def compose_config(*args: str) -> dict[str, Any]:
+    """``docker-compose -f docker-compose.yaml -f docker-compose.cluster.yaml [args] config``, parsed."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (CI installs it: apt-get install docker-compose)")
+    clean = {k: v for k, v in os.environ.items() if k not in read_env_file() and not k.startswith("COMPOSE_")}
+    command = [binary, "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "-f", str(CLUSTER_FILE)]
+    result = subprocess.run(
+        [*command, *args, "config"], cwd=REPO, env=clean, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    merged: dict[str, Any] = yaml.safe_load(result.stdout)
+    return merged
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "monitoring"]])
+def test_cluster_file_validates_with_and_without_profiles(profile: list[str]) -> None:
+    services = compose_config(*profile)["services"]
+    assert {"elasticsearch", "es02", "es03", "es-certs", "consumer", "kibana-setup"} <= set(services)
+    assert services["es02"].get("profiles") is None  # the cluster file's nodes belong to no profile
+
+
+def test_cluster_has_three_nodes_with_tls_between_them() -> None:
+    services = compose_config()["services"]
+    nodes = {"elasticsearch": "es01", "es02": "es02", "es03": "es03"}
+    data_volumes = set()
+    for service, node in nodes.items():
+        environment = services[service]["environment"]
+        assert environment["node.name"] == node
+        assert environment["discovery.type"] == "multi-node"
+        assert environment["discovery.seed_hosts"] == "elasticsearch,es02,es03"
+        assert environment["cluster.initial_master_nodes"] == "es01,es02,es03"
+        assert environment["xpack.security.enabled"] == "true"
+        assert environment["xpack.security.transport.ssl.enabled"] == "true"
+        assert environment["xpack.security.transport.ssl.verification_mode"] == "certificate"
+        assert environment["xpack.security.transport.ssl.key"] == f"certs/{node}/{node}.key"
+        assert environment["xpack.security.transport.ssl.certificate"] == f"certs/{node}/{node}.crt"
+        assert environment["xpack.security.transport.ssl.certificate_authorities"] == "certs/ca/ca.crt"
+        assert services[service]["depends_on"]["es-certs"]["condition"] == "service_completed_successfully"
+        assert services[service]["mem_limit"]
+        mounts = [
+            mount if isinstance(mount, str) else f"{mount['source']}:{mount['target']}"
+            for mount in services[service]["volumes"]
+        ]
+        assert any(m.startswith("escerts:/usr/share/elasticsearch/config/certs") for m in mounts), service
+        data_volumes |= {m.split(":")[0] for m in mounts if ":/usr/share/elasticsearch/data" in m}
+    assert data_volumes == {"esdata", "esdata02", "esdata03"}  # es01 keeps the single node's data
+    certs_script = services["es-certs"]["command"][-1]
+    for node in nodes.values():
+        assert f"name: {node}" in certs_script
+    # Clients keep the single-node URL: es01 is still the service "elasticsearch".
+    assert services["consumer"]["environment"]["SMARTGAS_CONSUMER_ELASTICSEARCH_URL"] == "http://elasticsearch:9200"
+    assert services["elasticsearch"]["ports"] == ["127.0.0.1:9200:9200/tcp"]
