@@ -11,10 +11,16 @@ import re
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 FIX = "run `make lock` and commit constraints.lock"
+
+pytestmark = pytest.mark.skipif(
+    not (REPO / "constraints.txt").is_file(),
+    reason="constraints.txt is not in this tree (the image build has the lock only)",
+)
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -41,7 +47,14 @@ def test_every_direct_pin_is_in_the_lock_at_the_same_version() -> None:
 def test_the_lock_covers_the_whole_installed_tree() -> None:
     """Every distribution the two packages need, with their test extras, transitively, is pinned."""
     locked = pins(REPO / "constraints.lock")
-    wanted = [("smartgas-consumer", {"test"}), ("smartgas-publisher", {"test"})]
+    wanted: list[tuple[str, set[str]]] = []
+    for package in ("smartgas-consumer", "smartgas-publisher"):
+        try:
+            metadata.distribution(package)
+        except metadata.PackageNotFoundError:
+            continue  # an image holds one of the two
+        wanted.append((package, {"test"}))
+    assert wanted
     seen: set[str] = set()
     missing: set[str] = set()
     while wanted:
