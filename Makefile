@@ -3,7 +3,8 @@
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
 #   make bench  ingest throughput and latency against a real consumer process
 #   make e2e    (Docker machines) the compose stack up, the live suite against it, down again
-# Everything installs into .venv from constraints.txt (pinned), plus Debian packages via apt-get.
+# Everything installs into .venv from constraints.lock (the whole tree pinned; `make lock` makes it from
+# constraints.txt), plus Debian packages via apt-get.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -25,7 +26,7 @@ RUN_INJECT ?=
 .PHONY: help run test test-unit test-integration test-live lint typecheck deps venv bench e2e clean
 
 help:
-	@grep -E '^#   make' Makefile | sed 's/^#   //'
+	@grep -hE '^#   make' Makefile mk/*.mk | sed 's/^#   //'
 
 # --- installation -----------------------------------------------------------------------------------
 
@@ -42,8 +43,8 @@ deps:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python constraints.txt consumer/pyproject.toml publisher/pyproject.toml
-	$(BIN)/pip install -q -c constraints.txt -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
+$(VENV)/.installed: $(BIN)/python constraints.lock consumer/pyproject.toml publisher/pyproject.toml
+	$(BIN)/pip install -q -c constraints.lock -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
 	touch $@
 
 venv: $(VENV)/.installed
@@ -73,7 +74,7 @@ run: venv
 # --- tests ------------------------------------------------------------------------------------------
 
 # Each package's suite runs through `python setup.py test`, as the original lab did.
-test: deps venv lint typecheck
+test: deps venv lint typecheck elasticsearch-zip
 	cd consumer && ../$(BIN)/python setup.py -q test
 	cd publisher && ../$(BIN)/python setup.py -q test
 
@@ -94,23 +95,13 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy consumer/src publisher/src
 
-# On a machine with Docker: bring the whole stack up, wait until the consumer is healthy (it starts
-# only after setup provisioned Elasticsearch and Kibana), run the live suite against it, tear it down,
-# and return the suite's exit code.
+# On a machine with Docker: bring the whole stack up, check its data path (the publisher's meters'
+# readings in the readings data stream, the dashboard and data views in Kibana), run the live suite
+# against it, and tear it down with its volumes on every path, failures included (deploy/e2e.sh).
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 E2E_WAIT_S ?= 600
 e2e: venv
-	@set -a; . ./.env; set +a; \
-	$(COMPOSE) up -d --build || exit 1; \
-	deadline=$$(( $$(date +%s) + $(E2E_WAIT_S) )); \
-	until [ "$$(docker inspect --format '{{.State.Health.Status}}' coapserver 2>/dev/null)" = healthy ]; do \
-	  if [ $$(date +%s) -gt $$deadline ]; then echo "stack not healthy in $(E2E_WAIT_S) s"; \
-	    $(COMPOSE) logs --tail 50; $(COMPOSE) down -v; exit 1; fi; \
-	  sleep 5; \
-	done; \
-	ELASTICSEARCH_URL=http://127.0.0.1:$${ES_PORT} KIBANA_URL=http://127.0.0.1:$${KIBANA_PORT} \
-	  $(BIN)/python -m pytest -m live -rs consumer/tests; status=$$?; \
-	$(COMPOSE) down -v; exit $$status
+	COMPOSE="$(COMPOSE)" PYTHON=$(BIN)/python E2E_WAIT_S=$(E2E_WAIT_S) bash deploy/e2e.sh
 
 # Ingest throughput and acknowledgement latency of a real consumer process (see docs/benchmarks.md).
 bench: venv
@@ -118,4 +109,8 @@ bench: venv
 	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5
 
 clean:
-	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
+
+# The real Elasticsearch node of the test suite (included last: `make` alone stays `make help`).
+include mk/elasticsearch.mk
+include mk/lock.mk

@@ -1,14 +1,17 @@
-"""Shared fixtures: the wire contract's files, a real consumer on a loopback ephemeral port, a CoAP client."""
+"""Shared fixtures: the wire contract's files, a real consumer on a loopback ephemeral port, a CoAP client,
+and one real Elasticsearch node for the session (elasticsearch_node.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiocoap
 import pytest
+from elasticsearch_node import ElasticsearchNode, NodeUnavailable, make_node
 from webhook_receiver import Receiver
 
 from smartgas_consumer.config import ConsumerConfig
@@ -66,3 +69,47 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture(scope="session")
+def elasticsearch_node() -> Iterator[ElasticsearchNode | str]:
+    """The session's real Elasticsearch node, started on first use and stopped at the end.
+
+    ``SMARTGAS_TEST_ELASTICSEARCH_URL`` names a node that is already running instead (yielded as its URL);
+    when no node can be had, the reason is yielded and the tests that need one skip with it.
+    """
+    external = os.environ.get("SMARTGAS_TEST_ELASTICSEARCH_URL")
+    if external:
+        yield external.rstrip("/")
+        return
+    try:
+        node = make_node()
+        node.start()
+    except NodeUnavailable as err:
+        yield f"no real Elasticsearch: {err}"
+        return
+    print(f"\nElasticsearch {node.version} started in {node.start_seconds:.1f} s at {node.url}")
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def elasticsearch_url(elasticsearch_node: ElasticsearchNode | str) -> str:
+    """The URL of the session's real Elasticsearch node (the test skips, by name, without one)."""
+    if isinstance(elasticsearch_node, ElasticsearchNode):
+        return elasticsearch_node.url
+    if elasticsearch_node.startswith("http"):
+        return elasticsearch_node
+    pytest.skip(elasticsearch_node)
+
+
+@pytest.fixture
+def restartable_elasticsearch(elasticsearch_node: ElasticsearchNode | str) -> ElasticsearchNode:
+    """The session's node itself, for tests that kill and restart it (not possible with an external one)."""
+    if isinstance(elasticsearch_node, ElasticsearchNode):
+        return elasticsearch_node
+    if elasticsearch_node.startswith("http"):
+        pytest.skip("SMARTGAS_TEST_ELASTICSEARCH_URL names an external node, which this test cannot kill")
+    pytest.skip(elasticsearch_node)

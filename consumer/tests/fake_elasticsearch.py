@@ -1,9 +1,11 @@
-"""A real HTTP server on loopback that speaks the part of Elasticsearch's REST contract the consumer uses.
+"""A stand-in for Elasticsearch: a real HTTP server on loopback that can fail on demand.
 
-No Elasticsearch can run on these machines, so the sink is tested against this instead: the official
-client talks to it over real HTTP (it checks the ``X-Elastic-Product`` header, as it does with a real
-cluster). Tests steer it: per-item statuses for ``_bulk``, whole-request failures, slow answers, a
-refused client version, or the server gone entirely (connection refused).
+The contract Elasticsearch decides (bulk item results, mapping errors, templates, data streams, 409s) is
+tested against a real node (test_elasticsearch_real.py). This stand-in stays for the faults a real node
+cannot be made to produce on demand: a 429 or 503 for chosen items, whole-request 429/5xx, slow answers,
+a server without the ``X-Elastic-Product`` header, an 8.x server refusing a 9.x client. The official
+client talks to it over real HTTP. A ``create`` of an ``_id`` already there is answered 409, as a data
+stream answers it.
 """
 
 from __future__ import annotations
@@ -123,8 +125,11 @@ class FakeElasticsearch:
             self.sent[doc_id] = attempt + 1
             status = self.item_plan(doc_id, source, attempt)
             item: dict[str, Any] = {"_index": index, "_id": doc_id, "status": status}
-            if 200 <= status < 300:
-                existed = doc_id in self.documents.get(index, {})
+            existed = doc_id in self.documents.get(index, {})
+            if 200 <= status < 300 and op_type == "create" and existed:
+                item["status"] = 409
+                item["error"] = {"type": "version_conflict_engine_exception", "reason": "document already exists"}
+            elif 200 <= status < 300:
                 self.documents.setdefault(index, {})[doc_id] = source
                 item["result"] = "updated" if existed else "created"
                 item["status"] = 200 if existed else 201

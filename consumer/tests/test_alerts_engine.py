@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
 from smartgas_consumer.fleet import Fleet
 from smartgas_consumer.intake import ReadingIntake
-from smartgas_consumer.provision import INDEX_TEMPLATES, template_body
+from smartgas_consumer.provision import INDEX_TEMPLATES, prepare_data_stream, template_body
 from smartgas_consumer.store import ReadingStore
 
 pytestmark = pytest.mark.integration
@@ -389,7 +390,9 @@ async def settled(store: ReadingStore) -> bool:
     return await store.read(count) == 0
 
 
-async def test_alerts_are_shipped_and_reshipped_under_the_same_id(rig: Rig, fake_es: FakeElasticsearch) -> None:
+async def test_each_change_of_an_alert_is_shipped_as_a_document_of_its_own(
+    rig: Rig, fake_es: FakeElasticsearch
+) -> None:
     assert rig.store is not None
     client = make_client(ConsumerConfig(elasticsearch_url=fake_es.url), request_timeout_s=5)
     sink = ElasticsearchSink(AlertSource(rig.store), client, backoff=Backoff(base_s=0.01, cap_s=0.05), idle_poll_s=0.02)
@@ -398,17 +401,67 @@ async def test_alerts_are_shipped_and_reshipped_under_the_same_id(rig: Rig, fake
         await rig.send(230.0)
         await wait_until(lambda: settled(rig.store))  # type: ignore[arg-type]
         alert_id = "m1:over_pressure:2026-11-23T08:00:00.000000Z"
-        assert fake_es.indexed("smartgas-alerts")[alert_id]["state"] == "open"
+        assert fake_es.indexed("smartgas-alerts")[f"{alert_id}:1"]["state"] == "open"
         await rig.send(200.0)
         await wait_until(lambda: settled(rig.store))  # type: ignore[arg-type]
     finally:
         await sink.stop()
         await client.close()
     indexed = fake_es.indexed("smartgas-alerts")
-    assert list(indexed) == [alert_id]
-    assert indexed[alert_id]["state"] == "resolved"
-    assert indexed[alert_id]["resolved_at"] == "2026-11-23T08:00:10.000000Z"
-    assert fake_es.sent[alert_id] == 2
+    assert list(indexed) == [f"{alert_id}:1", f"{alert_id}:2"]  # the alert's history: opened, then resolved
+    assert indexed[f"{alert_id}:1"]["state"] == "open"
+    assert indexed[f"{alert_id}:2"]["state"] == "resolved"
+    assert indexed[f"{alert_id}:2"]["resolved_at"] == "2026-11-23T08:00:10.000000Z"
+    assert fake_es.sent == {f"{alert_id}:1": 1, f"{alert_id}:2": 1}
+
+
+@pytest.mark.elasticsearch
+async def test_the_alerts_history_on_a_real_data_stream(rig: Rig, elasticsearch_url: str) -> None:
+    """On a real Elasticsearch node: each change of an alert is a document of the alerts data stream that the
+    template's strict mapping takes; a replay of every version is answered 409 and counted as shipped."""
+    assert rig.store is not None
+    stream = f"smartgas-alerts-test-{uuid.uuid4().hex[:10]}"
+    client = make_client(ConsumerConfig(elasticsearch_url=elasticsearch_url), request_timeout_s=30)
+
+    def sink() -> ElasticsearchSink:
+        return ElasticsearchSink(
+            AlertSource(rig.store, index=stream),  # type: ignore[arg-type]
+            client,
+            backoff=Backoff(base_s=0.01, cap_s=0.05),
+            idle_poll_s=0.02,
+            prepare=lambda es: prepare_data_stream(es, stream, retention_days=7),
+        )
+
+    first = sink()
+    await first.start()
+    try:
+        await rig.send(230.0)
+        await wait_until(lambda: settled(rig.store), timeout_s=60)  # type: ignore[arg-type]
+        await rig.send(200.0)
+        await wait_until(lambda: settled(rig.store), timeout_s=60)  # type: ignore[arg-type]
+    finally:
+        await first.stop()
+    assert first.counters.shipped == 2 and first.counters.dead_lettered == 0
+
+    def unship(connection: sqlite3.Connection) -> None:
+        connection.execute("UPDATE alerts SET ship_state = 0, shipped_at = NULL")
+
+    await rig.store.write(unship)
+    replay = sink()
+    await replay.start()
+    try:
+        await wait_until(lambda: settled(rig.store), timeout_s=60)  # type: ignore[arg-type]
+    finally:
+        await replay.stop()
+    assert replay.counters.shipped == 1 and replay.counters.dead_lettered == 0  # the latest version, a 409
+    await client.indices.refresh(index=stream)
+    hits = (await client.search(index=stream, sort=[{"updated_at": "asc"}]))["hits"]["hits"]
+    await client.close()
+    alert_id = "m1:over_pressure:2026-11-23T08:00:00.000000Z"
+    assert [(hit["_id"], hit["_source"]["state"]) for hit in hits] == [
+        (f"{alert_id}:1", "open"),
+        (f"{alert_id}:2", "resolved"),
+    ]
 
 
 async def test_a_change_while_a_batch_is_in_flight_is_shipped_again(rig: Rig) -> None:
@@ -419,7 +472,8 @@ async def test_a_change_while_a_batch_is_in_flight_is_shipped_again(rig: Rig) ->
     await rig.send(235.0)  # the alert changes before the sink confirms the first version
     await source.mark_shipped([in_flight], T0)
     (again,) = await source.pending(10)
-    assert again.doc_id == in_flight.doc_id
+    assert again.doc_id != in_flight.doc_id  # a version of its own in the alerts data stream
+    assert again.doc_id.rpartition(":")[0] == in_flight.doc_id.rpartition(":")[0] == again.document["alert_id"]
     assert again.key > in_flight.key
     assert again.document["occurrences"] == 2
     await source.mark_shipped([again], T0)

@@ -21,6 +21,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
 
 from smartgas_consumer import cli
+from smartgas_consumer.config import ConfigError, load
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
@@ -105,7 +106,16 @@ def test_docker_compose_config_validates() -> None:
 def test_no_version_key_and_only_known_services(compose: dict[str, Any]) -> None:
     assert "version" not in compose  # the Compose Specification, read by v1 (≥ 1.27) and v2 alike
     services = compose["services"]
-    assert set(services) == {"elasticsearch", "kibana", "setup", "consumer", "publisher", "prometheus", "grafana"}
+    assert set(services) == {
+        "elasticsearch",
+        "kibana",
+        "setup",
+        "kibana-setup",
+        "consumer",
+        "publisher",
+        "prometheus",
+        "grafana",
+    }
     # Plain `up` starts the core stack; `--profile monitoring up` adds Prometheus and Grafana.
     profiles = {name: service.get("profiles", []) for name, service in services.items()}
     assert {name for name, names in profiles.items() if names} == {"prometheus", "grafana"}
@@ -119,6 +129,9 @@ def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -
         check = service.get("healthcheck") or {}
         if name in short_lived:
             assert service.get("restart") == "no"
+            continue
+        if name == "kibana-setup":  # a one-shot that nothing waits for, restarted until its import passes
+            assert service.get("restart") == "on-failure" and check.get("disable") is True
             continue
         assert not check.get("disable"), name
         assert {"interval", "timeout", "retries"} <= set(check), name
@@ -144,13 +157,16 @@ def test_images_are_pinned_by_env(compose: dict[str, Any], env: dict[str, str]) 
         # Prometheus tags its images with a leading v (v3.14.0).
         assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {resolved} is not a full version"
         if "build" in service:
-            assert service["build"]["context"] == "."  # Dockerfiles need constraints.txt and docs/
+            assert service["build"]["context"] == "."  # Dockerfiles need constraints.lock and docs/
             assert service["build"]["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:?set PYTHON_IMAGE in .env}"
 
 
-def test_stack_version_equals_the_pinned_client(env: dict[str, str]) -> None:
+def test_stack_version_suits_the_pinned_client(env: dict[str, str]) -> None:
+    """The client talks to a cluster of its own major and of its minor or later (Elastic's compatibility rule)."""
     pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
-    assert env["STACK_VERSION"] == pins["elasticsearch"]
+    stack = tuple(int(part) for part in env["STACK_VERSION"].split(".")[:2])
+    client = tuple(int(part) for part in pins["elasticsearch"].split(".")[:2])
+    assert stack[0] == client[0] and stack[1] >= client[1]
 
 
 def test_host_ports_bind_the_loopback_unless_told_otherwise(compose: dict[str, Any], env: dict[str, str]) -> None:
@@ -190,6 +206,7 @@ def test_start_order_is_acyclic_and_waits_on_health(compose: dict[str, Any]) -> 
         "elasticsearch": {},
         "kibana": {"elasticsearch": "service_healthy"},
         "setup": {"elasticsearch": "service_healthy"},
+        "kibana-setup": {"setup": "service_completed_successfully"},  # and nothing depends on it
         "consumer": {"setup": "service_completed_successfully", "elasticsearch": "service_healthy"},
         "publisher": {"consumer": "service_healthy"},
         "prometheus": {},  # scrapes the consumer when it is there; `up` says when it is not
@@ -237,9 +254,12 @@ def test_single_node_security_on_http_without_tls(compose: dict[str, Any]) -> No
 def test_passwords_are_placeholders_marked_change_me(env: dict[str, str]) -> None:
     text = ENV_FILE.read_text()
     assert "CHANGE ME" in text
-    for name in ("ELASTIC_PASSWORD", "KIBANA_PASSWORD", "KIBANA_ENCRYPTION_KEY"):
+    keys = ("KIBANA_ENCRYPTION_KEY", "KIBANA_SECURITY_ENCRYPTION_KEY", "KIBANA_REPORTING_ENCRYPTION_KEY")
+    for name in ("ELASTIC_PASSWORD", "KIBANA_PASSWORD", *keys):
         assert env[name].startswith("changeme"), name
-    assert len(env["KIBANA_ENCRYPTION_KEY"]) >= 32  # Kibana refuses a shorter key
+    for name in keys:
+        assert len(env[name]) >= 32, name  # Kibana refuses a shorter key
+    assert len(set(map(env.get, keys))) == len(keys)  # one key per purpose
     assert len(env["ELASTIC_PASSWORD"]) >= 6 and len(env["KIBANA_PASSWORD"]) >= 6  # Elasticsearch's minimum
 
 
@@ -250,6 +270,10 @@ def test_compose_commands_are_ones_the_cli_accepts(compose: dict[str, Any], env:
     setup = [interpolate(str(part), env) for part in services["setup"]["command"]]
     parsed = parser.parse_args(setup)
     assert parsed.command == "setup"
+    kibana_setup = parser.parse_args([interpolate(str(part), env) for part in services["kibana-setup"]["command"]])
+    assert kibana_setup.command == "setup" and kibana_setup.kibana_only
+    assert "SMARTGAS_CONSUMER_KIBANA_URL" not in services["setup"]["environment"]  # Kibana gates nothing
+    assert "SMARTGAS_CONSUMER_KIBANA_URL" in services["kibana-setup"]["environment"]
     parser.parse_args(services["consumer"]["command"])
     test = services["consumer"]["healthcheck"]["test"]
     assert test[:2] == ["CMD", "smartgas-consumer"]
@@ -273,7 +297,8 @@ def test_dockerfile_rules(package: str, env: dict[str, str]) -> None:
     assert re.search(r"^USER smartgas$", runtime, re.M)
     assert "HEALTHCHECK" in runtime
     assert f'ENTRYPOINT ["smartgas-{package}"]' in runtime
-    assert f"pip install -c /src/constraints.txt --no-build-isolation /src/{package}" in text
+    assert f"pip install -c /src/constraints.lock --no-build-isolation /src/{package}" in text  # the full lock
+    assert "constraints.txt" not in text.replace("\n#", "")
     test_stage = text.split("AS test", 1)[1].split("AS runtime", 1)[0]
     assert "python setup.py test" in test_stage
     assert "libcoap3-bin" in test_stage
@@ -293,4 +318,93 @@ def test_dockerignore_keeps_secrets_and_state_out() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".git", ".env", "**/__pycache__", "**/*.egg-info", "**/*.db"} <= patterns
-    assert "constraints.txt" not in patterns and "docs" not in patterns
+    assert "constraints.lock" not in patterns and "docs" not in patterns
+
+
+def test_one_image_build_for_consumer_setup_and_kibana_setup(compose: dict[str, Any]) -> None:
+    """Two services building one tag fail in parallel ("image already exists"): only the consumer builds it."""
+    services = compose["services"]
+    builders: dict[str, list[str]] = {}
+    for name, service in services.items():
+        if "build" in service:
+            builders.setdefault(service["image"], []).append(name)
+    assert all(len(names) == 1 for names in builders.values()), builders
+    consumer_image = services["consumer"]["image"]
+    assert builders[consumer_image] == ["consumer"]
+    assert services["setup"]["image"] == services["kibana-setup"]["image"] == consumer_image
+
+
+def test_kibana_keeps_sessions_across_restarts(compose: dict[str, Any]) -> None:
+    environment = compose["services"]["kibana"]["environment"]
+    assert environment["XPACK_SECURITY_ENCRYPTIONKEY"] == (
+        "${KIBANA_SECURITY_ENCRYPTION_KEY:?set KIBANA_SECURITY_ENCRYPTION_KEY in .env}"
+    )
+
+
+def test_the_readings_data_stream_is_one_the_template_covers(compose: dict[str, Any], env: dict[str, str]) -> None:
+    """The compose name goes through the consumer's own check, which refuses what the template does not match."""
+    for service in ("setup", "consumer"):
+        name = interpolate(compose["services"][service]["environment"]["SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX"], env)
+        assert load({}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX": name}).elasticsearch_index == name
+    with pytest.raises(ConfigError, match="smartgas-readings"):
+        load({}, {"SMARTGAS_CONSUMER_ELASTICSEARCH_INDEX": "fleet-readings"})
+
+
+# -- the three-node cluster (docker-compose.cluster.yaml) ------------------------------------------------
+
+CLUSTER_FILE = REPO / "docker-compose.cluster.yaml"
+
+
+def compose_config(*args: str) -> dict[str, Any]:
+    """``docker-compose -f docker-compose.yaml -f docker-compose.cluster.yaml [args] config``, parsed."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (CI installs it: apt-get install docker-compose)")
+    clean = {k: v for k, v in os.environ.items() if k not in read_env_file() and not k.startswith("COMPOSE_")}
+    command = [binary, "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "-f", str(CLUSTER_FILE)]
+    result = subprocess.run(
+        [*command, *args, "config"], cwd=REPO, env=clean, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    merged: dict[str, Any] = yaml.safe_load(result.stdout)
+    return merged
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "monitoring"]])
+def test_cluster_file_validates_with_and_without_profiles(profile: list[str]) -> None:
+    services = compose_config(*profile)["services"]
+    assert {"elasticsearch", "es02", "es03", "es-certs", "consumer", "kibana-setup"} <= set(services)
+    assert services["es02"].get("profiles") is None  # the cluster file's nodes belong to no profile
+
+
+def test_cluster_has_three_nodes_with_tls_between_them() -> None:
+    services = compose_config()["services"]
+    nodes = {"elasticsearch": "es01", "es02": "es02", "es03": "es03"}
+    data_volumes = set()
+    for service, node in nodes.items():
+        environment = services[service]["environment"]
+        assert environment["node.name"] == node
+        assert environment["discovery.type"] == "multi-node"
+        assert environment["discovery.seed_hosts"] == "elasticsearch,es02,es03"
+        assert environment["cluster.initial_master_nodes"] == "es01,es02,es03"
+        assert environment["xpack.security.enabled"] == "true"
+        assert environment["xpack.security.transport.ssl.enabled"] == "true"
+        assert environment["xpack.security.transport.ssl.verification_mode"] == "certificate"
+        assert environment["xpack.security.transport.ssl.key"] == f"certs/{node}/{node}.key"
+        assert environment["xpack.security.transport.ssl.certificate"] == f"certs/{node}/{node}.crt"
+        assert environment["xpack.security.transport.ssl.certificate_authorities"] == "certs/ca/ca.crt"
+        assert services[service]["depends_on"]["es-certs"]["condition"] == "service_completed_successfully"
+        assert services[service]["mem_limit"]
+        mounts = [
+            mount if isinstance(mount, str) else f"{mount['source']}:{mount['target']}"
+            for mount in services[service]["volumes"]
+        ]
+        assert any(m.startswith("escerts:/usr/share/elasticsearch/config/certs") for m in mounts), service
+        data_volumes |= {m.split(":")[0] for m in mounts if ":/usr/share/elasticsearch/data" in m}
+    assert data_volumes == {"esdata", "esdata02", "esdata03"}  # es01 keeps the single node's data
+    certs_script = services["es-certs"]["command"][-1]
+    for node in nodes.values():
+        assert f"name: {node}" in certs_script
+    # Clients keep the single-node URL: es01 is still the service "elasticsearch".
+    assert services["consumer"]["environment"]["SMARTGAS_CONSUMER_ELASTICSEARCH_URL"] == "http://elasticsearch:9200"
+    assert services["elasticsearch"]["ports"] == ["127.0.0.1:9200:9200/tcp"]

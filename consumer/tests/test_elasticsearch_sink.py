@@ -1,4 +1,10 @@
-"""The Elasticsearch sink against a real HTTP server that speaks the bulk contract (fake_elasticsearch.py)."""
+"""The Elasticsearch sink's retry policy against a stand-in that fails on demand (fake_elasticsearch.py).
+
+Per-item 429/503, whole-request failures, outages, slow answers, a server that is not Elasticsearch or is
+8.x: faults a real node cannot be made to produce on demand. What Elasticsearch itself decides (bulk
+results, mapping errors, data streams, 409s, template upgrades) is tested on a real node in
+test_elasticsearch_real.py.
+"""
 
 from __future__ import annotations
 
@@ -80,33 +86,6 @@ async def all_settled(store: ReadingStore) -> bool:
     return (await store.summary()).pending == 0
 
 
-async def test_ships_every_reading_with_natural_ids(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
-    await add_readings(store, 120)
-    sink = make_sink(store, fake_es.url)
-    await sink.start()
-    try:
-        await wait_until(lambda: all_settled(store))
-    finally:
-        await sink.stop()
-    indexed = fake_es.indexed(INDEX)
-    assert len(indexed) == 120
-    document = indexed["m1:0:7"]
-    assert document == {
-        "@timestamp": "2026-11-23T08:01:10.000000Z",
-        "received_at": "2026-11-23T08:01:10.005000Z",
-        "meter_id": "m1",
-        "epoch": 0,
-        "seq": 7,
-        "meter_known": False,
-        "pressure_bar": 193.0,
-        "temperature_c": 20.0,
-        "volume_l": 50.0,
-        "moles": 403.0,
-    }
-    assert sink.counters.shipped == 120
-    assert fake_es.bulk_requests >= 3  # batches of 50
-
-
 async def test_new_readings_are_shipped_on_wake(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
     sink = make_sink(store, fake_es.url, idle_poll_s=30.0)  # only a wake can make it ship in time
     await sink.start()
@@ -120,26 +99,21 @@ async def test_new_readings_are_shipped_on_wake(store: ReadingStore, fake_es: Fa
     assert len(fake_es.indexed(INDEX)) == 3
 
 
-async def test_item_400_is_dead_lettered_with_reason_not_retried(
-    store: ReadingStore, fake_es: FakeElasticsearch
-) -> None:
-    fake_es.item_plan = lambda doc_id, _s, _a: 400 if doc_id == "m1:0:3" else 201
-    await add_readings(store, 10)
+async def test_a_409_from_a_replay_counts_as_shipped(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
+    """The stand-in answers a second ``create`` of an ``_id`` 409, as a data stream does (real: see
+    test_elasticsearch_real.py); here the first confirmation is lost on the way (a 503 for the whole
+    request after the items were indexed is not something a real node does on demand)."""
+    await add_readings(store, 3)
+    fake_es.documents[INDEX] = {"m1:0:1": {"seq": 1}}  # indexed before, its confirmation lost
     sink = make_sink(store, fake_es.url)
     await sink.start()
     try:
         await wait_until(lambda: all_settled(store))
-        await asyncio.sleep(0.2)  # give it the chance to (wrongly) send the dead letter again
     finally:
         await sink.stop()
-    letters = await store.dead_letters()
-    assert [(d.meter_id, d.seq, d.status) for d in letters] == [("m1", 3, 400)]
-    assert "document_parsing_exception" in letters[0].reason
-    assert '"seq": 3' in letters[0].document
-    assert fake_es.sent["m1:0:3"] == 1
-    assert len(fake_es.indexed(INDEX)) == 9
-    summary = await store.summary()
-    assert (summary.dead_letters, summary.pending) == (1, 0)
+    assert sink.counters.shipped == 3 and sink.counters.dead_lettered == 0
+    assert fake_es.indexed(INDEX)["m1:0:1"] == {"seq": 1}  # not overwritten
+    assert (await store.summary()).dead_letters == 0
 
 
 async def test_item_429_and_503_are_retried_until_delivered(store: ReadingStore, fake_es: FakeElasticsearch) -> None:
@@ -265,27 +239,6 @@ async def test_version_mismatch_is_a_request_failure_not_dead_letters(
     assert "HTTP 400" in (sink.last_error or "") and "Accept version" in (sink.last_error or "")
     summary = await store.summary()
     assert (summary.pending, summary.dead_letters) == (4, 0)
-
-
-async def test_replay_after_lost_confirmation_does_not_duplicate(
-    store: ReadingStore, fake_es: FakeElasticsearch, tmp_path: Path
-) -> None:
-    await add_readings(store, 10)
-    sink = make_sink(store, fake_es.url)
-    await sink.start()
-    await wait_until(lambda: all_settled(store))
-    await sink.stop()
-    # A crash between Elasticsearch's confirmation and our marking: everything looks unshipped again.
-    with sqlite3.connect(tmp_path / "store.db") as connection:
-        connection.execute("UPDATE readings SET ship_state = 0, shipped_at = NULL")
-    replay = make_sink(store, fake_es.url)
-    await replay.start()
-    try:
-        await wait_until(lambda: all_settled(store))
-    finally:
-        await replay.stop()
-    assert all(count == 2 for count in fake_es.sent.values())
-    assert len(fake_es.indexed(INDEX)) == 10
 
 
 async def test_prepare_runs_before_first_bulk_and_is_retried(store: ReadingStore, fake_es: FakeElasticsearch) -> None:

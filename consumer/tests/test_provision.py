@@ -22,6 +22,7 @@ from elasticsearch import ApiError
 from smartgas_consumer import provision as provision_module
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
+from smartgas_consumer.kibana_sync import Imported, asset_digest, object_key, plan_import, read_record, record_document
 from smartgas_consumer.provision import (
     INDEX_TEMPLATES,
     ProvisionError,
@@ -81,6 +82,9 @@ class FakeStack:
     import_busy: int = 0  # how many imports first get "503 not ready yet"
     es_calls: list[Call] = field(default_factory=list)
     kibana_calls: list[Call] = field(default_factory=list)
+    es_documents: dict[str, Any] = field(default_factory=dict)  # "index/id" → source
+    kibana_objects: dict[str, str] = field(default_factory=dict)  # "type/id" → updated_at
+    kibana_clock: int = 0
     es_url: str = ""
     kibana_url: str = ""
     _runners: list[web.AppRunner] = field(default_factory=list)
@@ -91,8 +95,12 @@ class FakeStack:
         es.router.add_get("/_cluster/health", self._es_health)
         es.router.add_route("*", "/_security/user/{user}/_password", self._es_password)
         es.router.add_put("/_index_template/{name}", self._es_template)
+        es.router.add_route("HEAD", "/{index}", self._es_exists)
+        es.router.add_get("/{index}/_doc/{id}", self._es_get_doc)
+        es.router.add_put("/{index}/_doc/{id}", self._es_put_doc)
         kibana = web.Application()
         kibana.router.add_get("/api/status", self._kibana_status)
+        kibana.router.add_post("/api/saved_objects/_bulk_get", self._kibana_bulk_get)
         kibana.router.add_post("/api/saved_objects/_import", self._kibana_import)
         self.es_url = await self._serve(es)
         self.kibana_url = await self._serve(kibana)
@@ -150,7 +158,47 @@ class FakeStack:
             return self._es({"error": {**error, "root_cause": [error]}, "status": 400}, 400)
         return self._es({"acknowledged": True})
 
+    async def _es_exists(self, request: web.Request) -> web.Response:
+        if refusal := await self._es_record(request):
+            return refusal
+        return web.Response(status=404, headers=PRODUCT_HEADER)  # no data stream yet
+
+    async def _es_get_doc(self, request: web.Request) -> web.Response:
+        if refusal := await self._es_record(request):
+            return refusal
+        key = f"{request.match_info['index']}/{request.match_info['id']}"
+        if key not in self.es_documents:
+            return self._es(
+                {"_index": request.match_info["index"], "_id": request.match_info["id"], "found": False}, 404
+            )
+        return self._es({"_id": request.match_info["id"], "found": True, "_source": self.es_documents[key]})
+
+    async def _es_put_doc(self, request: web.Request) -> web.Response:
+        if refusal := await self._es_record(request):
+            return refusal
+        self.es_documents[f"{request.match_info['index']}/{request.match_info['id']}"] = self.es_calls[-1].body
+        return self._es({"result": "created"}, 201)
+
     # -- Kibana ----------------------------------------------------------------------------------------
+
+    def kibana_edit(self, key: str) -> None:
+        """A user changes an object in Kibana: its updated_at moves on."""
+        self.kibana_clock += 1
+        self.kibana_objects[key] = f"2026-11-29T12:00:{self.kibana_clock:02d}.000Z"
+
+    async def _kibana_bulk_get(self, request: web.Request) -> web.Response:
+        wanted = await request.json()
+        self.kibana_calls.append(
+            Call(request.method, request.path, dict(request.query), request.headers.get("Authorization"), wanted)
+        )
+        answer = []
+        for item in wanted:
+            key = f"{item['type']}/{item['id']}"
+            if key in self.kibana_objects:
+                answer.append({**item, "updated_at": self.kibana_objects[key], "attributes": {}})
+            else:
+                answer.append({**item, "error": {"statusCode": 404, "error": "Not Found", "message": "not found"}})
+        return web.json_response({"saved_objects": answer})
 
     async def _kibana_status(self, request: web.Request) -> web.Response:
         self.kibana_calls.append(
@@ -195,6 +243,8 @@ class FakeStack:
             status, body = self.import_answer
             return web.json_response(body, status=status)
         objects = call.body["objects"]
+        for saved_object in objects:  # Kibana stamps each imported object with the time of the import
+            self.kibana_edit(f"{saved_object['type']}/{saved_object['id']}")
         return web.json_response(
             {
                 "success": True,
@@ -421,6 +471,7 @@ async def test_main_setup_exit_codes(stack: FakeStack) -> None:
     assert password_call.body == {"password": "kibana-s3cret"}
     assert await main_setup(config, {}, kibana_system_password_env="KIBANA_PASSWORD", wait_timeout_s=5) == 2
     assert await main_setup(ConsumerConfig(), environ, kibana_system_password_env=None, wait_timeout_s=5) == 2
+    stack.kibana_objects.clear()  # a fresh Kibana: everything is to import again
     stack.import_answer = (200, {"success": False, "errors": []})
     assert await main_setup(config, environ, kibana_system_password_env=None, wait_timeout_s=5) == 1
 
@@ -457,3 +508,71 @@ def test_kibana_readiness(body: Any, ready: bool) -> None:
 def test_describe_import_error_names_object_and_reason() -> None:
     item = {"id": "a", "type": "search", "title": "Old", "error": {"type": "conflict"}}
     assert describe_import_error(item) == "search a (Old): conflict"
+
+
+# -- import only what is missing or older than ours ----------------------------------------------------
+
+
+def our_keys() -> set[str]:
+    return {object_key(json.loads(line)) for line in saved_objects_ndjson().decode().splitlines() if line.strip()}
+
+
+def imported_keys(call: Call) -> set[str]:
+    return {object_key(saved_object) for saved_object in call.body["objects"]}
+
+
+async def test_a_second_setup_imports_nothing_and_never_reverts_a_users_edit(stack: FakeStack) -> None:
+    config = config_for(stack)
+    await provision(config, kibana_system_password=None, wait_timeout_s=5)
+    (first,) = stack.imports()
+    assert imported_keys(first) == our_keys()  # a fresh Kibana: everything is missing
+    stack.kibana_edit("dashboard/smartgas-fleet")  # a user changes the dashboard in Kibana
+    await provision(config, kibana_system_password=None, wait_timeout_s=5)
+    assert len(stack.imports()) == 1  # nothing missing, nothing older than ours: no import at all
+    del stack.kibana_objects["search/smartgas-alerts-list"]  # a user deletes a saved search
+    await provision(config, kibana_system_password=None, wait_timeout_s=5)
+    assert imported_keys(stack.imports()[-1]) == {"search/smartgas-alerts-list"}  # only the missing one
+
+
+async def test_an_older_version_of_ours_is_replaced_unless_edited(stack: FakeStack) -> None:
+    config = config_for(stack)
+    await provision(config, kibana_system_password=None, wait_timeout_s=5)
+    # The record says an older asset was imported for these two (as after an upgrade of SmartGas).
+    (record_key,) = stack.es_documents
+    record = stack.es_documents[record_key]
+    for entry in record["objects"]:
+        if entry["key"] in ("dashboard/smartgas-fleet", "index-pattern/smartgas-readings"):
+            entry["digest"] = "an-older-asset"
+    stack.kibana_edit("dashboard/smartgas-fleet")  # ... and a user had edited the dashboard since
+    await provision(config, kibana_system_password=None, wait_timeout_s=5)
+    assert imported_keys(stack.imports()[-1]) == {"index-pattern/smartgas-readings"}
+    assert stack.imports()[-1].query == {"overwrite": "true"}
+
+
+async def test_kibana_only_touches_neither_passwords_nor_templates(stack: FakeStack) -> None:
+    environ = {"KIBANA_PASSWORD": "kibana-s3cret"}
+    code = await main_setup(
+        config_for(stack), environ, kibana_system_password_env="KIBANA_PASSWORD", wait_timeout_s=5, kibana_only=True
+    )
+    assert code == 0
+    assert not [c for c in stack.es_calls if "_password" in c.path or "_index_template" in c.path]
+    assert imported_keys(stack.imports()[0]) == our_keys()
+    no_kibana = config_for(stack, kibana=False)
+    assert await main_setup(no_kibana, {}, kibana_system_password_env=None, wait_timeout_s=5, kibana_only=True) == 2
+
+
+def test_plan_imports_missing_and_older_keeps_edited() -> None:
+    ours = [{"type": "dashboard", "id": name, "attributes": {"title": name}} for name in ("a", "b", "c", "d", "e")]
+    digest = {object_key(o): asset_digest(o) for o in ours}
+    record = {
+        "dashboard/b": Imported(digest["dashboard/b"], "t1"),  # ours, current, untouched
+        "dashboard/c": Imported("older", "t1"),  # an older version of ours, untouched
+        "dashboard/d": Imported("older", "t1"),  # an older version of ours, edited since (t2)
+    }
+    in_kibana = {"dashboard/b": "t1", "dashboard/c": "t1", "dashboard/d": "t2", "dashboard/e": "t0"}
+    plan = plan_import(ours, in_kibana, record)
+    assert [object_key(o) for o in plan.to_import] == ["dashboard/a", "dashboard/c"]
+    assert plan.reasons == {"dashboard/a": "missing in Kibana", "dashboard/c": "older than ours, never edited"}
+    assert plan.current == ["dashboard/b"]
+    assert plan.kept == ["dashboard/d", "dashboard/e"]  # e: there before us (never imported by setup)
+    assert read_record(record_document(record)) == record

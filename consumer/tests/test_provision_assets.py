@@ -130,7 +130,8 @@ def test_template_maps_exactly_the_agreed_fields(name: str, pattern: str, expect
     mappings = body["template"]["mappings"]
     assert mappings["dynamic"] == "strict"  # an unexpected field is refused, never guessed
     assert {field: mapping["type"] for field, mapping in mappings["properties"].items()} == expected
-    assert body["template"]["settings"]["index"] == {"number_of_shards": 1, "number_of_replicas": 0}
+    # One node: no replica (health green); two nodes or more (docker-compose.cluster.yaml): one replica.
+    assert body["template"]["settings"]["index"] == {"number_of_shards": 1, "auto_expand_replicas": "0-1"}
     assert isinstance(body["priority"], int) and body["priority"] > 100  # above the built-in templates
 
 
@@ -273,7 +274,49 @@ def test_panel_references_follow_the_dashboard_convention() -> None:
                 outer = names[f"{panel['panelIndex']}:{ref['name']}"]
                 assert (outer["type"], outer["id"]) == (ref["type"], ref["id"])
     expected = sum(1 if "panelRefName" in p else len(p["embeddableConfig"]["attributes"]["references"]) for p in panels)
-    assert len(board["references"]) == expected
+    controls = json.loads(board["attributes"]["controlGroupInput"]["panelsJSON"])
+    assert len(board["references"]) == expected + len(controls)  # one data view reference per control
+
+
+def test_dashboard_controls_choose_client_site_gas_and_meter() -> None:
+    """An options list per field, on the readings data view, referenced as Kibana extracts them:
+    "controlGroup_{id}:optionsListDataView"; chained, so a chosen client narrows the sites and meters offered."""
+    board = dashboard()
+    group = board["attributes"]["controlGroupInput"]
+    assert group["chainingSystem"] == "HIERARCHICAL"
+    controls = sorted(json.loads(group["panelsJSON"]).items(), key=lambda item: item[1]["order"])
+    assert [control["explicitInput"]["fieldName"] for _, control in controls] == [
+        "client_id",
+        "site",
+        "gas",
+        "meter_id",
+    ]
+    names = {ref["name"]: ref for ref in board["references"]}
+    fields = data_view_fields(saved_objects(), "smartgas-readings")
+    for control_id, control in controls:
+        assert control["type"] == "optionsListControl"
+        assert control["explicitInput"]["id"] == control_id
+        assert fields[control["explicitInput"]["fieldName"]] == "keyword"
+        reference = names[f"controlGroup_{control_id}:optionsListDataView"]
+        assert (reference["type"], reference["id"]) == ("index-pattern", "smartgas-readings")
+
+
+@pytest.mark.parametrize(
+    "title", ["Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter"]
+)
+def test_charts_per_meter_show_every_meter_of_the_fleet(title: str) -> None:
+    """Terms on meter_id of at least the fleet's size: the titles say "per meter", so no meter is left out."""
+    meters = len(load_fleet(Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml").meters)
+    (panel,) = [p for p in lens_panels(dashboard()) if p["title"] == title]
+    layers = panel["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["formBased"]["layers"]
+    (split,) = [
+        column
+        for layer in layers.values()
+        for column in layer["columns"].values()
+        if column["operationType"] == "terms" and column["sourceField"] == "meter_id"
+    ]
+    assert split["params"]["size"] >= meters >= 50
+    assert split["params"]["otherBucket"] is False  # no "Other" line standing for meters not drawn
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ _LOG = logging.getLogger(__name__)
 
 ALERT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
-    alert_id    TEXT    PRIMARY KEY,          -- {meter_id}:{kind}:{opened_at}, also the Elasticsearch _id
+    alert_id    TEXT    PRIMARY KEY,          -- {meter_id}:{kind}:{opened_at}; Elasticsearch _id {alert_id}:{revision}
     meter_id    TEXT    NOT NULL,
     client_id   TEXT,
     site_id     TEXT,
@@ -978,11 +978,19 @@ def to_alert_document(alert: Alert) -> dict[str, Any]:
     return document
 
 
-class AlertSource:
-    """Alerts from the store, shipped to the alerts index: each change re-ships the alert under the same _id.
+def alert_document_id(alert: Alert, revision: int) -> str:
+    """The ``_id`` of one version of an alert: a replay of that version is answered 409, a change is new."""
+    return f"{alert.alert_id}:{revision}"
 
-    The shipping key is the alert's ``revision``: a change made while a batch is in flight raises it, so
-    confirming the old version never marks the new one shipped. Alerts are kept (``prune`` removes none).
+
+class AlertSource:
+    """Alerts from the store, shipped to the alerts data stream: each change is a document of its own.
+
+    A data stream is append-only, so the alerts stream is the history of every alert: each version is a
+    document with ``_id`` = ``{alert_id}:{revision}`` (the latest ``updated_at`` per ``alert_id`` is the
+    current state). The shipping key is the alert's ``revision``: a change made while a batch is in
+    flight raises it, so confirming the old version never marks the new one shipped. Alerts are kept
+    (``prune`` removes none).
     """
 
     name = "alerts"
@@ -1003,7 +1011,7 @@ class AlertSource:
                 values = dict(row)
                 revision = values.pop("revision")
                 alert = Alert(**values)
-                shipments.append(Shipment(revision, alert.alert_id, to_alert_document(alert)))
+                shipments.append(Shipment(revision, alert_document_id(alert, revision), to_alert_document(alert)))
             return shipments
 
         return await self.store.read(select)

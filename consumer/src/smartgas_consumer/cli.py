@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="how long to wait for Elasticsearch, then for Kibana (default 300)",
     )
+    setup.add_argument(
+        "--kibana-only",
+        action="store_true",
+        help="only import the Kibana saved objects (what is missing or older than ours); needs --kibana-url",
+    )
     healthcheck = commands.add_parser(
         "healthcheck", help="exit 0 if the consumer answers a CoAP GET of /.well-known/core"
     )
@@ -78,7 +83,7 @@ def print_key_line(client: str, from_stdin: bool) -> int:
 
 
 #: Options of single subcommands, not settings of the consumer.
-_COMMAND_OPTIONS = {"command", "kibana_system_password_env", "wait_timeout", "timeout"}
+_COMMAND_OPTIONS = {"command", "kibana_system_password_env", "wait_timeout", "timeout", "kibana_only"}
 
 
 def configure_logging(level: str) -> None:
@@ -135,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ,
             kibana_system_password_env=arguments.kibana_system_password_env,
             wait_timeout_s=arguments.wait_timeout,
+            kibana_only=arguments.kibana_only,
         )
     elif arguments.command == "healthcheck":
         runner = health.healthcheck(config, timeout_s=arguments.timeout)

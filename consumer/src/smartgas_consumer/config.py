@@ -46,6 +46,8 @@ class ConsumerConfig:
     elasticsearch_api_key: str | None = field(default=None, repr=False)
     elasticsearch_ca_certs: Path | None = None
     elasticsearch_index: str = "smartgas-readings"
+    elasticsearch_alerts_index: str = "smartgas-alerts"
+    elasticsearch_retention_days: int = 30
     ship_batch_size: int = 500
     ship_backoff_max_s: float = 60.0
     retention_hours: float = 168.0
@@ -115,6 +117,25 @@ def _index_name(text: str) -> str:
     if not text or text != text.lower() or any(c in text for c in ' "*\\<|,>/?#:') or text[0] in "-_+":
         raise ValueError('must be a valid Elasticsearch index name (lower case, no spaces or \\/*?"<>|,#:)')
     return text
+
+
+def _stream_name(prefix: str) -> Callable[[str], str]:
+    """A data stream name the SmartGas template for ``prefix*`` covers (else it would get no mapping)."""
+
+    def parse(text: str) -> str:
+        name = _index_name(text)
+        if not name.startswith(prefix):
+            raise ValueError(f"must start with {prefix!r}: the index template covers {prefix}* only")
+        return name
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -238,7 +259,24 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         "CA certificate file to trust for an https:// Elasticsearch",
     ),
-    Setting("elasticsearch_index", "--elasticsearch-index", _index_name, "index the readings go to"),
+    Setting(
+        "elasticsearch_index",
+        "--elasticsearch-index",
+        _stream_name("smartgas-readings"),
+        "data stream the readings go to (smartgas-readings or smartgas-readings-*)",
+    ),
+    Setting(
+        "elasticsearch_alerts_index",
+        "--elasticsearch-alerts-index",
+        _stream_name("smartgas-alerts"),
+        "data stream the alerts go to (smartgas-alerts or smartgas-alerts-*)",
+    ),
+    Setting(
+        "elasticsearch_retention_days",
+        "--elasticsearch-retention-days",
+        _non_negative_int,
+        "days Elasticsearch keeps readings and alerts (data stream lifecycle; 0 keeps them forever)",
+    ),
     Setting("ship_batch_size", "--ship-batch-size", _positive_int, "readings per bulk request"),
     Setting(
         "ship_backoff_max_s",

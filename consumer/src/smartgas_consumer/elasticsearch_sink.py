@@ -5,14 +5,17 @@ The store is the buffer; a ``ShipSource`` says what to ship from it (readings he
 result item by item:
 
 - 2xx: the record is marked shipped (only now, when Elasticsearch confirmed that very item);
+- 409 for an item: a document with that ``_id`` is already there (a replay of a batch whose answer was
+  lost), so the record counts as shipped, never as dead;
 - 429 or 5xx for an item: left pending, sent again after a backoff;
 - any other 4xx for an item (a mapping error, say): it can never succeed, so the source dead-letters it
   with Elasticsearch's reason; it is neither retried forever nor dropped silently.
 
 A failure of the whole request (connection refused, timeout, 429/5xx, or a 4xx such as bad credentials or
 a client/server version mismatch) leaves every record pending and retries with capped exponential
-backoff; the consumer keeps accepting readings meanwhile. Each document has a natural ``_id`` (a reading's
-is ``{meter_id}:{epoch}:{seq}``), so a replay after a crash overwrites rather than duplicates.
+backoff; the consumer keeps accepting readings meanwhile. Records go to data streams, which take only
+``op_type: create``; each document has a natural ``_id`` (a reading's is ``{meter_id}:{epoch}:{seq}``), so
+a replay after a crash is answered 409 and indexes nothing twice.
 Third-party errors are translated here and nowhere else.
 """
 
@@ -36,6 +39,8 @@ from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.store import DeadLetter, ReadingStore, StoredReading
 
 _LOG = logging.getLogger(__name__)
+#: A bulk item's status when a ``create`` meets a document with the same ``_id``: it is already indexed.
+CONFLICT = 409
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,7 @@ def to_document(reading: StoredReading, fleet: Fleet | None = None) -> dict[str,
 
 
 class ReadingSource:
-    """Readings from the store, shipped to the readings index; shipped ones pruned after the retention."""
+    """Readings from the store, shipped to the readings data stream; shipped ones pruned after the retention."""
 
     name = "readings"
 
@@ -198,7 +203,7 @@ class ElasticsearchSink:
         *,
         batch_size: int = 500,
         backoff: Backoff | None = None,
-        prepare: Callable[[AsyncElasticsearch], Awaitable[None]] | None = None,
+        prepare: Callable[[AsyncElasticsearch], Awaitable[object]] | None = None,
         idle_poll_s: float = 1.0,
         prune_every_s: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -319,7 +324,7 @@ class ElasticsearchSink:
         shipped: list[Shipment] = []
         refused: list[Refusal] = []
         to_retry = 0
-        async for ok, result in async_streaming_bulk(
+        async for _ok, result in async_streaming_bulk(
             self.client,
             self._actions(batch),
             chunk_size=self.batch_size,
@@ -331,7 +336,7 @@ class ElasticsearchSink:
             item = next(iter(result.values()))
             shipment = by_id[item["_id"]]
             status = item.get("status")
-            if ok and status is not None and 200 <= status < 300:
+            if status is not None and (200 <= status < 300 or status == CONFLICT):
                 shipped.append(shipment)
             elif is_retryable(status):
                 to_retry += 1
@@ -361,7 +366,7 @@ class ElasticsearchSink:
     def _actions(self, batch: list[Shipment]) -> Iterator[dict[str, Any]]:
         for shipment in batch:
             yield {
-                "_op_type": "index",
+                "_op_type": "create",
                 "_index": self.source.index,
                 "_id": shipment.doc_id,
                 "_source": shipment.document,

@@ -5,18 +5,25 @@ idempotent, so running it again (after editing an asset, say) is safe:
 
 1. wait, bounded, until Elasticsearch answers and its cluster health is yellow or green;
 2. when given, set the ``kibana_system`` user's password, so that Kibana can log in to Elasticsearch;
-3. install the composable index templates (``assets/elasticsearch/*.json``), before any reading is indexed;
+3. install the composable index templates (``assets/elasticsearch/*.json``), before any reading is indexed:
+   each makes its names (``smartgas-readings*``, ``smartgas-alerts*``) data streams whose data stream
+   lifecycle keeps ``retention_days`` of data;
 4. when a Kibana URL is configured, wait, bounded, until Kibana's core services are available, then import
    the saved objects (``assets/kibana/smartgas.ndjson``: data views, saved searches and the
-   "SmartGas fleet" dashboard), overwriting earlier copies, and fail if Kibana rejected any of them.
+   "SmartGas fleet" dashboard) that are missing in Kibana or older than ours and never edited there
+   (kibana_sync.py: a user's edit is never reverted), and fail if Kibana rejected any of them.
+   ``--kibana-only`` runs this step alone: compose runs it as a service of its own that nothing waits
+   for, so a slow or failing Kibana never holds back ingestion.
 
 Each wait retries what may pass (no connection yet, a timeout, 429, 5xx) with capped backoff and a log
 line per try, up to ``wait_timeout_s``; what cannot pass (bad credentials, a refused template, a rejected
 saved object) fails at once. This module is the boundary where the Elasticsearch client's and aiohttp's
 exceptions become :class:`ProvisionError`, whose message names the step and carries the server's text.
 
-:func:`install_templates` is also the shipper's start-up step. There it lets the client's exceptions
-through, because the shipper's own boundary classifies them for its retry policy.
+:func:`prepare_data_stream` is the shipper's start-up step: it installs the templates, then brings a data
+stream that already exists up to them (:func:`evolve_data_stream`: a template reaches only indices created
+after it). There it lets the client's exceptions through, because the shipper's own boundary classifies
+them for its retry policy.
 """
 
 from __future__ import annotations
@@ -33,10 +40,21 @@ from typing import Any
 
 import aiohttp
 from elastic_transport import TransportError
-from elasticsearch import ApiError, AsyncElasticsearch, UnsupportedProductError
+from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, UnsupportedProductError
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
+from smartgas_consumer.kibana_sync import (
+    RECORD_ID,
+    RECORD_INDEX,
+    Imported,
+    ImportPlan,
+    asset_digest,
+    object_key,
+    plan_import,
+    read_record,
+    record_document,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -50,18 +68,37 @@ BACKOFF_CAP_S = 5.0
 ANSWER_EXCERPT_CHARS = 2000
 
 
+#: Days of data a data stream keeps when the configuration does not say (0: keep everything).
+DEFAULT_RETENTION_DAYS = 30
+
+
 @dataclass(frozen=True, slots=True)
 class IndexTemplate:
-    """A composable index template: its name in Elasticsearch and its body's file in assets/elasticsearch."""
+    """A composable index template: its name in Elasticsearch and its body's file in assets/elasticsearch.
+
+    The template's index pattern is ``{name}*``: a data stream it shapes is named ``name`` or starts with it.
+    """
 
     name: str
     asset: str
+
+    def matches(self, data_stream: str) -> bool:
+        return data_stream.startswith(self.name)
 
 
 INDEX_TEMPLATES: tuple[IndexTemplate, ...] = (
     IndexTemplate("smartgas-readings", "readings-template.json"),
     IndexTemplate("smartgas-alerts", "alerts-template.json"),
 )
+
+
+def template_for(data_stream: str) -> IndexTemplate:
+    """The template whose pattern covers ``data_stream``; ValueError for a name no template matches."""
+    for template in INDEX_TEMPLATES:
+        if template.matches(data_stream):
+            return template
+    patterns = ", ".join(f"{template.name}*" for template in INDEX_TEMPLATES)
+    raise ValueError(f"{data_stream!r} matches no SmartGas index template ({patterns})")
 
 
 class ProvisionError(Exception):
@@ -75,9 +112,15 @@ def _asset(folder: str, name: str) -> bytes:
     return (resources.files("smartgas_consumer") / "assets" / folder / name).read_bytes()
 
 
-def template_body(template: IndexTemplate) -> dict[str, Any]:
-    """The body of ``PUT /_index_template/{name}``, as shipped in the package."""
+def lifecycle(retention_days: int) -> dict[str, Any]:
+    """A data stream lifecycle keeping ``retention_days`` days of data (0: no retention, keep everything)."""
+    return {"data_retention": f"{retention_days}d"} if retention_days > 0 else {}
+
+
+def template_body(template: IndexTemplate, *, retention_days: int = DEFAULT_RETENTION_DAYS) -> dict[str, Any]:
+    """The body of ``PUT /_index_template/{name}``, as shipped in the package, with the lifecycle's retention."""
     body: dict[str, Any] = json.loads(_asset("elasticsearch", template.asset))
+    body["template"]["lifecycle"] = lifecycle(retention_days)
     return body
 
 
@@ -89,11 +132,64 @@ def saved_objects_ndjson() -> bytes:
 # -- Elasticsearch -----------------------------------------------------------------------------------
 
 
-async def install_templates(client: AsyncElasticsearch) -> None:
+async def install_templates(client: AsyncElasticsearch, *, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
     """Install (or replace) every index template. Raises the client's own errors: callers translate them."""
     for template in INDEX_TEMPLATES:
-        await client.indices.put_index_template(name=template.name, body=template_body(template))
-        _LOG.info("index template %s installed", template.name)
+        body = template_body(template, retention_days=retention_days)
+        await client.indices.put_index_template(name=template.name, body=body)
+        _LOG.info("index template %s installed (version %s)", template.name, body.get("version"))
+
+
+async def evolve_data_stream(
+    client: AsyncElasticsearch, data_stream: str, *, retention_days: int = DEFAULT_RETENTION_DAYS
+) -> str:
+    """Bring an existing data stream up to its installed template; return what was done.
+
+    A template shapes only the indices created after it, so a field it added would be refused (``dynamic:
+    strict``) by the data stream's current backing index. Its mappings are put on the whole data stream,
+    which reaches every backing index, old data included. Where an older backing index cannot take them (a
+    field whose type changed, after an earlier rollover) they are put on the write index only; where the
+    write index cannot take them either, the data stream is rolled over, so new data goes to a backing
+    index made from the new template while old indices keep their own mapping. The lifecycle of a data
+    stream is fixed when it is created; it is set again here, on clusters that have the lifecycle API.
+    """
+    if not await client.indices.exists(index=data_stream):
+        return "not created yet: the first write creates it from the template"
+    mappings = template_body(template_for(data_stream))["template"]["mappings"]
+    done = ""
+    for write_index_only, outcome in ((False, "mappings updated in place"), (True, "write index mappings updated")):
+        try:
+            await client.indices.put_mapping(
+                index=data_stream,
+                properties=mappings["properties"],
+                dynamic=mappings.get("dynamic"),
+                write_index_only=write_index_only,
+            )
+            done = outcome
+            break
+        except BadRequestError as err:
+            _LOG.info("%s: mappings refused (write index only: %s): %s", data_stream, write_index_only, err.message)
+    if not done:
+        _LOG.warning("%s: the new mappings cannot be put on the write index; rolling over", data_stream)
+        await client.indices.rollover(alias=data_stream)
+        done = "rolled over to a backing index from the new template"
+    try:
+        await client.indices.put_data_lifecycle(name=data_stream, **lifecycle(retention_days))
+    except ApiError as err:
+        if err.status_code not in (400, 404, 405) or "no handler found" not in str(err.body):
+            raise
+        # Elasticsearch's minimal distribution has no data-streams module (the tests' node).
+        _LOG.warning("%s: this cluster has no data stream lifecycle API; retention unchanged", data_stream)
+    _LOG.info("data stream %s: %s", data_stream, done)
+    return done
+
+
+async def prepare_data_stream(
+    client: AsyncElasticsearch, data_stream: str, *, retention_days: int = DEFAULT_RETENTION_DAYS
+) -> str:
+    """The shipper's start-up step: the templates installed, then ``data_stream`` brought up to them."""
+    await install_templates(client, retention_days=retention_days)
+    return await evolve_data_stream(client, data_stream, retention_days=retention_days)
 
 
 def _retryable(status: int) -> bool:
@@ -166,7 +262,12 @@ async def wait_for_elasticsearch(client: AsyncElasticsearch, *, url: str, timeou
     async def attempt(request_timeout_s: float) -> str | None:
         async def call() -> str | None:
             timed = client.options(request_timeout=request_timeout_s)
-            info = await timed.info()
+            try:
+                info = (await timed.info()).body
+            except ApiError as err:
+                if err.status_code != 405:
+                    raise
+                info = {}  # a node without the rest-root module (the integ-test zip) has no GET /
             health = await timed.cluster.health()
             status = health.get("status")
             if status not in ("green", "yellow"):
@@ -321,13 +422,79 @@ async def import_saved_objects(session: aiohttp.ClientSession, *, url: str, ndjs
     return imported
 
 
+async def saved_objects_in_kibana(
+    session: aiohttp.ClientSession, *, url: str, objects: list[dict[str, Any]], timeout_s: float
+) -> dict[str, str | None]:
+    """Which of ``objects`` Kibana has (``POST /api/saved_objects/_bulk_get``): key → its ``updated_at``."""
+    step = f"reading the saved objects in Kibana at {url}"
+    found: dict[str, str | None] = {}
+
+    async def attempt(request_timeout_s: float) -> str | None:
+        wanted = [{"type": saved_object["type"], "id": saved_object["id"]} for saved_object in objects]
+        try:
+            async with session.post(
+                f"{url}/api/saved_objects/_bulk_get",
+                json=wanted,
+                headers={"kbn-xsrf": "true"},
+                timeout=aiohttp.ClientTimeout(total=request_timeout_s),
+            ) as response:
+                status, text = response.status, await response.text()
+        except (aiohttp.ClientError, TimeoutError) as err:
+            return f"{type(err).__name__}: {err}"
+        if _retryable(status):
+            return f"HTTP {status}: {_excerpt(text)[:200]}"
+        if status != 200:
+            raise ProvisionError(f"{step}: HTTP {status}: {_excerpt(text)}")
+        try:
+            answer = json.loads(text)
+            for item in answer["saved_objects"]:
+                if not item.get("error"):
+                    found[object_key(item)] = item.get("updated_at")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ProvisionError(f"{step}: unexpected answer: {_excerpt(text)}") from err
+        return None
+
+    await _poll(step, attempt, timeout_s=timeout_s)
+    return found
+
+
+async def sync_saved_objects(
+    session: aiohttp.ClientSession, client: AsyncElasticsearch, *, url: str, timeout_s: float
+) -> ImportPlan:
+    """Import only the saved objects that are missing in Kibana or older than ours (kibana_sync.py)."""
+    ours = [json.loads(line) for line in saved_objects_ndjson().decode("utf-8").splitlines() if line.strip()]
+    stored = await client.options(ignore_status=404).get(index=RECORD_INDEX, id=RECORD_ID)
+    record = read_record(stored.body.get("_source"))
+    plan = plan_import(ours, await saved_objects_in_kibana(session, url=url, objects=ours, timeout_s=timeout_s), record)
+    for key in plan.kept:
+        _LOG.warning("Kibana: %s was changed in Kibana (or not imported by setup): kept as it is", key)
+    if plan.to_import:
+        ndjson = "".join(json.dumps(saved_object) + "\n" for saved_object in plan.to_import).encode("utf-8")
+        await import_saved_objects(session, url=url, ndjson=ndjson, timeout_s=timeout_s)
+        after = await saved_objects_in_kibana(session, url=url, objects=plan.to_import, timeout_s=timeout_s)
+        for saved_object in plan.to_import:
+            key = object_key(saved_object)
+            record[key] = Imported(asset_digest(saved_object), after.get(key))
+            _LOG.info("Kibana: %s imported (%s)", key, plan.reasons[key])
+        await client.index(index=RECORD_INDEX, id=RECORD_ID, document=record_document(record), refresh=True)
+    return plan
+
+
 # -- the whole setup ---------------------------------------------------------------------------------
 
 
-async def provision(config: ConsumerConfig, *, kibana_system_password: str | None, wait_timeout_s: float) -> None:
+async def provision(
+    config: ConsumerConfig,
+    *,
+    kibana_system_password: str | None,
+    wait_timeout_s: float,
+    kibana_only: bool = False,
+) -> None:
     """Make Elasticsearch (and Kibana, when ``config.kibana_url`` is set) ready for the fleet.
 
-    Each wait (Elasticsearch, then Kibana) is bounded by ``wait_timeout_s``. Raises ProvisionError.
+    ``kibana_only`` skips the Elasticsearch steps (the compose stack runs the Kibana import as a service of
+    its own, so that Kibana never holds back ingestion). Each wait (Elasticsearch, then Kibana) is bounded
+    by ``wait_timeout_s``. Raises ProvisionError.
     """
     if config.elasticsearch_url is None:
         raise ProvisionError("no Elasticsearch URL configured (--elasticsearch-url)")
@@ -335,30 +502,52 @@ async def provision(config: ConsumerConfig, *, kibana_system_password: str | Non
     client = make_client(config, request_timeout_s=REQUEST_TIMEOUT_S)
     try:
         await wait_for_elasticsearch(client, url=url, timeout_s=wait_timeout_s)
-        if kibana_system_password is not None:
-            password = kibana_system_password
-
-            async def set_password() -> None:
-                await client.security.change_password(username=KIBANA_SYSTEM_USER, password=password)
-
-            await _es_step(f"setting the {KIBANA_SYSTEM_USER} password", set_password, timeout_s=wait_timeout_s)
-            _LOG.info("%s password set", KIBANA_SYSTEM_USER)
-        await _es_step("installing the index templates", lambda: install_templates(client), timeout_s=wait_timeout_s)
+        if not kibana_only:
+            await _provision_elasticsearch(client, config, kibana_system_password, wait_timeout_s)
+        if config.kibana_url is None:
+            _LOG.info("no Kibana URL configured: saved objects not imported")
+            return
+        async with kibana_session(config) as session:
+            await wait_for_kibana(session, url=config.kibana_url, timeout_s=wait_timeout_s)
+            try:
+                plan = await sync_saved_objects(session, client, url=config.kibana_url, timeout_s=wait_timeout_s)
+            except (ApiError, TransportError) as err:
+                raise ProvisionError(f"the record of imported saved objects in Elasticsearch: {err}") from err
     finally:
         await client.close()
-    if config.kibana_url is None:
-        _LOG.info("no Kibana URL configured: saved objects not imported")
-        return
-    async with kibana_session(config) as session:
-        await wait_for_kibana(session, url=config.kibana_url, timeout_s=wait_timeout_s)
-        count = await import_saved_objects(
-            session, url=config.kibana_url, ndjson=saved_objects_ndjson(), timeout_s=wait_timeout_s
-        )
     _LOG.info(
-        "Kibana: %d saved objects imported; dashboard at %s/app/dashboards#/view/smartgas-fleet",
-        count,
+        "Kibana: %d saved objects imported, %d current, %d kept as changed in Kibana; dashboard at "
+        "%s/app/dashboards#/view/smartgas-fleet",
+        len(plan.to_import),
+        len(plan.current),
+        len(plan.kept),
         config.kibana_url,
     )
+
+
+async def _provision_elasticsearch(
+    client: AsyncElasticsearch, config: ConsumerConfig, kibana_system_password: str | None, wait_timeout_s: float
+) -> None:
+    if kibana_system_password is not None:
+        password = kibana_system_password
+
+        async def set_password() -> None:
+            await client.security.change_password(username=KIBANA_SYSTEM_USER, password=password)
+
+        await _es_step(f"setting the {KIBANA_SYSTEM_USER} password", set_password, timeout_s=wait_timeout_s)
+        _LOG.info("%s password set", KIBANA_SYSTEM_USER)
+    retention_days = config.elasticsearch_retention_days
+    await _es_step(
+        "installing the index templates",
+        lambda: install_templates(client, retention_days=retention_days),
+        timeout_s=wait_timeout_s,
+    )
+    for data_stream in (config.elasticsearch_index, config.elasticsearch_alerts_index):
+        await _es_step(
+            f"bringing data stream {data_stream} up to its template",
+            lambda name=data_stream: evolve_data_stream(client, name, retention_days=retention_days),  # type: ignore[misc]
+            timeout_s=wait_timeout_s,
+        )
 
 
 async def main_setup(
@@ -367,6 +556,7 @@ async def main_setup(
     *,
     kibana_system_password_env: str | None,
     wait_timeout_s: float,
+    kibana_only: bool = False,
 ) -> int:
     """``smartgas-consumer setup``: run :func:`provision`; exit code 0 done, 1 failed, 2 misconfigured.
 
@@ -375,6 +565,9 @@ async def main_setup(
     """
     if config.elasticsearch_url is None:
         _LOG.error("setup needs --elasticsearch-url (or SMARTGAS_CONSUMER_ELASTICSEARCH_URL)")
+        return 2
+    if kibana_only and config.kibana_url is None:
+        _LOG.error("setup --kibana-only needs --kibana-url (or SMARTGAS_CONSUMER_KIBANA_URL)")
         return 2
     password: str | None = None
     if kibana_system_password_env is not None:
@@ -387,7 +580,7 @@ async def main_setup(
             )
             return 2
     try:
-        await provision(config, kibana_system_password=password, wait_timeout_s=wait_timeout_s)
+        await provision(config, kibana_system_password=password, wait_timeout_s=wait_timeout_s, kibana_only=kibana_only)
     except ProvisionError as err:
         _LOG.error("setup failed: %s", err)
         return 1

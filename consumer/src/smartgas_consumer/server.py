@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiocoap
 from aiocoap import resource
@@ -24,11 +26,11 @@ from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
 from smartgas_consumer.elastic import make_client
-from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource
+from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
 from smartgas_consumer.fleet import Fleet, load_fleet
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.metrics import Metrics
-from smartgas_consumer.provision import install_templates
+from smartgas_consumer.provision import prepare_data_stream
 from smartgas_consumer.queries import FleetQueries
 from smartgas_consumer.resource import MeterList, MeterReading
 from smartgas_consumer.store import ReadingStore, StoreSummary, format_timestamp
@@ -126,13 +128,22 @@ class Consumer:
             fleet=self.fleet,
             retention=timedelta(hours=config.retention_hours),
         )
-        for source, new_data in ((readings, self.intake.on_stored), (AlertSource(self.store), self.alerts.on_change)):
+        alerts = AlertSource(self.store, index=config.elasticsearch_alerts_index)
+        sources: tuple[tuple[ShipSource, list[Any]], ...] = (
+            (readings, self.intake.on_stored),
+            (alerts, self.alerts.on_change),
+        )
+        for source, new_data in sources:
             sink = ElasticsearchSink(
                 source,
                 self.elasticsearch,
                 batch_size=config.ship_batch_size,
                 backoff=Backoff(cap_s=config.ship_backoff_max_s),
-                prepare=install_templates,
+                prepare=functools.partial(
+                    prepare_data_stream,
+                    data_stream=source.index,
+                    retention_days=config.elasticsearch_retention_days,
+                ),
                 metrics=self.metrics,
             )
             new_data.append(lambda _news, sink=sink: sink.wake())  # type: ignore[misc]
