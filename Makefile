@@ -42,8 +42,8 @@ deps:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python constraints.txt consumer/pyproject.toml publisher/pyproject.toml
-	$(BIN)/pip install -q -c constraints.txt -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
+$(VENV)/.installed: $(BIN)/python constraints.txt common/pyproject.toml consumer/pyproject.toml publisher/pyproject.toml
+	$(BIN)/pip install -q -c constraints.txt -e 'common[test]' -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
 	touch $@
 
 venv: $(VENV)/.installed
@@ -74,6 +74,7 @@ run: venv
 
 # Each package's suite runs through `python setup.py test`, as the original lab did.
 test: deps venv lint typecheck
+	cd common && ../$(BIN)/python setup.py -q test
 	cd consumer && ../$(BIN)/python setup.py -q test
 	cd publisher && ../$(BIN)/python setup.py -q test
 
@@ -88,11 +89,11 @@ test-live: venv
 	$(BIN)/python -m pytest -q -m live -rs consumer/tests
 
 lint: venv
-	$(BIN)/ruff check consumer publisher
-	$(BIN)/ruff format --check consumer publisher
+	$(BIN)/ruff check common consumer publisher
+	$(BIN)/ruff format --check common consumer publisher
 
 typecheck: venv
-	$(BIN)/mypy consumer/src publisher/src
+	$(BIN)/mypy common/src consumer/src publisher/src
 
 # On a machine with Docker: bring the whole stack up, wait until the consumer is healthy (it starts
 # only after setup provisioned Elasticsearch and Kibana), run the live suite against it, tear it down,
