@@ -115,3 +115,9 @@ def test_misuse_is_refused(models: Mapping[str, GasModel]) -> None:
         models["nitrogen"].content(30.0, 15.0, 0.0)
     with pytest.raises(ValueError, match=r"^amount must be a finite number of moles, at least 0, got -1.0$"):
         models["nitrogen"].pressure_bar(-1.0, 50.0, 15.0)
+
+
+def test_standard_compressibility_of_the_built_in_gases(models: Mapping[str, GasModel]) -> None:
+    # docs/physics.md: Z₀ at 15 °C and 1.01325 bar is 0.9980-1.0007 for the built-in compressed gases.
+    for name in COMPRESSED:
+        assert 0.9980 <= models[name].standard_compressibility <= 1.0007

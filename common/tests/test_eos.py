@@ -63,3 +63,9 @@ def test_library_errors_are_translated_naming_the_gas_and_point() -> None:
         eos.vapour_pressure_bar(15.0)
     with pytest.raises(EquationOfStateError, match=r"^gas 'co2': no vapour pressure at 40 °C: "):
         EquationOfState(BUILTIN_GASES["co2"]).vapour_pressure_bar(40.0)
+
+
+def test_built_in_mixtures_at_200_bar(models: Mapping[str, GasModel]) -> None:
+    # docs/physics.md: argon-CO2 82/18 Z = 0.8535, medical air 21/79 Z = 1.0233 at 200 bar and 15 °C.
+    assert models["argon-co2"].compressibility(200.0, 15.0) == pytest.approx(0.8535, abs=5e-4)
+    assert models["medical-air"].compressibility(200.0, 15.0) == pytest.approx(1.0233, abs=5e-4)

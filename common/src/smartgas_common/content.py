@@ -2,7 +2,7 @@
 
 Compressed gases: n = p·V / (Z·R·T), with Z from the gas's tabulated reference equation (``table.py``)
 and R the gas constant that equation was fitted with; mass = n·M; standard volume = n·Z₀·R·T₀ / p₀ at the
-ISO 13443 reference conditions (15 °C, 1.01325 bar; Z₀ is the gas's own compressibility there, 0.9987-1.0006
+ISO 13443 reference conditions (15 °C, 1.01325 bar; Z₀ is the gas's own compressibility there, 0.9980-1.0007
 for the built-in compressed gases); fill % = real moles now / real moles at the nominal pressure and 15 °C,
 so a sealed bottle keeps its fill % as the temperature moves.
 
@@ -35,10 +35,10 @@ from smartgas_common.gas import Gas, Storage
 from smartgas_common.table import CompressibilityTable, OutsideEnvelopeError
 
 #: A liquefied bottle's pressure may stray this far (relative) from the vapour pressure at the measured
-#: temperature before its state changes: 10 % is 3-4 K of disagreement between the outside temperature
-#: sensor and the liquid (CO2 and propane vapour pressures rise 2.6-3.3 %/K near 15 °C).
+#: temperature before its state changes: 10 % is about 4 K of disagreement between the outside
+#: temperature sensor and the liquid (CO2's and propane's vapour pressures rise 2.4 and 2.7 %/K at 15 °C).
 VAPOUR_PRESSURE_MARGIN = 0.10
-#: Below this a gas is ideal to better than 1e-5 (Z - 1 ≈ B·p), and CoolProp's density solver may fail
+#: Below this a gas is ideal to better than 1e-4 (Z - 1 ≈ B·p), and CoolProp's density solver may fail
 #: on vanishing pressures (1e-140 bar), so the vapour of an exhausted bottle counts as ideal there.
 IDEAL_BELOW_PRESSURE_BAR = 1e-3
 _PRESSURE_SOLVER_ITERATIONS = 50
