@@ -90,8 +90,7 @@ def test_near_the_vapour_pressure_liquid_is_present_at_any_temperature(
 def test_well_below_the_vapour_pressure_the_liquid_is_exhausted(
     models: Mapping[str, GasModel], name: str, temperature_c: float, fraction: float
 ) -> None:
-    vapour_pressure_bar = models[name].liquefied_status(0.0, temperature_c, 50.0).vapour_pressure_bar
-    assert vapour_pressure_bar is not None
+    vapour_pressure_bar = models[name].vapour_pressure_bar(temperature_c)
     status = models[name].liquefied_status(vapour_pressure_bar * fraction, temperature_c, 50.0)
     assert status.state is LiquidState.LIQUID_EXHAUSTED
     assert status.content is not None
@@ -109,3 +108,30 @@ def test_every_point_of_the_envelope_gets_a_state(
 ) -> None:
     status = models[name].liquefied_status(pressure_bar, temperature_c, 50.0)
     assert (status.content is not None) == (status.state is LiquidState.LIQUID_EXHAUSTED)
+
+
+def test_a_draining_co2_bottle_holds_its_plateau_then_declines(models: Mapping[str, GasModel]) -> None:
+    # The simulator's physics: 30 kg of CO2 in a 50 L bottle (fill ratio 0.6 kg/L) at 15 °C, drawn down.
+    co2 = models["co2"]
+    molar_mass = co2.molar_mass_kg_per_mol
+    plateau_bar = co2.vapour_pressure_bar(15.0)
+    states = []
+    for mass_kg in (30.0, 20.0, 10.0, 5.0, 4.0, 3.0, 1.0):
+        pressure_bar = co2.pressure_bar(mass_kg / molar_mass, 50.0, 15.0)
+        status = co2.liquefied_status(pressure_bar, 15.0, 50.0)
+        states.append(status.state)
+        if status.state is LiquidState.LIQUID_PRESENT:
+            assert pressure_bar == pytest.approx(plateau_bar, rel=1e-6)
+        else:
+            assert status.content is not None
+            assert status.content.mass_kg == pytest.approx(mass_kg, rel=1e-6)
+    # Saturated vapour at 15 °C holds 160 kg/m³, 8.0 kg in 50 L: with less the liquid is gone.
+    assert states == [LiquidState.LIQUID_PRESENT] * 3 + [LiquidState.LIQUID_EXHAUSTED] * 4
+    assert co2.pressure_bar(0.0, 50.0, 15.0) == 0.0
+
+
+def test_vapour_pressure_is_refused_where_there_is_none(models: Mapping[str, GasModel]) -> None:
+    with pytest.raises(ValueError, match=r"^gas 'oxygen' is compressed: it has no vapour pressure$"):
+        models["oxygen"].vapour_pressure_bar(15.0)
+    with pytest.raises(ValueError, match=r"^gas 'co2': no vapour pressure at 35 °C: "):
+        models["co2"].vapour_pressure_bar(35.0)

@@ -159,14 +159,19 @@ class GasModel:
     def pressure_bar(self, real_moles: float, volume_l: float, temperature_c: float) -> float:
         """The pressure of ``real_moles`` in ``volume_l`` at ``temperature_c`` (the simulator's inverse).
 
-        Solves p = Z(p, T)·n·R·T / V by the secant method on the same table ``content`` reads, so that
-        ``content(pressure_bar(n, V, T), T, V).real_moles`` gives n back to 1e-9.
+        Compressed gases: solves p = Z(p, T)·n·R·T / V by the secant method on the same table ``content``
+        reads, so that ``content(pressure_bar(n, V, T), T, V).real_moles`` gives n back to 1e-9.
+        Liquefied gases: CoolProp's equation at that density, two-phase while liquid is left (the vapour
+        pressure, whatever the amount), then gas: the plateau and the decline of a draining bottle.
         """
-        if self.gas.storage is not Storage.COMPRESSED:
-            raise ValueError(f"gas {self.gas.name!r} is liquefied: its pressure is the vapour pressure")
         _check_volume(volume_l)
         if not (math.isfinite(real_moles) and real_moles >= 0.0):
             raise ValueError(f"amount must be a finite number of moles, at least 0, got {real_moles!r}")
+        if self.gas.storage is Storage.LIQUEFIED:
+            _check_envelope(self.gas, 0.0, temperature_c)
+            if real_moles == 0.0:
+                return 0.0
+            return self._eos.pressure_bar(real_moles / (volume_l * CUBIC_METRE_PER_LITRE), temperature_c)
         ideal_bar = (
             real_moles
             * self._eos.gas_constant_j_per_mol_k
@@ -198,6 +203,13 @@ class GasModel:
             previous_residual = current_residual
         self.compressibility(current, temperature_c)  # raises OutsideEnvelopeError for a pressure beyond it
         return current
+
+    def vapour_pressure_bar(self, temperature_c: float) -> float:
+        """A liquefied gas's vapour pressure; ValueError at or above its critical temperature or if compressed."""
+        if self.gas.storage is not Storage.LIQUEFIED:
+            raise ValueError(f"gas {self.gas.name!r} is compressed: it has no vapour pressure")
+        _check_envelope(self.gas, 0.0, temperature_c)
+        return self._eos.vapour_pressure_bar(temperature_c)
 
     def liquefied_status(self, pressure_bar: float, temperature_c: float, volume_l: float) -> LiquefiedStatus:
         """The state of a liquefied-gas bottle; its real content only once the liquid is exhausted."""
