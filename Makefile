@@ -43,8 +43,8 @@ deps:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python constraints.lock consumer/pyproject.toml publisher/pyproject.toml
-	$(BIN)/pip install -q -c constraints.lock -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
+$(VENV)/.installed: $(BIN)/python constraints.lock common/pyproject.toml consumer/pyproject.toml publisher/pyproject.toml
+	$(BIN)/pip install -q -c constraints.lock -e 'common[test]' -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
 	touch $@
 
 venv: $(VENV)/.installed
@@ -75,6 +75,7 @@ run: venv
 
 # Each package's suite runs through `python setup.py test`, as the original lab did.
 test: deps venv lint typecheck elasticsearch-zip
+	cd common && ../$(BIN)/python setup.py -q test
 	cd consumer && ../$(BIN)/python setup.py -q test
 	cd publisher && ../$(BIN)/python setup.py -q test
 
@@ -89,11 +90,11 @@ test-live: venv
 	$(BIN)/python -m pytest -q -m live -rs consumer/tests
 
 lint: venv
-	$(BIN)/ruff check consumer publisher
-	$(BIN)/ruff format --check consumer publisher
+	$(BIN)/ruff check common consumer publisher
+	$(BIN)/ruff format --check common consumer publisher
 
 typecheck: venv
-	$(BIN)/mypy consumer/src publisher/src
+	$(BIN)/mypy common/src consumer/src publisher/src
 
 # On a machine with Docker: bring the whole stack up, check its data path (the publisher's meters'
 # readings in the readings data stream, the dashboard and data views in Kibana), run the live suite
