@@ -1,6 +1,9 @@
 """Command line: ``smartgas-consumer serve`` runs the consumer; ``status`` reports on a store.
 
-Exit codes: 0 success, 2 bad configuration (the message names the setting), 1 failure at run time.
+Exit codes (docs/operations.md): 0 success; 2 the consumer refused to start, with one line on stderr naming
+the setting or path and the fix (a bad setting, fleet or keys file, a store that is damaged, read-only or
+served by another consumer, a port in use); 1 a failure at run time. A traceback accompanies a start-up
+refusal only with ``--log-level DEBUG``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from smartgas_consumer import health, provision
 from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.fleet import FleetFileError
-from smartgas_consumer.server import Consumer, describe_lag
-from smartgas_consumer.store import ReadingStore
+from smartgas_consumer.server import Consumer, StartupError, describe_lag
+from smartgas_consumer.store import ReadingStore, StoreLock, StoreUnusable
 
 _LOG = logging.getLogger("smartgas_consumer")
 
@@ -100,6 +103,16 @@ async def serve(config: ConsumerConfig) -> int:
 
 
 async def status(config: ConsumerConfig) -> int:
+    holder = StoreLock(config.db).holder()
+    if holder is not None:
+        # The serving consumer keeps the store's WAL index in its own memory (no -shm, no SIGBUS), so no
+        # other process can read the store beside it.
+        raise StartupError(
+            f"--db {config.db}: served by the consumer with PID {holder}, which alone can read it; see its "
+            "status log lines and /metrics, or stop it first"
+        )
+    if not config.db.exists():
+        raise StartupError(f"--db {config.db}: no such store; give the path of an existing store")
     store = ReadingStore(config.db)
     await store.open()
     try:
@@ -144,9 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = serve(config)
     try:
         return asyncio.run(runner)
-    except OSError as err:  # port in use, unwritable store path, ...
-        _LOG.error("%s", err)
-        return 1
-    except (FleetFileError, ApiKeysFileError) as err:
-        print(f"smartgas-consumer: {err}", file=sys.stderr)
+    except (StartupError, StoreUnusable, FleetFileError, ApiKeysFileError) as err:
+        _LOG.debug("start-up refused", exc_info=True)
+        print(f"smartgas-consumer: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except OSError as err:  # an unexpected system error at run time
+        _LOG.debug("failed", exc_info=True)
+        print(f"smartgas-consumer: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1

@@ -1,7 +1,11 @@
 """Assembly and lifecycle of the consumer: the store, the intake and the CoAP site, started and stopped.
 
-The whole resource tree is built in one place (``build_site``). ``Consumer.start`` opens the store before
-the socket, so no reading can arrive that cannot be stored; ``Consumer.stop`` closes the socket first,
+The whole resource tree is built in one place (``build_site``). ``Consumer.start`` takes the store's lock
+file (one consumer per store) and opens the store before the socket, so no reading can arrive that cannot
+be stored; the CoAP socket is bound without SO_REUSEPORT unless ``--coap-reuse-port`` asks for it, so a
+second consumer on the same port fails to start instead of silently taking half the traffic. Every
+start-up refusal is a ``StartupError`` (or the store's ``StoreUnusable``) with a one-line message naming
+the setting or path and the fix. ``Consumer.stop`` closes the socket first,
 then lets the store commit what it holds. Acknowledgements are only sent after commit, so a reading that
 was acknowledged is on disk whatever the moment of the stop.
 """
@@ -11,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import aiocoap
@@ -26,25 +32,37 @@ from smartgas_consumer.dashboard import build_dashboard_router
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource
 from smartgas_consumer.fleet import Fleet, load_fleet
+from smartgas_consumer.health import StoreHealth
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.provision import install_templates
 from smartgas_consumer.queries import FleetQueries
-from smartgas_consumer.resource import MeterList, MeterReading
-from smartgas_consumer.store import ReadingStore, StoreSummary, format_timestamp
+from smartgas_consumer.resource import Health, MeterReading
+from smartgas_consumer.store import ReadingStore, StoreLock, StoreSummary, format_timestamp
 from smartgas_consumer.webhook import WEBHOOK_SCHEMA, WebhookDispatcher
 
 _LOG = logging.getLogger(__name__)
 #: Linux's SO_RCVBUFFORCE (not exported by Python's socket module).
 SO_RCVBUFFORCE = 33
+#: aiocoap's documented switch for SO_REUSEPORT on the sockets it binds (aiocoap.defaults.has_reuse_port).
+AIOCOAP_REUSE_PORT = "AIOCOAP_REUSE_PORT"
 
 
-def build_site(intake: ReadingIntake) -> resource.Site:
-    """The CoAP resource tree: /.well-known/core, /meters and /meters/{meter_id}/reading."""
+class StartupError(Exception):
+    """The consumer cannot start as configured; the one-line message names the setting or path and the fix."""
+
+
+def build_site(
+    intake: ReadingIntake, *, store_fault: Callable[[], Awaitable[str | None]], reading_get: bool = False
+) -> resource.Site:
+    """The CoAP resource tree: /.well-known/core, /health, /meters/{meter_id}/reading (PUT; GET if enabled).
+
+    ``GET /meters`` (the list of meters) is not served: it would tell anyone on the network the fleet.
+    """
     root = resource.Site()
     root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
-    root.add_resource(["meters"], MeterList(intake))
-    root.add_resource(["meters"], MeterReading(intake))
+    root.add_resource(["health"], Health(store_fault))
+    root.add_resource(["meters"], MeterReading(intake, reading_get=reading_get))
     return root
 
 
@@ -74,6 +92,7 @@ class Consumer:
 
     def __init__(self, config: ConsumerConfig) -> None:
         self.config = config
+        self.store_lock = StoreLock(config.db)
         # The fleet and keys files are read here, before any socket opens: a broken file stops the start.
         self.fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
         self.api_keys = ApiKeys.load(config.api_keys).with_admin_key(config.admin_key)
@@ -87,6 +106,7 @@ class Consumer:
         self.intake = ReadingIntake(
             self.store, fleet=self.fleet, log_readings=config.log_readings, metrics=self.metrics
         )
+        self.store_health = StoreHealth(self.store)
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
         self.intake.on_stored.append(self.alerts.on_stored)
         self.webhooks: WebhookDispatcher | None = None
@@ -150,19 +170,29 @@ class Consumer:
             raise
 
     async def _start(self) -> None:
+        self.store_lock.acquire()
         await self.store.open()
         # Alerts load their open alerts and recent readings before any new reading can arrive.
         await self.alerts.start()
         if self.webhooks is not None:
             await self.webhooks.start()
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
-        self._context = await aiocoap.Context.create_server_context(
-            build_site(self.intake),
-            bind=(self.config.coap_host, self.config.coap_port),
-            transports=["udp6"],
-            loggername="smartgas_consumer.coap",
-        )
+        os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
+        try:
+            self._context = await aiocoap.Context.create_server_context(
+                build_site(self.intake, store_fault=self.store_health.fault, reading_get=self.config.coap_reading_get),
+                bind=(self.config.coap_host, self.config.coap_port),
+                transports=["udp6"],
+                loggername="smartgas_consumer.coap",
+            )
+        except OSError as err:
+            raise StartupError(
+                f"--coap-port {self.config.coap_port} on --coap-host {self.config.coap_host!r}: {err.strerror or err}"
+                " (another consumer or program holds it?); stop it or choose another port"
+            ) from err
         sock = udp_socket(self._context)
+        if bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) != self.config.coap_reuse_port:
+            raise StartupError("the CoAP socket's SO_REUSEPORT differs from --coap-reuse-port (aiocoap changed?)")
         self._raise_receive_buffer(sock)
         self.port = sock.getsockname()[1]
         summary = await self.store.summary()
@@ -184,7 +214,13 @@ class Consumer:
             )
         else:
             _LOG.info("no Elasticsearch configured: readings stay in the local store")
-        await self.http.start()
+        try:
+            await self.http.start()
+        except OSError as err:
+            raise StartupError(
+                f"--http-port {self.config.http_port} on --http-host {self.config.http_host!r}: "
+                f"{err.strerror or err}; stop what holds it or choose another port"
+            ) from err
         _LOG.info(
             "HTTP API on http://%s:%d/api (dashboard /dashboard/, metrics /metrics), %d API key(s)",
             self.config.http_host,
@@ -250,6 +286,7 @@ class Consumer:
             await self.elasticsearch.close()
             self.elasticsearch = None
         await self.store.close()
+        self.store_lock.release()
         _LOG.info("consumer stopped: %s", self.intake.counters.describe())
 
     async def serve_until(self, stop: asyncio.Event) -> None:

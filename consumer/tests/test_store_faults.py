@@ -1,0 +1,171 @@
+"""The store against real storage faults: damaged, foreign, read-only and immutable files, at start and while running.
+
+Faults are real: bytes overwritten on disk, ``chattr +i`` (root only: it binds root too, where a chmod does
+not), a directory without write permission. Tests that need ``chattr`` skip by name when it is unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from test_store import reading
+
+from smartgas_consumer.store import ReadingStore, StoreClosed, StoreInUse, StoreLock, StoreUnusable
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def chattr_works(tmp_path: Path) -> bool:
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        return False
+    probe = tmp_path / "chattr-probe"
+    probe.touch()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        return False
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    return True
+
+
+@contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """Make files immutable (even for root) for the duration of the block."""
+    done: list[Path] = []
+    try:
+        for path in paths:
+            subprocess.run(["chattr", "+i", str(path)], check=True)
+            done.append(path)
+        yield
+    finally:
+        for path in done:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.fixture
+def chattr(tmp_path: Path) -> None:
+    if not chattr_works(tmp_path):
+        pytest.skip("chattr +i needs root and a filesystem with the immutable flag")
+
+
+async def filled_store(path: Path, readings: int = 200) -> None:
+    store = ReadingStore(path)
+    await store.open()
+    for seq in range(readings):
+        await store.add(reading(seq=seq), 1.0, NOW)
+    await store.close()
+
+
+async def open_fails(path: Path) -> str:
+    store = ReadingStore(path)
+    try:
+        with pytest.raises(StoreUnusable) as raised:
+            await store.open()
+    finally:
+        await store.close()
+    message = str(raised.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+async def test_a_damaged_page_is_refused_at_open_naming_the_file(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    await filled_store(db)
+    with sqlite3.connect(db) as connection:
+        page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+        (root_page,) = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'readings'").fetchone()
+    with db.open("r+b") as file:  # scribble over the readings table's root page, as a bad sector would
+        file.seek((root_page - 1) * page_size)
+        file.write(b"\xa5" * page_size)
+    message = await open_fails(db)
+    assert "integrity check" in message and "restore it from a backup" in message
+
+
+async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    db.write_bytes(b"fleet:\n  clients: []\n" * 300)
+    assert "not a SQLite store" in await open_fails(db)
+
+
+async def test_a_read_only_store_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    await filled_store(db, readings=3)
+    if os.geteuid() == 0:
+        if not chattr_works(tmp_path):
+            pytest.skip("root ignores file modes; chattr +i is unavailable here")
+        with immutable(db):
+            message = await open_fails(db)
+    else:
+        db.chmod(0o444)
+        message = await open_fails(db)
+    assert "writable" in message
+
+
+async def test_a_directory_that_cannot_hold_the_store_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    if os.geteuid() == 0:
+        if not chattr_works(tmp_path):
+            pytest.skip("root ignores directory modes; chattr +i is unavailable here")
+        with immutable(directory):
+            message = await open_fails(directory / "s.db")
+    else:
+        directory.chmod(0o555)
+        message = await open_fails(directory / "s.db")
+    assert "directory" in message
+
+
+async def test_no_memory_mapped_wal_index_is_created(tmp_path: Path) -> None:
+    # A mapped -shm made immutable (or otherwise unwritable) under the process kills it with SIGBUS on the
+    # next write to the mapping. The store keeps its WAL index in heap memory: no -shm file, ever.
+    store = ReadingStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        await store.add(reading(seq=1), 1.0, NOW)
+        assert await store.summary()
+        assert not (tmp_path / "s.db-shm").exists()
+    finally:
+        await store.close()
+
+
+@pytest.mark.usefixtures("chattr")
+async def test_an_immutable_store_while_running_refuses_then_recovers(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = ReadingStore(db)
+    await store.open()
+    try:
+        await store.add(reading(seq=0), 1.0, NOW)
+        await store.probe(NOW)
+        with immutable(db, db.with_name("s.db-wal")):  # every file the store has (no -shm)
+            with pytest.raises(StoreClosed, match="could not commit"):
+                await store.add(reading(seq=1), 1.0, NOW)
+            with pytest.raises(StoreClosed):
+                await store.probe(NOW)
+            assert store.fault is not None and str(db) in store.fault
+        await store.probe(NOW)  # the fault went away: commits again
+        assert store.fault is None
+        assert (await store.add(reading(seq=1), 1.0, NOW)).stored
+    finally:
+        await store.close()
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT seq FROM readings ORDER BY seq").fetchall() == [(0,), (1,)]
+
+
+def test_lock_names_the_holder_and_is_released(tmp_path: Path) -> None:
+    first, second = StoreLock(tmp_path / "s.db"), StoreLock(tmp_path / "s.db")
+    first.acquire()
+    try:
+        assert second.holder() == str(os.getpid())
+        with pytest.raises(StoreInUse, match=f"PID {os.getpid()}"):
+            second.acquire()
+    finally:
+        first.release()
+    assert second.holder() is None
+    second.acquire()
+    second.release()
