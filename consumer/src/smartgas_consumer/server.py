@@ -135,6 +135,7 @@ class Consumer:
         self._context: aiocoap.Context | None = None
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
+        self._started = False  # a start that failed says so once, not with a "stopped" summary too
 
     def _add_sinks(self, config: ConsumerConfig) -> None:
         """One Elasticsearch client, shared by the readings sink and the alerts sink."""
@@ -195,6 +196,14 @@ class Consumer:
             raise StartupError("the CoAP socket's SO_REUSEPORT differs from --coap-reuse-port (aiocoap changed?)")
         self._raise_receive_buffer(sock)
         self.port = sock.getsockname()[1]
+        # Both ports are bound before anything says "listening": a port in use fails the start first.
+        try:
+            await self.http.start()
+        except OSError as err:
+            raise StartupError(
+                f"--http-port {self.config.http_port} on --http-host {self.config.http_host!r}: "
+                f"{err.strerror or err}; stop what holds it or choose another port"
+            ) from err
         summary = await self.store.summary()
         _LOG.info(
             "consumer listening on coap://[%s]:%d (UDP), store %s: %d readings from %d meters",
@@ -214,13 +223,6 @@ class Consumer:
             )
         else:
             _LOG.info("no Elasticsearch configured: readings stay in the local store")
-        try:
-            await self.http.start()
-        except OSError as err:
-            raise StartupError(
-                f"--http-port {self.config.http_port} on --http-host {self.config.http_host!r}: "
-                f"{err.strerror or err}; stop what holds it or choose another port"
-            ) from err
         _LOG.info(
             "HTTP API on http://%s:%d/api (dashboard /dashboard/, metrics /metrics), %d API key(s)",
             self.config.http_host,
@@ -228,6 +230,7 @@ class Consumer:
             len(self.api_keys.principals),
         )
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
+        self._started = True
 
     def _raise_receive_buffer(self, sock: socket.socket) -> None:
         # The default buffer (~208 KiB) holds only ~190 readings; a pause longer than that (a slow
@@ -287,7 +290,9 @@ class Consumer:
             self.elasticsearch = None
         await self.store.close()
         self.store_lock.release()
-        _LOG.info("consumer stopped: %s", self.intake.counters.describe())
+        if self._started:
+            _LOG.info("consumer stopped: %s", self.intake.counters.describe())
+            self._started = False
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (by SIGTERM/SIGINT in the CLI), then stop cleanly."""
