@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from test_store_faults import chattr, immutable  # noqa: F401 (chattr is a fixture)
 
@@ -30,8 +31,14 @@ async def test_healthcheck_fails_while_the_store_cannot_commit(consumer: Consume
         with pytest.raises(Unhealthy, match=r"5\.03.*could not commit"):
             await probe(probe_uri(config), timeout_s=5)
         assert await healthcheck(config, timeout_s=5) == 1
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"http://127.0.0.1:{consumer.http.port}/healthz", timeout=10)
+        assert answer.status_code == 503 and "could not commit" in answer.json()["reason"]
     await asyncio.sleep(PROBE_EVERY_S)
     assert await healthcheck(config, timeout_s=5) == 0
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(f"http://127.0.0.1:{consumer.http.port}/healthz", timeout=10)
+    assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
 
 
 async def test_healthcheck_exit_code_follows_the_consumer(consumer: Consumer) -> None:

@@ -50,7 +50,7 @@ class StoreHealth:
             except StoreClosed as err:
                 fault = str(err)
             except TimeoutError:
-                fault = f"{self._store.path}: a commit took longer than {PROBE_TIMEOUT_S:g} s"
+                fault = f"a commit took longer than {PROBE_TIMEOUT_S:g} s"
             self._last = (time.monotonic(), fault)
             return fault
 

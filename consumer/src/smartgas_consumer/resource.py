@@ -96,5 +96,5 @@ class Health(Resource):
     async def render_get(self, request: Message) -> Message:
         fault = await self._store_fault()
         if fault is not None:
-            raise StoreUnavailable(f"store cannot commit: {fault}")
+            raise StoreUnavailable(f"store {fault}")
         return Message(code=Code.CONTENT, payload=b"ok", content_format=0)

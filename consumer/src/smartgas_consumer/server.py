@@ -127,7 +127,12 @@ class Consumer:
         dashboard = build_dashboard_router(self.queries, self.api_keys)
         self.http = HttpServer(
             build_app(
-                self.queries, self.api_keys, alerts=self.alerts, metrics=self.metrics.render, dashboard=dashboard
+                self.queries,
+                self.api_keys,
+                alerts=self.alerts,
+                metrics=self.metrics.render,
+                dashboard=dashboard,
+                store_fault=self.store_health.fault,
             ),
             config.http_host,
             config.http_port,

@@ -492,8 +492,8 @@ class ReadingStore:
                 results = await self._run(self._commit_group, group)
             except Exception as err:  # any failure to commit: nobody in this group is acknowledged
                 if self.fault is None:  # once per fault, not once per group while it lasts
-                    _LOG.error("commit of %d reading(s) failed: %s (answering 5.03 until it recovers)", len(group), err)
-                self.fault = f"{self.path}: could not commit: {err}"
+                    _LOG.error("store %s: commit failed: %s (5.03 until it recovers)", self.path, err)
+                self.fault = f"could not commit: {err}"
                 for pending in group:
                     if not pending.done.done():
                         pending.done.set_exception(StoreClosed(f"could not commit: {err}"))
@@ -610,7 +610,7 @@ class ReadingStore:
                 )
             )
         except sqlite3.Error as err:
-            self.fault = f"{self.path}: could not commit: {err}"
+            self.fault = f"could not commit: {err}"
             raise StoreClosed(self.fault) from err
         if self.fault is not None:
             _LOG.warning("store %s commits again after: %s", self.path, self.fault)
