@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +25,7 @@ import aiocoap
 from aiocoap import resource
 from elasticsearch import AsyncElasticsearch
 
+from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER, UnknownMeters
 from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine, AlertSource, Kind
 from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys
@@ -103,11 +105,21 @@ class Consumer:
             extra_schema=[ALERT_SCHEMA, WEBHOOK_SCHEMA],
             on_commit=self.metrics.commit,
         )
+        self.unknown_meters = UnknownMeters(
+            max_unknown=config.max_unknown_meters,
+            per_minute=config.unknown_meters_per_minute,
+            forget_after=FORGET_UNKNOWN_AFTER,
+        )
         self.intake = ReadingIntake(
-            self.store, fleet=self.fleet, log_readings=config.log_readings, metrics=self.metrics
+            self.store,
+            fleet=self.fleet,
+            log_readings=config.log_readings,
+            metrics=self.metrics,
+            unknown_meters=self.unknown_meters,
         )
         self.store_health = StoreHealth(self.store)
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
+        self.unknown_meters.on_forget.append(self.alerts.forget)
         self.intake.on_stored.append(self.alerts.on_stored)
         self.webhooks: WebhookDispatcher | None = None
         if config.webhook_urls:
@@ -178,6 +190,7 @@ class Consumer:
     async def _start(self) -> None:
         self.store_lock.acquire()
         await self.store.open()
+        self.unknown_meters.load(await self.store.read(self._recent_unknown_meters))
         # Alerts load their open alerts and recent readings before any new reading can arrive.
         await self.alerts.start()
         if self.webhooks is not None:
@@ -237,6 +250,12 @@ class Consumer:
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
         self._started = True
 
+    def _recent_unknown_meters(self, connection: sqlite3.Connection) -> list[str]:
+        """Meters of the store missing from the fleet file and heard within FORGET_UNKNOWN_AFTER."""
+        since = format_timestamp(datetime.now(UTC) - FORGET_UNKNOWN_AFTER)
+        rows = connection.execute("SELECT meter_id FROM meters WHERE last_seen >= ? ORDER BY last_seen", (since,))
+        return [meter_id for (meter_id,) in rows if self.fleet.meter(meter_id) is None]
+
     def _raise_receive_buffer(self, sock: socket.socket) -> None:
         # The default buffer (~208 KiB) holds only ~190 readings; a pause longer than that (a slow
         # fsync, a GC) drops datagrams that a CON meter re-sends only seconds later.
@@ -258,6 +277,7 @@ class Consumer:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             _LOG.info("status: %s", self.intake.counters.describe())
+            self.unknown_meters.forget_silent()
             now = datetime.now(UTC)
             summary = await self.store.summary()
             await self.refresh_metrics(summary, now)
@@ -275,6 +295,7 @@ class Consumer:
         )
         self.metrics.set_meters(online, len(self.fleet.meters), summary.meters)
         self.metrics.set_open_alerts(self.alerts.open_counts())
+        self.metrics.set_unknown_meters_held(self.unknown_meters.held)
 
     async def stop(self) -> None:
         if self._status_task is not None:
