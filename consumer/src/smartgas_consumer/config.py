@@ -33,8 +33,8 @@ class ConsumerConfig:
     # CoAP GET /meters/{id}/reading: off, as anyone on the network could read it (docs/security.md).
     coap_reading_get: bool = False
     # Meters missing from the fleet file: how many the consumer keeps, and how fast new ones may appear.
-    max_unknown_meters: int = 1000
-    unknown_meters_per_minute: float = 60.0
+    max_unknown_meters: int = 2000
+    unknown_meters_per_minute: float = 600.0
     db: Path = Path("var/smartgas.db")
     group_window_ms: float = 2.0
     udp_receive_buffer_bytes: int = 4 * 1024 * 1024
