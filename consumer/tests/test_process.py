@@ -204,3 +204,6 @@ async def test_status_command_reports_store(tmp_path: Path) -> None:
     assert returncode == 0
     report = json.loads(stdout)
     assert (report["readings"], report["meters"]) == (1, 1)
+    async with consumer_process(db, "--store-shared-memory", "true"):  # the WAL index in a shared -shm
+        returncode, stdout, _ = await run_status(db)
+        assert returncode == 0 and json.loads(stdout)["readings"] == 1

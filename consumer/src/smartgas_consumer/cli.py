@@ -103,18 +103,22 @@ async def serve(config: ConsumerConfig) -> int:
 
 
 async def status(config: ConsumerConfig) -> int:
-    holder = StoreLock(config.db).holder()
-    if holder is not None:
-        # The serving consumer keeps the store's WAL index in its own memory (no -shm, no SIGBUS), so no
-        # other process can read the store beside it.
-        raise StartupError(
-            f"--db {config.db}: served by the consumer with PID {holder}, which alone can read it; see its "
-            "status log lines and /metrics, or stop it first"
-        )
     if not config.db.exists():
         raise StartupError(f"--db {config.db}: no such store; give the path of an existing store")
-    store = ReadingStore(config.db)
-    await store.open()
+    # The shared WAL index: readable beside a consumer that runs with --store-shared-memory true.
+    store = ReadingStore(config.db, shared_memory=True)
+    try:
+        await store.open()
+    except StoreUnusable as err:
+        await store.close()
+        holder = StoreLock(config.db).holder()
+        if holder is None:
+            raise
+        # The serving consumer keeps the WAL index in its own memory (no -shm, no SIGBUS): it alone reads.
+        raise StartupError(
+            f"--db {config.db}: served by the consumer with PID {holder}, which alone can open it; see its "
+            "status log lines and /metrics, stop it first, or run it with --store-shared-memory true"
+        ) from err
     try:
         summary = await store.summary()
         letters = await store.dead_letters(limit=20)

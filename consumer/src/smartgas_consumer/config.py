@@ -36,6 +36,8 @@ class ConsumerConfig:
     max_unknown_meters: int = 2000
     unknown_meters_per_minute: float = 600.0
     db: Path = Path("var/smartgas.db")
+    # SQLite's WAL index in a mapped -shm file (other processes can read the store) or in heap (no SIGBUS).
+    store_shared_memory: bool = False
     group_window_ms: float = 2.0
     udp_receive_buffer_bytes: int = 4 * 1024 * 1024
     status_interval_s: float = 10.0
@@ -205,6 +207,13 @@ SETTINGS: tuple[Setting, ...] = (
         "how many meters missing from the fleet file may first appear per minute; faster ones get 4.29",
     ),
     Setting("db", "--db", Path, "path of the SQLite store (created if missing)"),
+    Setting(
+        "store_shared_memory",
+        "--store-shared-memory",
+        _boolean,
+        "keep SQLite's WAL index in a mapped -shm file so `status` and sqlite3 can open the store while the "
+        "consumer runs (a -shm made unwritable then kills it with SIGBUS; docs/operations.md)",
+    ),
     Setting(
         "group_window_ms",
         "--group-window-ms",

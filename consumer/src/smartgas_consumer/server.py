@@ -104,6 +104,7 @@ class Consumer:
             group_window_s=config.group_window_ms / 1000,
             extra_schema=[ALERT_SCHEMA, WEBHOOK_SCHEMA],
             on_commit=self.metrics.commit,
+            shared_memory=config.store_shared_memory,
         )
         self.unknown_meters = UnknownMeters(
             max_unknown=config.max_unknown_meters,

@@ -30,11 +30,13 @@ Sequence rule (per meter, applied inside the commit so concurrent readings see e
 - ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
 
 Opening: the store runs ``PRAGMA quick_check`` and refuses a damaged file (``StoreUnusable``, naming the
-file and the fix). Both connections use SQLite's ``unix-excl`` VFS: the WAL index lives in the process's
-heap instead of a memory-mapped ``-shm`` file. A mapped ``-shm`` made immutable (``chattr +i``) or
-unwritable under the running consumer kills it with SIGBUS on the next write to the mapping; with the index
-in heap memory such faults come back as I/O errors that the commit turns into 5.03. The price: no other
-process can read the store while the consumer holds it (it is one consumer's store, see ``StoreLock``).
+file and the fix). By default both connections use SQLite's ``unix-excl`` VFS: the WAL index lives in the
+process's heap instead of a memory-mapped ``-shm`` file. A mapped ``-shm`` made immutable (``chattr +i``)
+or otherwise unwritable under the running consumer kills it with SIGBUS on the next write to the mapping
+(ext4 refuses the page fault); with the index in heap memory such faults come back as I/O errors that the
+commit turns into 5.03. The price: no other process can open the store while the consumer holds it
+(``status``, ``sqlite3 .backup``); ``shared_memory=True`` (``--store-shared-memory``) trades the SIGBUS
+protection back for that.
 
 Shipping state lives on each reading (``ship_state``: pending, shipped or dead-lettered), so the store is
 the sinks' durable buffer: a reading is pending until a sink confirmed it, across restarts and outages.
@@ -354,8 +356,11 @@ class ReadingStore:
         max_group_size: int = 1024,
         on_commit: Callable[[int, float], None] | None = None,
         extra_schema: Sequence[str] = (),
+        shared_memory: bool = False,
     ) -> None:
         self.path = path
+        # True: the WAL index in a mapped -shm file, so other processes can read beside this one.
+        self.shared_memory = shared_memory
         # Tables of other stages (alerts, webhook deliveries) that live in the same file and transactions.
         self._extra_schema = tuple(extra_schema)
         self.group_window_s = group_window_s
@@ -408,7 +413,8 @@ class ReadingStore:
             raise StoreUnusable(describe_open_failure(self.path, err)) from err
 
     def _uri(self, mode: str) -> str:
-        return f"{self.path.resolve().as_uri()}?mode={mode}&vfs={SQLITE_VFS}"
+        vfs = "" if self.shared_memory else f"&vfs={SQLITE_VFS}"
+        return f"{self.path.resolve().as_uri()}?mode={mode}{vfs}"
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
