@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from test_store_faults import chattr, immutable  # noqa: F401 (chattr is a fixture)
+from chattr import chattr, immutable  # noqa: F401 (chattr is a fixture)
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.health import PROBE_EVERY_S, Unhealthy, healthcheck, probe, probe_uri

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
+from chattr import chattr, chattr_works, immutable  # noqa: F401 (chattr is a fixture)
 from test_process import consumer_process
-from test_store_faults import chattr, chattr_works, immutable  # noqa: F401 (chattr is a fixture)
 
 from conftest import wire_example
 
@@ -170,24 +170,35 @@ async def put(context: aiocoap.Context, port: int, seq: int) -> aiocoap.Message:
     return await asyncio.wait_for(context.request(message).response, timeout=20)
 
 
+def store_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if path.name.startswith("store.db"))
+
+
 @pytest.mark.usefixtures("chattr")
 async def test_store_made_immutable_while_running_answers_5_03_then_recovers(tmp_path: Path) -> None:
+    # Each file of the store made immutable alone, then all at once, under the running consumer. Before the
+    # WAL index moved to heap memory, an immutable -shm killed the consumer with SIGBUS.
     db = tmp_path / "store.db"
     context = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
         async with consumer_process(db) as (process, port):
             assert (await put(context, port, 0)).code == Code.CHANGED
-            # Every file of the store: the database, its WAL and the lock file (there is no -shm to map).
-            with immutable(db, tmp_path / "store.db-wal", tmp_path / "store.db.lock"):
-                for seq in (1, 2):
-                    refused = await put(context, port, seq)
-                    assert refused.code == Code.SERVICE_UNAVAILABLE, refused.payload
-                    assert b"could not commit" in refused.payload
-                assert process.returncode is None  # alive: no SIGBUS, no crash
-            assert (await put(context, port, 1)).code == Code.CHANGED
+            files = await asyncio.to_thread(store_files, tmp_path)
+            seq = 1
+            for frozen in [[path] for path in files] + [files]:
+                with immutable(*frozen):
+                    answer = await put(context, port, seq)
+                    assert answer.code in (Code.CHANGED, Code.SERVICE_UNAVAILABLE), (frozen, answer)
+                    assert process.returncode is None, f"died ({process.returncode}) with {frozen} immutable"
+                seq += answer.code == Code.CHANGED
+            with immutable(*files):
+                refused = await put(context, port, seq)
+                assert refused.code == Code.SERVICE_UNAVAILABLE and b"could not commit" in refused.payload
+            assert (await put(context, port, seq)).code == Code.CHANGED  # the fault went away: commits again
+            assert process.returncode is None
             process.terminate()
             assert await asyncio.wait_for(process.wait(), timeout=20) == 0
     finally:
         await context.shutdown()
     with sqlite3.connect(db) as connection:
-        assert connection.execute("SELECT seq FROM readings ORDER BY seq").fetchall() == [(0,), (1,)]
+        assert connection.execute("SELECT seq FROM readings ORDER BY seq").fetchall() == [(n,) for n in range(seq + 1)]

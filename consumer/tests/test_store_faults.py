@@ -7,51 +7,17 @@ not), a directory without write permission. Tests that need ``chattr`` skip by n
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from chattr import chattr, chattr_works, immutable  # noqa: F401 (chattr is a fixture)
 from test_store import reading
 
 from smartgas_consumer.store import ReadingStore, StoreClosed, StoreInUse, StoreLock, StoreUnusable
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-
-
-def chattr_works(tmp_path: Path) -> bool:
-    if os.geteuid() != 0 or shutil.which("chattr") is None:
-        return False
-    probe = tmp_path / "chattr-probe"
-    probe.touch()
-    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
-        return False
-    subprocess.run(["chattr", "-i", str(probe)], check=True)
-    return True
-
-
-@contextmanager
-def immutable(*paths: Path) -> Iterator[None]:
-    """Make files immutable (even for root) for the duration of the block."""
-    done: list[Path] = []
-    try:
-        for path in paths:
-            subprocess.run(["chattr", "+i", str(path)], check=True)
-            done.append(path)
-        yield
-    finally:
-        for path in done:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
-@pytest.fixture
-def chattr(tmp_path: Path) -> None:
-    if not chattr_works(tmp_path):
-        pytest.skip("chattr +i needs root and a filesystem with the immutable flag")
 
 
 async def filled_store(path: Path, readings: int = 200) -> None:
