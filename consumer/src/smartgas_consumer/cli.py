@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for Elasticsearch, then for Kibana (default 300)",
     )
     healthcheck = commands.add_parser(
-        "healthcheck", help="exit 0 if the consumer answers a CoAP GET of /.well-known/core"
+        "healthcheck", help="exit 0 if a CoAP GET of /health answers 2.05 (the consumer serves and its store commits)"
     )
     config_module.add_arguments(healthcheck)
     healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)

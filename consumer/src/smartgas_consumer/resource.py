@@ -45,7 +45,7 @@ class MeterReading(Resource, PathCapable):
         self._reading_get = reading_get
 
     def get_resources_as_linkheader(self) -> LinkFormat:
-        # The per-meter resources are listed by GET /meters; .well-known/core names the collection.
+        # No per-meter resource is listed anywhere: the list of meters is not for anyone on the network.
         return LinkFormat([])
 
     async def render(self, request: Message) -> Message:
