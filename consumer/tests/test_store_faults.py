@@ -1,4 +1,4 @@
-"""The store against real storage faults: damaged, foreign, read-only and immutable files, at start and while running.
+"""The store against real storage faults: damaged, foreign, read-only, immutable files and a full disk.
 
 Faults are real: bytes overwritten on disk, ``chattr +i`` (root only: it binds root too, where a chmod does
 not), a directory without write permission. Tests that need ``chattr`` skip by name when it is unavailable.
@@ -6,8 +6,11 @@ not), a directory without write permission. Tests that need ``chattr`` skip by n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -135,3 +138,48 @@ def test_lock_names_the_holder_and_is_released(tmp_path: Path) -> None:
     assert second.holder() is None
     second.acquire()
     second.release()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB filesystem (tmpfs) to fill up; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+async def test_a_full_disk_refuses_then_recovers_when_space_returns(small_disk: Path) -> None:
+    db = small_disk / "s.db"
+    store = ReadingStore(db)
+    await store.open()
+    try:
+        await store.add(reading(seq=0), 1.0, NOW)
+        filler = small_disk / "filler"
+        with filler.open("wb", buffering=0) as file, contextlib.suppress(OSError):
+            while True:  # take every byte left: ends with ENOSPC
+                file.write(b"\0" * 4096)
+        refused = 0
+        for seq in range(1, 200):  # a few commits may still fit in pages already allocated
+            try:
+                await store.add(reading(seq=seq), 1.0, NOW)
+            except StoreClosed as err:
+                assert "full" in str(err)
+                refused = seq
+                break
+        assert refused, "the disk never filled"
+        with pytest.raises(StoreClosed):
+            await store.probe(NOW)
+        filler.unlink()
+        await store.probe(NOW)
+        assert (await store.add(reading(seq=refused), 1.0, NOW)).stored
+    finally:
+        await store.close()
+    with sqlite3.connect(db) as connection:
+        seqs = [seq for (seq,) in connection.execute("SELECT seq FROM readings ORDER BY seq")]
+    assert seqs == list(range(refused + 1))  # nothing acknowledged was lost, nothing refused was kept
