@@ -73,6 +73,11 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
             str(db),
             "--group-window-ms",
             str(group_window_ms),
+            # No fleet file: every simulated meter is unknown, and all of them start at once.
+            "--max-unknown-meters",
+            str(max(meters, 1)),
+            "--unknown-meters-per-minute",
+            str(max(meters, 1)),
             stderr=asyncio.subprocess.PIPE,
         )
         drain: asyncio.Task[bytes] | None = None

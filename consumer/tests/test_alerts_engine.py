@@ -231,6 +231,19 @@ async def test_a_failing_recorder_rolls_the_change_back(rig: Rig) -> None:
 # -- offline ---------------------------------------------------------------------------------------------------
 
 
+async def test_a_meter_missing_from_the_fleet_file_never_goes_offline_and_is_forgotten(rig: Rig) -> None:
+    # Nobody expects a meter the fleet file does not list: its silence opens no alert (a peer minting
+    # ids must not open one alert each), and forgetting it releases the engine's memory of it.
+    assert rig.engine is not None
+    await rig.send(150.0)  # m1, listed
+    await rig.send(150.0, meter_id="stranger-1")
+    await rig.engine.evaluate_offline(rig.clock.now + timedelta(hours=2))
+    assert [(a["meter_id"], a["kind"]) for a in await rig.engine.list_alerts()] == [("m1", "offline")]
+    assert rig.engine.tracked == 2
+    rig.engine.forget(["stranger-1"])
+    assert rig.engine.tracked == 1
+
+
 async def test_offline_after_the_window_and_resolved_by_the_next_reading(rig: Rig) -> None:
     assert rig.engine is not None
     await rig.send(150.0)

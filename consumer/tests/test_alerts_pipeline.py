@@ -21,6 +21,7 @@ from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import Backoff
 from smartgas_consumer.fleet import load_fleet
+from smartgas_consumer.health import StoreHealth
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.server import build_site
 from smartgas_consumer.store import ReadingStore
@@ -49,7 +50,8 @@ async def test_an_over_pressure_reading_reaches_the_webhook_opened_then_resolved
     await store.open()
     await engine.start()
     await webhooks.start()
-    server = await aiocoap.Context.create_server_context(build_site(intake), bind=("127.0.0.1", 0), transports=["udp6"])
+    site = build_site(intake, store_fault=StoreHealth(store).fault)
+    server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", 0), transports=["udp6"])
     (interface,) = server.request_interfaces
     port = interface.token_interface.message_interface.transport.get_extra_info("socket").getsockname()[1]
     client = await aiocoap.Context.create_client_context(transports=["udp6"])

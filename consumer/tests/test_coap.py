@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 
 import aiocoap
 import cbor2
@@ -12,6 +14,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from conftest import reading_uri, wire_example
+from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.reading import MAX_PAYLOAD_BYTES
 from smartgas_consumer.server import Consumer
 
@@ -72,8 +75,8 @@ async def test_bad_input_never_touches_accepted_data(consumer: Consumer, coap: a
     await put_json(coap, reading_uri(consumer), wire_example("reading-250bar.json"))
     for case in INVALID:
         await request(coap, Code.PUT, reading_uri(consumer), case["payload"].encode(), content_format=50)
-    latest = json.loads((await request(coap, Code.GET, reading_uri(consumer))).payload)
-    assert latest["pressure_bar"] == 250.0 and latest["seq"] == 0
+    latest = await consumer.store.latest("bottle-0001")
+    assert latest is not None and (latest.pressure_bar, latest.seq) == (250.0, 0)
     assert (await consumer.store.summary()).readings == 1
 
 
@@ -110,7 +113,18 @@ async def test_wrong_method_is_405(consumer: Consumer, coap: aiocoap.Context, co
     assert response.code == Code.METHOD_NOT_ALLOWED
 
 
-async def test_get_latest_reading(consumer: Consumer, coap: aiocoap.Context) -> None:
+@pytest.fixture
+async def consumer_with_reading_get(consumer_config: ConsumerConfig) -> AsyncIterator[Consumer]:
+    running = Consumer(dataclasses.replace(consumer_config, coap_reading_get=True))
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def test_get_latest_reading_when_turned_on(consumer_with_reading_get: Consumer, coap: aiocoap.Context) -> None:
+    consumer = consumer_with_reading_get
     missing = await request(coap, Code.GET, reading_uri(consumer))
     assert missing.code == Code.NOT_FOUND and "bottle-0001" in missing.payload.decode()
     for seq, pressure in [(0, 250.0), (2, 240.0), (1, 245.0)]:  # seq 1 arrives late
@@ -125,19 +139,31 @@ async def test_get_latest_reading(consumer: Consumer, coap: aiocoap.Context) -> 
     assert (document["seq"], document["pressure_bar"]) == (2, 240.0)
     assert document["moles"] == pytest.approx(240 * 1e5 * 0.05 / (8.314462618 * 298.15))
     assert document["received_at"].endswith("Z")
+    assert "client_id" not in document and "site_id" not in document  # never on the unauthenticated side
 
 
-async def test_well_known_core_and_meter_list(consumer: Consumer, coap: aiocoap.Context) -> None:
+async def test_read_side_is_off_by_default(consumer: Consumer, coap: aiocoap.Context) -> None:
+    # Anyone on the network can ask over CoAP: no list of meters, no readings, and no hint whether a
+    # meter exists (the same refusal for a stored meter and an unknown one).
     await put_json(coap, reading_uri(consumer, "b-1"), wire_example("reading-250bar.json"))
-    await put_json(coap, reading_uri(consumer, "b-2"), wire_example("reading-250bar.json"))
+    for meter_id in ("b-1", "never-seen"):
+        answer = await request(coap, Code.GET, reading_uri(consumer, meter_id))
+        assert answer.code == Code.METHOD_NOT_ALLOWED
+        assert answer.payload.decode() == "GET of readings is off on this consumer (--coap-reading-get)"
+    listing = await request(coap, Code.GET, f"coap://127.0.0.1:{consumer.port}/meters")
+    assert listing.code == Code.NOT_FOUND and b"b-1" not in listing.payload
+
+
+async def test_well_known_core_lists_only_what_is_served(consumer: Consumer, coap: aiocoap.Context) -> None:
+    await put_json(coap, reading_uri(consumer, "b-1"), wire_example("reading-250bar.json"))
     wkc = await request(coap, Code.GET, f"coap://127.0.0.1:{consumer.port}/.well-known/core")
     assert wkc.code == Code.CONTENT and wkc.opt.content_format == 40
-    assert "</meters>" in wkc.payload.decode()
-    listing = await request(coap, Code.GET, f"coap://127.0.0.1:{consumer.port}/meters")
-    assert listing.payload.decode().split(",") == [
-        '</meters/b-1/reading>;rt="smartgas.reading"',
-        '</meters/b-2/reading>;rt="smartgas.reading"',
-    ]
+    assert wkc.payload.decode() == '</.well-known/core>;ct="40",</health>;rt="smartgas.health"'
+
+
+async def test_health_answers_2_05_when_the_store_commits(consumer: Consumer, coap: aiocoap.Context) -> None:
+    answer = await request(coap, Code.GET, f"coap://127.0.0.1:{consumer.port}/health")
+    assert (answer.code, answer.payload) == (Code.CONTENT, b"ok")
 
 
 async def test_many_meters_concurrently_all_stored(consumer: Consumer) -> None:

@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
+from chattr import chattr, immutable  # noqa: F401 (chattr is a fixture)
 
 from smartgas_consumer.config import ConsumerConfig
-from smartgas_consumer.health import Unhealthy, healthcheck, probe, probe_uri
+from smartgas_consumer.health import PROBE_EVERY_S, Unhealthy, healthcheck, probe, probe_uri
 from smartgas_consumer.server import Consumer
 
 pytestmark = pytest.mark.integration
 
 
-async def test_probe_gets_the_link_format_of_a_running_consumer(consumer: Consumer) -> None:
-    links = await probe(f"coap://127.0.0.1:{consumer.port}/.well-known/core", timeout_s=5)
-    assert "</meters>" in links
+async def test_probe_gets_ok_from_a_running_consumer(consumer: Consumer) -> None:
+    assert await probe(f"coap://127.0.0.1:{consumer.port}/health", timeout_s=5) == "ok"
+
+
+@pytest.mark.usefixtures("chattr")
+async def test_healthcheck_fails_while_the_store_cannot_commit(consumer: Consumer) -> None:
+    # A real fault: the store's files made immutable under the running consumer. The process answers
+    # (no SIGBUS), the probe says unhealthy and why, and healthy again once the fault is gone.
+    assert consumer.port is not None
+    config = ConsumerConfig(coap_host="127.0.0.1", coap_port=consumer.port)
+    db = consumer.config.db
+    with immutable(db, db.with_name(db.name + "-wal")):
+        await asyncio.sleep(PROBE_EVERY_S)  # past the cached answer of the probe before
+        with pytest.raises(Unhealthy, match=r"5\.03.*could not commit"):
+            await probe(probe_uri(config), timeout_s=5)
+        assert await healthcheck(config, timeout_s=5) == 1
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"http://127.0.0.1:{consumer.http.port}/healthz", timeout=10)
+        assert answer.status_code == 503 and "could not commit" in answer.json()["reason"]
+    await asyncio.sleep(PROBE_EVERY_S)
+    assert await healthcheck(config, timeout_s=5) == 0
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(f"http://127.0.0.1:{consumer.http.port}/healthz", timeout=10)
+    assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
 
 
 async def test_healthcheck_exit_code_follows_the_consumer(consumer: Consumer) -> None:
@@ -32,16 +55,16 @@ async def test_healthcheck_exit_code_follows_the_consumer(consumer: Consumer) ->
 async def test_something_else_on_the_port_is_not_healthy(unused_udp_port: int) -> None:
     # Nothing listens there: the probe fails (ICMP refusal or its own timeout), it does not hang.
     with pytest.raises(Unhealthy):
-        await probe(f"coap://127.0.0.1:{unused_udp_port}/.well-known/core", timeout_s=1)
+        await probe(f"coap://127.0.0.1:{unused_udp_port}/health", timeout_s=1)
 
 
 @pytest.mark.parametrize(
     ("host", "uri"),
     [
-        ("::", "coap://127.0.0.1:5683/.well-known/core"),
-        ("0.0.0.0", "coap://127.0.0.1:5683/.well-known/core"),
-        ("::1", "coap://[::1]:5683/.well-known/core"),
-        ("127.0.0.2", "coap://127.0.0.2:5683/.well-known/core"),
+        ("::", "coap://127.0.0.1:5683/health"),
+        ("0.0.0.0", "coap://127.0.0.1:5683/health"),
+        ("::1", "coap://[::1]:5683/health"),
+        ("127.0.0.2", "coap://127.0.0.2:5683/health"),
     ],
 )
 def test_probe_uri(host: str, uri: str) -> None:

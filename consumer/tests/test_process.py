@@ -33,7 +33,7 @@ async def first_match(stream: asyncio.StreamReader, pattern: re.Pattern[bytes]) 
 
 
 @asynccontextmanager
-async def consumer_process(db: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+async def consumer_process(db: Path, *options: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -47,6 +47,7 @@ async def consumer_process(db: Path) -> AsyncIterator[tuple[asyncio.subprocess.P
         "0",
         "--db",
         str(db),
+        *options,
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
@@ -136,7 +137,7 @@ async def test_restart_keeps_readings_and_answers_resends(tmp_path: Path) -> Non
                 assert (await put(port, seq)).code == Code.CHANGED
             process.terminate()
             await asyncio.wait_for(process.wait(), timeout=20)
-        async with consumer_process(db) as (process, port):
+        async with consumer_process(db, "--coap-reading-get", "true") as (process, port):
             resend = await put(port, 4)  # the meter never saw this answer: it sends again after restart
             assert json.loads(resend.payload)["stored"] is False
             latest = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{port}/meters/m1/reading")
@@ -166,9 +167,24 @@ async def test_bad_configuration_exits_2_naming_the_setting(tmp_path: Path) -> N
     assert b"--coap-port='70000'" in stderr
 
 
+async def run_status(db: Path) -> tuple[int | None, bytes, bytes]:
+    status = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smartgas_consumer",
+        "status",
+        "--db",
+        str(db),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(status.communicate(), timeout=20)
+    return status.returncode, stdout, stderr
+
+
 async def test_status_command_reports_store(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
-    async with consumer_process(db) as (_, port):
+    async with consumer_process(db) as (process, port):
         context = await aiocoap.Context.create_client_context(transports=["udp6"])
         message = aiocoap.Message(
             code=Code.PUT,
@@ -178,15 +194,16 @@ async def test_status_command_reports_store(tmp_path: Path) -> None:
         )
         await asyncio.wait_for(context.request(message).response, timeout=10)
         await context.shutdown()
-        status = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "smartgas_consumer",
-            "status",
-            "--db",
-            str(db),
-            stdout=asyncio.subprocess.PIPE,
-        )
-        stdout, _ = await asyncio.wait_for(status.communicate(), timeout=20)
-        report = json.loads(stdout)
-        assert (report["readings"], report["meters"]) == (1, 1)
+        # While the consumer serves the store, only it can read it (its WAL index is in its memory).
+        returncode, _, stderr = await run_status(db)
+        assert returncode == 2
+        assert f"served by the consumer with PID {process.pid}".encode() in stderr
+        process.terminate()
+        await asyncio.wait_for(process.wait(), timeout=20)
+    returncode, stdout, _ = await run_status(db)
+    assert returncode == 0
+    report = json.loads(stdout)
+    assert (report["readings"], report["meters"]) == (1, 1)
+    async with consumer_process(db, "--store-shared-memory", "true"):  # the WAL index in a shared -shm
+        returncode, stdout, _ = await run_status(db)
+        assert returncode == 0 and json.loads(stdout)["readings"] == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from smartgas_consumer.reading import Reading
-from smartgas_consumer.store import ReadingStore, SequenceOutcome, StoreClosed
+from smartgas_consumer.store import ReadingStore, SequenceOutcome, StoreClosed, StoreUnusable
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 
@@ -204,7 +204,7 @@ async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "s.db") as connection:
         connection.execute("PRAGMA user_version=99")
     store = ReadingStore(tmp_path / "s.db")
-    with pytest.raises(sqlite3.DatabaseError, match="schema version 99"):
+    with pytest.raises(StoreUnusable, match="schema version 99"):
         await store.open()
     await store.close()
 

@@ -34,11 +34,12 @@ import logging
 import math
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import Refusal, Shipment
 from smartgas_consumer.fleet import Fleet, FleetMeter
@@ -601,7 +602,7 @@ class AlertEngine:
             meter = self.fleet.meter(meter_id)
             for sample in samples:
                 track.observe(sample, meter, self.config)
-            if meter_id not in unwatched:
+            if meter_id not in unwatched and self._expects(meter_id):
                 self._last_received[meter_id] = max(last_seen, self._last_received.get(meter_id, last_seen))
         # A meter gets a whole offline window from now: the consumer's own downtime is not the meter's fault.
         self._started_at = self._clock()
@@ -626,9 +627,14 @@ class AlertEngine:
     def _load(self, connection: sqlite3.Connection) -> tuple[list[Alert], list[Any], set[str]]:
         opened = [_alert(row) for row in connection.execute(f"{_SELECT_ALERTS} WHERE state = ?", (OPEN,)).fetchall()]
         meters = []
+        # A meter missing from the fleet file and silent for longer than the consumer holds such meters
+        # is forgotten (admission.py): no memory for it, however many the store remembers.
+        forgotten_before = format_timestamp(self._clock() - FORGET_UNKNOWN_AFTER)
         for meter in connection.execute(
             "SELECT meter_id, client_id, site_id, epoch, last_seen, last_ts FROM meters"
         ).fetchall():
+            if not self._expects(meter["meter_id"]) and meter["last_seen"] < forgotten_before:
+                continue
             since = format_timestamp(datetime.fromisoformat(meter["last_ts"]) - LEAK_WINDOW)
             rows = connection.execute(
                 "SELECT epoch, seq, ts, pressure_bar, temperature_c, moles, fill_pct FROM readings"
@@ -664,12 +670,31 @@ class AlertEngine:
 
     # -- readings ------------------------------------------------------------------------------------------
 
+    def _expects(self, meter_id: str) -> bool:
+        """Whether the meter's silence is an alert: listed in the fleet file, or any meter with no fleet file.
+
+        A meter missing from a fleet file is nobody's bottle: nobody expects it to report, so it never
+        opens an offline alert (and a peer minting ids cannot open thousands of them).
+        """
+        return not self.fleet.meters or self.fleet.meter(meter_id) is not None
+
+    def forget(self, meter_ids: Iterable[str]) -> None:
+        """Release what the engine holds for meters the consumer forgot (admission.UnknownMeters)."""
+        for meter_id in meter_ids:
+            self._tracks.pop(meter_id, None)
+            self._last_received.pop(meter_id, None)
+
+    @property
+    def tracked(self) -> int:
+        """Meters the engine holds memory for (history or arrival times)."""
+        return len(self._tracks.keys() | self._last_received.keys())
+
     def on_stored(self, event: StoredEvent) -> None:
         """The intake's listener: note the arrival (for offline) and queue the reading to be judged."""
         meter_id = event.reading.meter_id
         previous = self._last_received.get(meter_id)
         silent_s = (event.received_at - previous).total_seconds() if previous is not None else None
-        if previous is None or event.received_at > previous:
+        if (previous is None or event.received_at > previous) and self._expects(meter_id):
             self._last_received[meter_id] = event.received_at
         self._queue.put_nowait(_Queued(event, silent_s))
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
@@ -280,6 +280,7 @@ def build_app(
     alerts: AlertsView | None = None,
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     dashboard: APIRouter | None = None,
+    store_fault: Callable[[], Awaitable[str | None]] | None = None,
 ) -> FastAPI:
     """The whole HTTP surface, assembled in one place."""
     app = FastAPI(
@@ -398,7 +399,13 @@ def build_app(
     app.include_router(api)
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
+    async def healthz(response: Response) -> dict[str, str]:
+        # 503 when the store cannot commit now (a real write, see health.StoreHealth), so that a load
+        # balancer or orchestrator stops trusting a consumer that can only answer 5.03 to readings.
+        fault = await store_fault() if store_fault is not None else None
+        if fault is not None:
+            response.status_code = 503
+            return {"status": "unavailable", "reason": f"store {fault}"}
         return {"status": "ok"}
 
     if metrics is not None:

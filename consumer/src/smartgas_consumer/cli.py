@@ -1,6 +1,9 @@
 """Command line: ``smartgas-consumer serve`` runs the consumer; ``status`` reports on a store.
 
-Exit codes: 0 success, 2 bad configuration (the message names the setting), 1 failure at run time.
+Exit codes (docs/operations.md): 0 success; 2 the consumer refused to start, with one line on stderr naming
+the setting or path and the fix (a bad setting, fleet or keys file, a store that is damaged, read-only or
+served by another consumer, a port in use); 1 a failure at run time. A traceback accompanies a start-up
+refusal only with ``--log-level DEBUG``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from smartgas_consumer import health, provision
 from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.fleet import FleetFileError
-from smartgas_consumer.server import Consumer, describe_lag
-from smartgas_consumer.store import ReadingStore
+from smartgas_consumer.server import Consumer, StartupError, describe_lag
+from smartgas_consumer.store import ReadingStore, StoreLock, StoreUnusable
 
 _LOG = logging.getLogger("smartgas_consumer")
 
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only import the Kibana saved objects (what is missing or older than ours); needs --kibana-url",
     )
     healthcheck = commands.add_parser(
-        "healthcheck", help="exit 0 if the consumer answers a CoAP GET of /.well-known/core"
+        "healthcheck", help="exit 0 if a CoAP GET of /health answers 2.05 (the consumer serves and its store commits)"
     )
     config_module.add_arguments(healthcheck)
     healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)
@@ -105,8 +108,22 @@ async def serve(config: ConsumerConfig) -> int:
 
 
 async def status(config: ConsumerConfig) -> int:
-    store = ReadingStore(config.db)
-    await store.open()
+    if not config.db.exists():
+        raise StartupError(f"--db {config.db}: no such store; give the path of an existing store")
+    # The shared WAL index: readable beside a consumer that runs with --store-shared-memory true.
+    store = ReadingStore(config.db, shared_memory=True)
+    try:
+        await store.open()
+    except StoreUnusable as err:
+        await store.close()
+        holder = StoreLock(config.db).holder()
+        if holder is None:
+            raise
+        # The serving consumer keeps the WAL index in its own memory (no -shm, no SIGBUS): it alone reads.
+        raise StartupError(
+            f"--db {config.db}: served by the consumer with PID {holder}, which alone can open it; see its "
+            "status log lines and /metrics, stop it first, or run it with --store-shared-memory true"
+        ) from err
     try:
         summary = await store.summary()
         letters = await store.dead_letters(limit=20)
@@ -150,9 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = serve(config)
     try:
         return asyncio.run(runner)
-    except OSError as err:  # port in use, unwritable store path, ...
-        _LOG.error("%s", err)
-        return 1
-    except (FleetFileError, ApiKeysFileError) as err:
-        print(f"smartgas-consumer: {err}", file=sys.stderr)
+    except (StartupError, StoreUnusable, FleetFileError, ApiKeysFileError) as err:
+        _LOG.debug("start-up refused", exc_info=True)
+        print(f"smartgas-consumer: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except OSError as err:  # an unexpected system error at run time
+        _LOG.debug("failed", exc_info=True)
+        print(f"smartgas-consumer: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1

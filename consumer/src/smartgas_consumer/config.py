@@ -32,7 +32,16 @@ class ConsumerConfig:
 
     coap_host: str = "::"
     coap_port: int = 5683
+    # SO_REUSEPORT lets several processes share the port (and split its traffic): only on explicit request.
+    coap_reuse_port: bool = False
+    # CoAP GET /meters/{id}/reading: off, as anyone on the network could read it (docs/security.md).
+    coap_reading_get: bool = False
+    # Meters missing from the fleet file: how many the consumer keeps, and how fast new ones may appear.
+    max_unknown_meters: int = 2000
+    unknown_meters_per_minute: float = 600.0
     db: Path = Path("var/smartgas.db")
+    # SQLite's WAL index in a mapped -shm file (other processes can read the store) or in heap (no SIGBUS).
+    store_shared_memory: bool = False
     group_window_ms: float = 2.0
     udp_receive_buffer_bytes: int = 4 * 1024 * 1024
     status_interval_s: float = 10.0
@@ -145,6 +154,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -210,7 +226,38 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("coap_host", "--coap-host", str, "address the CoAP server binds (UDP); '::' is every address"),
     Setting("coap_port", "--coap-port", _port, "UDP port of the CoAP server"),
+    Setting(
+        "coap_reuse_port",
+        "--coap-reuse-port",
+        _boolean,
+        "bind the CoAP port with SO_REUSEPORT so several consumer processes share it (each with its own --db)",
+    ),
+    Setting(
+        "coap_reading_get",
+        "--coap-reading-get",
+        _boolean,
+        "answer CoAP GET /meters/{id}/reading with the latest reading, without client or site (anyone can ask)",
+    ),
+    Setting(
+        "max_unknown_meters",
+        "--max-unknown-meters",
+        _non_negative_int,
+        "meters missing from the fleet file that the consumer takes readings from (0: none); others get 4.03",
+    ),
+    Setting(
+        "unknown_meters_per_minute",
+        "--unknown-meters-per-minute",
+        _positive_float,
+        "how many meters missing from the fleet file may first appear per minute; faster ones get 4.29",
+    ),
     Setting("db", "--db", Path, "path of the SQLite store (created if missing)"),
+    Setting(
+        "store_shared_memory",
+        "--store-shared-memory",
+        _boolean,
+        "keep SQLite's WAL index in a mapped -shm file so `status` and sqlite3 can open the store while the "
+        "consumer runs (a -shm made unwritable then kills it with SIGBUS; docs/operations.md)",
+    ),
     Setting(
         "group_window_ms",
         "--group-window-ms",

@@ -51,3 +51,24 @@ class StoreUnavailable(coap_error.ConstructionRenderableError):
     """The durable store could not commit (disk full, shutting down): 5.03, the meter retries later."""
 
     code = Code.SERVICE_UNAVAILABLE
+
+
+class UnknownMeterRefused(coap_error.ConstructionRenderableError):
+    """A meter missing from the fleet file, beyond the cap on such meters: 4.03 (admission.py)."""
+
+    code = Code.FORBIDDEN
+
+
+class NewMeterRateLimited(coap_error.ConstructionRenderableError):
+    """New meters missing from the fleet file arrive too fast: 4.29 with Max-Age, the seconds to wait."""
+
+    code = Code.TOO_MANY_REQUESTS
+
+    def __init__(self, message: str, max_age_s: int) -> None:
+        super().__init__(message)
+        self.max_age_s = max_age_s
+
+    def to_message(self):  # type: ignore[no-untyped-def]
+        response = super().to_message()
+        response.opt.max_age = self.max_age_s
+        return response

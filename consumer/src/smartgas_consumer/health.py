@@ -1,24 +1,58 @@
-"""Health probe of a running consumer: a real CoAP GET of ``/.well-known/core``, as a meter would reach it.
+"""Health probe of a running consumer: a real CoAP GET of ``/health``, as a meter would reach it.
 
 The container's healthcheck (``smartgas-consumer healthcheck``) runs this inside the consumer's own
-container. It passes only when the CoAP server answers ``2.05 Content`` with a link format that lists
-``/meters``, so it proves the UDP socket is bound and the event loop is serving requests, not merely that
-the process exists.
+container. It passes only when the CoAP server answers ``2.05 Content``, which ``/health`` does only after
+a real write to the store committed (5.03 with the reason otherwise: a read-only or immutable file, a disk
+error). So it proves the UDP socket is bound, the event loop serves requests and the store commits, not
+merely that the process exists.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from datetime import UTC, datetime
 
 import aiocoap
 
 from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.store import ReadingStore, StoreClosed
 
 _LOG = logging.getLogger(__name__)
 
 #: Bind addresses meaning "every address": the probe then goes to the loopback (dual-stack socket).
 _WILDCARDS = {"", "::", "0.0.0.0"}
+
+
+#: A store probe younger than this is not repeated; more frequent health requests get its answer
+#: (a flood of probes from the network must not become a flood of fsyncs).
+PROBE_EVERY_S = 1.0
+PROBE_TIMEOUT_S = 10.0
+
+
+class StoreHealth:
+    """Whether the store commits now: one real write (``ReadingStore.probe``) at most every PROBE_EVERY_S."""
+
+    def __init__(self, store: ReadingStore) -> None:
+        self._store = store
+        self._last: tuple[float, str | None] | None = None  # (monotonic time, fault) of the last probe
+        self._lock = asyncio.Lock()  # one probe at a time; those waiting get its answer
+
+    async def fault(self) -> str | None:
+        """Why the store cannot commit now, or None when it can."""
+        async with self._lock:
+            if self._last is not None and time.monotonic() - self._last[0] < PROBE_EVERY_S:
+                return self._last[1]
+            fault: str | None = None
+            try:
+                await asyncio.wait_for(self._store.probe(datetime.now(UTC)), timeout=PROBE_TIMEOUT_S)
+            except StoreClosed as err:
+                fault = str(err)
+            except TimeoutError:
+                fault = f"a commit took longer than {PROBE_TIMEOUT_S:g} s"
+            self._last = (time.monotonic(), fault)
+            return fault
 
 
 class Unhealthy(Exception):
@@ -32,11 +66,11 @@ def probe_uri(config: ConsumerConfig) -> str:
     host = "127.0.0.1" if config.coap_host in _WILDCARDS else config.coap_host
     if ":" in host:
         host = f"[{host}]"
-    return f"coap://{host}:{config.coap_port}/.well-known/core"
+    return f"coap://{host}:{config.coap_port}/health"
 
 
 async def probe(uri: str, *, timeout_s: float) -> str:
-    """GET ``uri`` once; return the link format it answered, or raise Unhealthy."""
+    """GET ``uri`` once; return the text it answered with 2.05, or raise Unhealthy."""
     context = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
         request = aiocoap.Message(code=aiocoap.GET, uri=uri)
@@ -49,12 +83,10 @@ async def probe(uri: str, *, timeout_s: float) -> str:
             raise Unhealthy(f"{uri}: {err}") from err
     finally:
         await context.shutdown()
-    links: str = response.payload.decode("utf-8", errors="replace")
+    text: str = response.payload.decode("utf-8", errors="replace")
     if response.code != aiocoap.CONTENT:
-        raise Unhealthy(f"{uri} answered {response.code}: {links[:200]}")
-    if "</meters>" not in links:
-        raise Unhealthy(f"{uri} does not list </meters>: {links[:200]}")
-    return links
+        raise Unhealthy(f"{uri} answered {response.code}: {text[:300]}")
+    return text
 
 
 async def healthcheck(config: ConsumerConfig, *, timeout_s: float = 5.0) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 from aiocoap.error import ConstructionRenderableError
 
 from smartgas_consumer import physics
+from smartgas_consumer.admission import UnknownMeters
 from smartgas_consumer.error import StoreUnavailable
 from smartgas_consumer.fleet import Fleet, FleetMeter
 from smartgas_consumer.metrics import Metrics
@@ -87,8 +88,11 @@ class ReadingIntake:
         log_readings: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
+        unknown_meters: UnknownMeters | None = None,
     ) -> None:
         self.store = store
+        # The cap and rate limit on meters missing from the fleet file; None takes every meter (tests).
+        self.unknown_meters = unknown_meters
         self.fleet = fleet or Fleet()
         self.counters = IntakeCounters()
         self.metrics = metrics if metrics is not None else Metrics(process=False)
@@ -121,6 +125,8 @@ class ReadingIntake:
     async def _store(self, reading: Reading) -> Accepted:
         moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)
         enrichment, meter = self.enrich(reading, moles)
+        if meter is None and self.unknown_meters is not None:
+            self.unknown_meters.admit(reading.meter_id)  # 4.03 beyond the cap, 4.29 beyond the rate
         received_at = self._clock()
         try:
             result = await self.store.add(reading, moles, received_at, enrichment)

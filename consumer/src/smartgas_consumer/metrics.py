@@ -35,6 +35,8 @@ REJECTION_REASONS = (
     "payload_too_large",
     "unsupported_format",
     "store_unavailable",
+    "unknown_meter_refused",
+    "new_meter_rate_limited",
 )
 #: Counted instead of a reason not in ``REJECTION_REASONS`` (keeps the label's values bounded).
 OTHER_REASON = "other"
@@ -187,6 +189,11 @@ class Metrics:
             "Meters in the store's registry: every meter that ever had a reading stored, listed or not.",
             registry=registry,
         )
+        self._meters_unknown_held = Gauge(
+            "smartgas_meters_unknown_held",
+            "Meters missing from the fleet file that the consumer holds now (capped by --max-unknown-meters).",
+            registry=registry,
+        )
         self._alerts_open = Gauge(
             "smartgas_alerts_open",
             "Alerts open now, by kind.",
@@ -268,6 +275,9 @@ class Metrics:
         self._meters_online.set(online)
         self._meters_known.set(known)
         self._meters_registered.set(total)
+
+    def set_unknown_meters_held(self, held: int) -> None:
+        self._meters_unknown_held.set(held)
 
     def set_open_alerts(self, by_kind: Mapping[str, int]) -> None:
         """Open alerts per kind; a kind seen before and missing now is set to 0, not left stale."""

@@ -1,27 +1,32 @@
-"""The CoAP edge: the resources under ``/meters`` and their translation to and from the intake.
+"""The CoAP edge: the resources under ``/meters``, ``/health``, and their translation to and from the intake.
 
-``/meters/{meter_id}/reading`` takes PUT (a new reading) and GET (the latest stored one); ``/meters``
-lists the known meters in link format. Errors are raised as the domain errors of ``error.py``, whose
-CoAP code and diagnostic text aiocoap sends as the response.
+``/meters/{meter_id}/reading`` takes PUT (a new reading). GET (the latest stored one, without client or
+site) only when ``--coap-reading-get`` turns it on: the CoAP side has no caller identity, so anything it
+answers, it answers to anyone on the network (docs/security.md). There is no list of meters. ``/health``
+answers 2.05 when the store can commit, 5.03 saying why when it cannot. Errors are raised as the domain
+errors of ``error.py``, whose CoAP code and diagnostic text aiocoap sends as the response.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import cbor2
 from aiocoap import Message, error
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import PathCapable, Resource
-from aiocoap.util.linkformat import Link, LinkFormat
+from aiocoap.util.linkformat import LinkFormat
 
-from smartgas_consumer.error import MeterNotFound
+from smartgas_consumer.error import MeterNotFound, StoreUnavailable
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, check_meter_id
 
 READING_RESOURCE_TYPE = "smartgas.reading"
+#: What a GET of a reading leaves out even when it is on: whose bottle it is and where.
+PRIVATE_FIELDS = ("client_id", "site_id")
 
 
 def encode(document: dict[str, Any], content_format: int) -> Message:
@@ -32,14 +37,15 @@ def encode(document: dict[str, Any], content_format: int) -> Message:
 
 
 class MeterReading(Resource, PathCapable):
-    """``/meters/{meter_id}/reading``: PUT stores a reading, GET returns the latest one."""
+    """``/meters/{meter_id}/reading``: PUT stores a reading; GET returns the latest one if ``reading_get``."""
 
-    def __init__(self, intake: ReadingIntake) -> None:
+    def __init__(self, intake: ReadingIntake, *, reading_get: bool = False) -> None:
         super().__init__()
         self._intake = intake
+        self._reading_get = reading_get
 
     def get_resources_as_linkheader(self) -> LinkFormat:
-        # The per-meter resources are listed by GET /meters; .well-known/core names the collection.
+        # No per-meter resource is listed anywhere: the list of meters is not for anyone on the network.
         return LinkFormat([])
 
     async def render(self, request: Message) -> Message:
@@ -50,10 +56,12 @@ class MeterReading(Resource, PathCapable):
         if request.code == Code.PUT:
             # The intake checks the meter id itself, so a bad one is counted as a rejected reading.
             return await self._put(path[0], request, started)
-        meter_id = check_meter_id(path[0])
-        if request.code == Code.GET:
-            return await self._get(meter_id, request)
-        raise error.UnallowedMethod()
+        if request.code != Code.GET:
+            raise error.UnallowedMethod()
+        if not self._reading_get:
+            # The same answer for every meter, known or not: the refusal tells nothing about the fleet.
+            raise error.UnallowedMethod("GET of readings is off on this consumer (--coap-reading-get)")
+        return await self._get(check_meter_id(path[0]), request)
 
     async def _put(self, meter_id: str, request: Message, started: float) -> Message:
         content_format = request.opt.content_format
@@ -70,22 +78,23 @@ class MeterReading(Resource, PathCapable):
         if latest is None:
             raise MeterNotFound(f"no reading stored for meter {meter_id}")
         accept = request.opt.accept
-        response = encode(latest.as_dict(), int(accept) if accept is not None else CONTENT_FORMAT_JSON)
+        document = {name: value for name, value in latest.as_dict().items() if name not in PRIVATE_FIELDS}
+        response = encode(document, int(accept) if accept is not None else CONTENT_FORMAT_JSON)
         response.code = Code.CONTENT
         return response
 
 
-class MeterList(Resource):
-    """``/meters``: link format with one ``</meters/{id}/reading>`` per meter the registry knows."""
+class Health(Resource):
+    """``/health``: 2.05 ``ok`` when the store commits now, 5.03 with the reason when it cannot."""
 
-    ct = "40"
-    rt = "smartgas.meters"
+    rt = "smartgas.health"
 
-    def __init__(self, intake: ReadingIntake) -> None:
+    def __init__(self, store_fault: Callable[[], Awaitable[str | None]]) -> None:
         super().__init__()
-        self._intake = intake
+        self._store_fault = store_fault
 
     async def render_get(self, request: Message) -> Message:
-        meter_ids = await self._intake.store.meter_ids()
-        links = LinkFormat([Link(f"/meters/{m}/reading", rt=READING_RESOURCE_TYPE) for m in meter_ids])
-        return Message(code=Code.CONTENT, payload=str(links).encode(), content_format=40)
+        fault = await self._store_fault()
+        if fault is not None:
+            raise StoreUnavailable(f"store {fault}")
+        return Message(code=Code.CONTENT, payload=b"ok", content_format=0)

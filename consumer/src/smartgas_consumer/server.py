@@ -1,7 +1,11 @@
 """Assembly and lifecycle of the consumer: the store, the intake and the CoAP site, started and stopped.
 
-The whole resource tree is built in one place (``build_site``). ``Consumer.start`` opens the store before
-the socket, so no reading can arrive that cannot be stored; ``Consumer.stop`` closes the socket first,
+The whole resource tree is built in one place (``build_site``). ``Consumer.start`` takes the store's lock
+file (one consumer per store) and opens the store before the socket, so no reading can arrive that cannot
+be stored; the CoAP socket is bound without SO_REUSEPORT unless ``--coap-reuse-port`` asks for it, so a
+second consumer on the same port fails to start instead of silently taking half the traffic. Every
+start-up refusal is a ``StartupError`` (or the store's ``StoreUnusable``) with a one-line message naming
+the setting or path and the fix. ``Consumer.stop`` closes the socket first,
 then lets the store commit what it holds. Acknowledgements are only sent after commit, so a reading that
 was acknowledged is on disk whatever the moment of the stop.
 """
@@ -12,7 +16,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
+import sqlite3
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +27,7 @@ import aiocoap
 from aiocoap import resource
 from elasticsearch import AsyncElasticsearch
 
+from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER, UnknownMeters
 from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine, AlertSource, Kind
 from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
@@ -28,25 +36,37 @@ from smartgas_consumer.dashboard import build_dashboard_router
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
 from smartgas_consumer.fleet import Fleet, load_fleet
+from smartgas_consumer.health import StoreHealth
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.provision import prepare_data_stream
 from smartgas_consumer.queries import FleetQueries
-from smartgas_consumer.resource import MeterList, MeterReading
-from smartgas_consumer.store import ReadingStore, StoreSummary, format_timestamp
+from smartgas_consumer.resource import Health, MeterReading
+from smartgas_consumer.store import ReadingStore, StoreLock, StoreSummary, format_timestamp
 from smartgas_consumer.webhook import WEBHOOK_SCHEMA, WebhookDispatcher
 
 _LOG = logging.getLogger(__name__)
 #: Linux's SO_RCVBUFFORCE (not exported by Python's socket module).
 SO_RCVBUFFORCE = 33
+#: aiocoap's documented switch for SO_REUSEPORT on the sockets it binds (aiocoap.defaults.has_reuse_port).
+AIOCOAP_REUSE_PORT = "AIOCOAP_REUSE_PORT"
 
 
-def build_site(intake: ReadingIntake) -> resource.Site:
-    """The CoAP resource tree: /.well-known/core, /meters and /meters/{meter_id}/reading."""
+class StartupError(Exception):
+    """The consumer cannot start as configured; the one-line message names the setting or path and the fix."""
+
+
+def build_site(
+    intake: ReadingIntake, *, store_fault: Callable[[], Awaitable[str | None]], reading_get: bool = False
+) -> resource.Site:
+    """The CoAP resource tree: /.well-known/core, /health, /meters/{meter_id}/reading (PUT; GET if enabled).
+
+    ``GET /meters`` (the list of meters) is not served: it would tell anyone on the network the fleet.
+    """
     root = resource.Site()
     root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
-    root.add_resource(["meters"], MeterList(intake))
-    root.add_resource(["meters"], MeterReading(intake))
+    root.add_resource(["health"], Health(store_fault))
+    root.add_resource(["meters"], MeterReading(intake, reading_get=reading_get))
     return root
 
 
@@ -76,6 +96,7 @@ class Consumer:
 
     def __init__(self, config: ConsumerConfig) -> None:
         self.config = config
+        self.store_lock = StoreLock(config.db)
         # The fleet and keys files are read here, before any socket opens: a broken file stops the start.
         self.fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
         self.api_keys = ApiKeys.load(config.api_keys, FailedKeyThrottle.per_minute(config.wrong_keys_per_minute))
@@ -86,11 +107,23 @@ class Consumer:
             group_window_s=config.group_window_ms / 1000,
             extra_schema=[ALERT_SCHEMA, WEBHOOK_SCHEMA],
             on_commit=self.metrics.commit,
+            shared_memory=config.store_shared_memory,
+        )
+        self.unknown_meters = UnknownMeters(
+            max_unknown=config.max_unknown_meters,
+            per_minute=config.unknown_meters_per_minute,
+            forget_after=FORGET_UNKNOWN_AFTER,
         )
         self.intake = ReadingIntake(
-            self.store, fleet=self.fleet, log_readings=config.log_readings, metrics=self.metrics
+            self.store,
+            fleet=self.fleet,
+            log_readings=config.log_readings,
+            metrics=self.metrics,
+            unknown_meters=self.unknown_meters,
         )
+        self.store_health = StoreHealth(self.store)
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
+        self.unknown_meters.on_forget.append(self.alerts.forget)
         self.intake.on_stored.append(self.alerts.on_stored)
         self.webhooks: WebhookDispatcher | None = None
         if config.webhook_urls:
@@ -110,7 +143,12 @@ class Consumer:
         dashboard = build_dashboard_router(self.queries, self.api_keys, expected_period_s=config.expected_period_s)
         self.http = HttpServer(
             build_app(
-                self.queries, self.api_keys, alerts=self.alerts, metrics=self.metrics.render, dashboard=dashboard
+                self.queries,
+                self.api_keys,
+                alerts=self.alerts,
+                metrics=self.metrics.render,
+                dashboard=dashboard,
+                store_fault=self.store_health.fault,
             ),
             config.http_host,
             config.http_port,
@@ -118,6 +156,7 @@ class Consumer:
         self._context: aiocoap.Context | None = None
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
+        self._started = False  # a start that failed says so once, not with a "stopped" summary too
 
     def _add_sinks(self, config: ConsumerConfig) -> None:
         """One Elasticsearch client, shared by the readings sink and the alerts sink."""
@@ -162,21 +201,40 @@ class Consumer:
             raise
 
     async def _start(self) -> None:
+        self.store_lock.acquire()
         await self.store.open()
+        self.unknown_meters.load(await self.store.read(self._recent_unknown_meters))
         # Alerts load their open alerts and recent readings before any new reading can arrive.
         await self.alerts.start()
         if self.webhooks is not None:
             await self.webhooks.start()
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
-        self._context = await aiocoap.Context.create_server_context(
-            build_site(self.intake),
-            bind=(self.config.coap_host, self.config.coap_port),
-            transports=["udp6"],
-            loggername="smartgas_consumer.coap",
-        )
+        os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
+        try:
+            self._context = await aiocoap.Context.create_server_context(
+                build_site(self.intake, store_fault=self.store_health.fault, reading_get=self.config.coap_reading_get),
+                bind=(self.config.coap_host, self.config.coap_port),
+                transports=["udp6"],
+                loggername="smartgas_consumer.coap",
+            )
+        except OSError as err:
+            raise StartupError(
+                f"--coap-port {self.config.coap_port} on --coap-host {self.config.coap_host!r}: {err.strerror or err}"
+                " (another consumer or program holds it?); stop it or choose another port"
+            ) from err
         sock = udp_socket(self._context)
+        if bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) != self.config.coap_reuse_port:
+            raise StartupError("the CoAP socket's SO_REUSEPORT differs from --coap-reuse-port (aiocoap changed?)")
         self._raise_receive_buffer(sock)
         self.port = sock.getsockname()[1]
+        # Both ports are bound before anything says "listening": a port in use fails the start first.
+        try:
+            await self.http.start()
+        except OSError as err:
+            raise StartupError(
+                f"--http-port {self.config.http_port} on --http-host {self.config.http_host!r}: "
+                f"{err.strerror or err}; stop what holds it or choose another port"
+            ) from err
         summary = await self.store.summary()
         _LOG.info(
             "consumer listening on coap://[%s]:%d (UDP), store %s: %d readings from %d meters",
@@ -196,7 +254,6 @@ class Consumer:
             )
         else:
             _LOG.info("no Elasticsearch configured: readings stay in the local store")
-        await self.http.start()
         _LOG.info(
             "HTTP API on http://%s:%d/api (dashboard /dashboard/, metrics /metrics), %d API key(s)",
             self.config.http_host,
@@ -204,6 +261,13 @@ class Consumer:
             len(self.api_keys.principals),
         )
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
+        self._started = True
+
+    def _recent_unknown_meters(self, connection: sqlite3.Connection) -> list[str]:
+        """Meters of the store missing from the fleet file and heard within FORGET_UNKNOWN_AFTER."""
+        since = format_timestamp(datetime.now(UTC) - FORGET_UNKNOWN_AFTER)
+        rows = connection.execute("SELECT meter_id FROM meters WHERE last_seen >= ? ORDER BY last_seen", (since,))
+        return [meter_id for (meter_id,) in rows if self.fleet.meter(meter_id) is None]
 
     def _raise_receive_buffer(self, sock: socket.socket) -> None:
         # The default buffer (~208 KiB) holds only ~190 readings; a pause longer than that (a slow
@@ -226,6 +290,7 @@ class Consumer:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             _LOG.info("status: %s", self.intake.counters.describe())
+            self.unknown_meters.forget_silent()
             now = datetime.now(UTC)
             summary = await self.store.summary()
             await self.refresh_metrics(summary, now)
@@ -243,6 +308,7 @@ class Consumer:
         )
         self.metrics.set_meters(online, len(self.fleet.meters), summary.meters)
         self.metrics.set_open_alerts(self.alerts.open_counts())
+        self.metrics.set_unknown_meters_held(self.unknown_meters.held)
 
     async def stop(self) -> None:
         if self._status_task is not None:
@@ -262,7 +328,10 @@ class Consumer:
             await self.elasticsearch.close()
             self.elasticsearch = None
         await self.store.close()
-        _LOG.info("consumer stopped: %s", self.intake.counters.describe())
+        self.store_lock.release()
+        if self._started:
+            _LOG.info("consumer stopped: %s", self.intake.counters.describe())
+            self._started = False
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (by SIGTERM/SIGINT in the CLI), then stop cleanly."""

@@ -29,6 +29,15 @@ Sequence rule (per meter, applied inside the commit so concurrent readings see e
   (an old epoch's reading re-sent after a reboot must not pass for a new one).
 - ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
 
+Opening: the store runs ``PRAGMA quick_check`` and refuses a damaged file (``StoreUnusable``, naming the
+file and the fix). By default both connections use SQLite's ``unix-excl`` VFS: the WAL index lives in the
+process's heap instead of a memory-mapped ``-shm`` file. A mapped ``-shm`` made immutable (``chattr +i``)
+or otherwise unwritable under the running consumer kills it with SIGBUS on the next write to the mapping
+(ext4 refuses the page fault); with the index in heap memory such faults come back as I/O errors that the
+commit turns into 5.03. The price: no other process can open the store while the consumer holds it
+(``status``, ``sqlite3 .backup``); ``shared_memory=True`` (``--store-shared-memory``) trades the SIGBUS
+protection back for that.
+
 Shipping state lives on each reading (``ship_state``: pending, shipped or dead-lettered), so the store is
 the sinks' durable buffer: a reading is pending until a sink confirmed it, across restarts and outages.
 """
@@ -38,7 +47,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -113,8 +125,96 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+#: SQLite's VFS that keeps the WAL index in heap memory, not in a memory-mapped ``-shm`` file (no SIGBUS).
+SQLITE_VFS = "unix-excl"
+#: A one-row table the health probe writes to: proof that a commit reaches the disk now.
+_PROBE_SCHEMA = "CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), probed_at TEXT)"
+
+
 class StoreClosed(Exception):
     """The store is closed or closing and takes no more readings."""
+
+
+class StoreUnusable(Exception):
+    """The store cannot be opened as it is; the one-line message names the file and the fix."""
+
+
+def describe_open_failure(path: Path, err: BaseException) -> str:
+    """One line for an operator: which file, what SQLite or the OS said, and what to do about it."""
+    text = str(err)
+    lowered = text.lower()
+    if "readonly" in lowered or "read-only" in lowered or getattr(err, "errno", None) in (errno.EROFS, errno.EPERM):
+        fix = "make the file and its directory writable by this user (chmod/chown, chattr -i, remount rw)"
+    elif "not a database" in lowered:
+        fix = "it is not a SQLite store: point --db at the consumer's store, or move this file away"
+    elif "malformed" in lowered or "corrupt" in lowered:
+        fix = "the file is damaged: restore it from a backup, or move it away (`sqlite3 FILE .recover` saves rows)"
+    elif "locked" in lowered or "busy" in lowered:
+        fix = "another process holds it: stop that process, or give this consumer its own --db"
+    elif "unable to open" in lowered or isinstance(err, PermissionError):
+        fix = "check that the file and its directory exist (or can be created) and are readable and writable"
+    else:
+        fix = "check the file, its directory and the disk"
+    return f"--db {path}: {text}; {fix}"
+
+
+class StoreInUse(StoreUnusable):
+    """Another consumer serves this store (it holds the lock file)."""
+
+
+class StoreLock:
+    """``<db>.lock``: held (``flock``) by the one consumer serving the store, and holding that consumer's PID.
+
+    SQLite's own locks cannot name the holder; this file lets a second consumer say who is in the way. The
+    kernel drops the lock when the holder exits, however it exits, so a stale file never blocks a start.
+    """
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.path = db.with_name(db.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise StoreInUse naming the holder's PID (StoreUnusable if the file cannot be made)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StoreUnusable(
+                f"--db: cannot create the lock file {self.path} ({err.strerror}): make its directory writable"
+            ) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreInUse(
+                f"--db {self.db}: in use by another consumer (PID {holder}); stop it, or give this one its own --db"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def holder(self) -> str | None:
+        """The PID written by the consumer holding the lock, or None if nobody holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,8 +356,11 @@ class ReadingStore:
         max_group_size: int = 1024,
         on_commit: Callable[[int, float], None] | None = None,
         extra_schema: Sequence[str] = (),
+        shared_memory: bool = False,
     ) -> None:
         self.path = path
+        # True: the WAL index in a mapped -shm file, so other processes can read beside this one.
+        self.shared_memory = shared_memory
         # Tables of other stages (alerts, webhook deliveries) that live in the same file and transactions.
         self._extra_schema = tuple(extra_schema)
         self.group_window_s = group_window_s
@@ -271,6 +374,8 @@ class ReadingStore:
         self._queue: asyncio.Queue[_PendingReading] = asyncio.Queue()
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
+        #: Why the last commit failed (an I/O error, a read-only file), None once one succeeds again.
+        self.fault: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -295,9 +400,34 @@ class ReadingStore:
         self._executor.shutdown(wait=True)
 
     def _open_connection(self) -> None:
+        try:
+            self._connect()
+        except Exception as err:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+            if isinstance(err, StoreUnusable):
+                raise
+            if not isinstance(err, sqlite3.Error | OSError):
+                raise
+            raise StoreUnusable(describe_open_failure(self.path, err)) from err
+
+    def _uri(self, mode: str) -> str:
+        vfs = "" if self.shared_memory else f"&vfs={SQLITE_VFS}"
+        return f"{self.path.resolve().as_uri()}?mode={mode}{vfs}"
+
+    def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection = sqlite3.connect(self._uri("rwc"), uri=True, isolation_level=None, check_same_thread=False)
+        self._connection = connection
         connection.row_factory = sqlite3.Row
+        # A damaged page would otherwise pass the start and fail every commit that touches it.
+        problems = [" ".join(str(row[0]).split()) for row in connection.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise StoreUnusable(
+                f"--db {self.path}: failed its integrity check ({'; '.join(problems)[:300]}); restore it from "
+                "a backup, or move it away (`sqlite3 FILE .recover` saves what it can)"
+            )
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"{self.path}: could not switch to WAL mode (got {mode})")
@@ -307,17 +437,18 @@ class ReadingStore:
         connection.execute("PRAGMA busy_timeout=5000")
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"{self.path} has schema version {version}, newer than this consumer's {SCHEMA_VERSION}"
+            raise StoreUnusable(
+                f"--db {self.path}: schema version {version}, newer than this consumer's {SCHEMA_VERSION}; "
+                "run the consumer version that wrote it"
             )
         connection.executescript(_SCHEMA)
         for schema in self._extra_schema:
             connection.executescript(schema)
+        connection.execute(_PROBE_SCHEMA)
         connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._connection = connection
 
     def _open_reader(self) -> None:
-        reader = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        reader = sqlite3.connect(self._uri("ro"), uri=True, check_same_thread=False)
         reader.row_factory = sqlite3.Row
         reader.execute("PRAGMA busy_timeout=5000")
         self._reader = reader
@@ -366,11 +497,16 @@ class ReadingStore:
             try:
                 results = await self._run(self._commit_group, group)
             except Exception as err:  # any failure to commit: nobody in this group is acknowledged
-                _LOG.error("commit of %d reading(s) failed: %s", len(group), err)
+                if self.fault is None:  # once per fault, not once per group while it lasts
+                    _LOG.error("store %s: commit failed: %s (5.03 until it recovers)", self.path, err)
+                self.fault = f"could not commit: {err}"
                 for pending in group:
                     if not pending.done.done():
                         pending.done.set_exception(StoreClosed(f"could not commit: {err}"))
             else:
+                if self.fault is not None:
+                    _LOG.warning("store %s commits again after: %s", self.path, self.fault)
+                    self.fault = None
                 for pending, result in zip(group, results, strict=True):
                     if not pending.done.done():
                         pending.done.set_result(result)
@@ -470,6 +606,21 @@ class ReadingStore:
             raise StoreClosed("the store is closed")
         with self._transaction() as connection:
             return function(connection)
+
+    async def probe(self, now: datetime) -> None:
+        """Commit one tiny write now; raise StoreClosed saying why if the store cannot commit."""
+        try:
+            await self.write(
+                lambda connection: connection.execute(
+                    "INSERT OR REPLACE INTO store_probe (id, probed_at) VALUES (1, ?)", (format_timestamp(now),)
+                )
+            )
+        except sqlite3.Error as err:
+            self.fault = f"could not commit: {err}"
+            raise StoreClosed(self.fault) from err
+        if self.fault is not None:
+            _LOG.warning("store %s commits again after: %s", self.path, self.fault)
+            self.fault = None
 
     # -- reading -------------------------------------------------------------------------------------
 
