@@ -35,7 +35,8 @@ NIGHT = datetime(2026, 11, 23, 1, 0, tzinfo=UTC)
 VOLUME_L = 50.0
 
 
-def fleet() -> Fleet:
+def fleet(meter_ids: tuple[str, ...] = ("m1",)) -> Fleet:
+    """A one-site fleet of argon bottles, ``m1`` unless other ids are given."""
     return parse_fleet(
         {
             "version": 1,
@@ -52,13 +53,14 @@ def fleet() -> Fleet:
             ],
             "meters": [
                 {
-                    "id": "m1",
+                    "id": meter_id,
                     "site": "lyon",
                     "gas": "argon",
                     "volume_l": VOLUME_L,
                     "nominal_pressure_bar": 200,
                     "draw_mol_per_h": 3.0,
                 }
+                for meter_id in meter_ids
             ],
         }
     )

@@ -266,7 +266,19 @@ async def test_offline_after_the_window_and_resolved_by_the_next_reading(rig: Ri
     assert [e[0] for e in rig.events()] == ["alert.opened", "alert.resolved"]
 
 
-async def test_people_acknowledge_and_close_alerts_and_retire_meters_and_a_restart_keeps_it(rig: Rig) -> None:
+@pytest.fixture
+async def rig3(tmp_path: Path) -> AsyncIterator[Rig]:
+    """A rig whose fleet file lists m1, m2 and m3 (only listed meters can go offline)."""
+    running = Rig(tmp_path / "store.db", fleet=fleet(("m1", "m2", "m3")))
+    await running.open()
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+async def test_people_acknowledge_and_close_alerts_and_retire_meters_and_a_restart_keeps_it(rig3: Rig) -> None:
+    rig = rig3
     assert rig.engine is not None
     await rig.send(150.0, meter_id="m1")
     await rig.send(150.0, meter_id="m2")
