@@ -13,7 +13,6 @@ import asyncio
 import copy
 import dataclasses
 import json
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -181,8 +180,9 @@ async def test_replay_is_answered_409_and_counted_as_shipped(
     await add_readings(store, 10)
     await ship_all(sink_for(store, elasticsearch_url, stream), store)
     # A crash between Elasticsearch's confirmation and our marking: everything looks unshipped again.
-    with sqlite3.connect(tmp_path / "store.db") as connection:
-        connection.execute("UPDATE readings SET ship_state = 0, shipped_at = NULL")
+    # Through the store's own writer: it holds the file exclusively (no second connection may write).
+    await store.write(lambda connection: connection.execute("UPDATE readings SET ship_state = 0, shipped_at = NULL"))
+    assert (await store.summary()).pending == 10
     replay = sink_for(store, elasticsearch_url, stream)
     await ship_all(replay, store)
     assert replay.counters.shipped == 10 and replay.counters.dead_lettered == 0
