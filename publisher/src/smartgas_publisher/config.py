@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=option.metavar,
             default=None,
             action="append" if option.repeatable else "store",
-            help=f"{option.help} [env {option.env_var}]",
+            # argparse %-formats help strings: a literal % in a help text must reach it doubled.
+            help=f"{option.help} [env {option.env_var}]".replace("%", "%%"),
         )
     return parser
 
