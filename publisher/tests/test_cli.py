@@ -87,7 +87,7 @@ async def test_unreachable_consumer_exits_1_reporting_unsent(free_udp_port: int)
         "--period",
         "0.05",
         "--drain-timeout",
-        "0.3",
+        "2",
     )
     assert code == 1
     assert "could not deliver seq=0" in err

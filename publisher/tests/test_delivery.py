@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 from aiocoap.numbers.codes import Code
 
-from conftest import FakeConsumer, assert_every_reading_accounted_for, bounded, eventually, fast_config
+from conftest import (
+    SILENT_PEER_TIMING,
+    FakeConsumer,
+    assert_every_reading_accounted_for,
+    bounded,
+    eventually,
+    fast_config,
+)
 from smartgas_publisher.fleet import Fleet
 from smartgas_publisher.meter import response_deadline_s, transport_tuning
 
@@ -137,7 +144,7 @@ async def test_silent_consumer_counts_retries_and_reports_unsent() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         port = silent.getsockname()[1]
-        config = fast_config(f"coap://127.0.0.1:{port}", count=2, drain_timeout_s=0.5)
+        config = fast_config(f"coap://127.0.0.1:{port}", count=2, drain_timeout_s=2.0, **SILENT_PEER_TIMING)
         stats = await bounded(Fleet(config).run())
         assert_every_reading_accounted_for(stats)
         silent.setblocking(False)
@@ -164,9 +171,9 @@ async def test_a_response_that_never_comes_is_bounded_by_the_deadline(consumer: 
         return None
 
     consumer.responder = hang
-    config = fast_config(consumer.uri, count=1, ack_timeout_s=0.05, max_retransmit=2, drain_timeout_s=1.3)
+    config = fast_config(consumer.uri, count=1, ack_timeout_s=0.05, max_retransmit=2, drain_timeout_s=2.5)
     deadline_s = response_deadline_s(transport_tuning(0.05, 2))
-    assert deadline_s < 1.3 / 2
+    assert deadline_s < 2.5 / 2
     try:
         stats = await bounded(Fleet(config).run())
         assert_every_reading_accounted_for(stats)
