@@ -33,7 +33,7 @@ async def test_acknowledged_readings_arrive_as_the_wire_format_says(
     assert_every_reading_accounted_for(stats)
     assert (stats.produced, stats.sent, stats.acked, stats.buffered) == (4, 4, 4, 0)
     assert stats.all_acknowledged
-    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1, 2, 3]
+    assert consumer.acknowledged_seqs("sim-0001") == [0, 1, 2, 3]
     for received in consumer.received:
         assert received.content_format == 50
         reading_validator.validate(received.body)
@@ -50,7 +50,7 @@ async def test_wrong_endpoint_4xx_is_retried_not_dropped(consumer: FakeConsumer)
     stats = await bounded(Fleet(fast_config(consumer.uri, count=2)).run())
     assert_every_reading_accounted_for(stats)
     assert (stats.acked, stats.failed, stats.retried) == (2, 0, 3)
-    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1]
+    assert consumer.acknowledged_seqs("sim-0001") == [0, 1]
 
 
 async def test_4xx_counts_as_failed_and_is_not_retried(
@@ -76,7 +76,7 @@ async def test_4xx_counts_as_failed_and_is_not_retried(
 
 
 async def test_5xx_is_retried_with_the_same_seq(consumer: FakeConsumer) -> None:
-    unavailable_left = {"bottle-0001": 2}
+    unavailable_left = {"sim-0001": 2}
 
     async def unavailable_twice(meter_id: str, body: dict[str, Any]) -> tuple[Code, bytes] | None:
         if body["seq"] == 1 and unavailable_left[meter_id] > 0:
@@ -92,7 +92,7 @@ async def test_5xx_is_retried_with_the_same_seq(consumer: FakeConsumer) -> None:
     bodies = [r.body for r in consumer.received]
     assert [b["seq"] for b in bodies] == [0, 1, 1, 1, 2]
     assert bodies[1] == bodies[2] == bodies[3]  # a re-send is the same reading, not a new one
-    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1, 2]
+    assert consumer.acknowledged_seqs("sim-0001") == [0, 1, 2]
 
 
 async def test_readings_buffered_while_the_consumer_is_down_arrive_later_in_order(
@@ -133,7 +133,7 @@ async def test_full_buffer_drops_the_oldest_and_counts_it(free_udp_port: int, ca
             run.cancel()
             await late.stop()
     assert (stats.produced, stats.dropped, stats.acked, stats.buffered) == (6, 3, 3, 0)
-    assert late.acknowledged_seqs("bottle-0001") == [3, 4, 5]
+    assert late.acknowledged_seqs("sim-0001") == [3, 4, 5]
     drops = [r.getMessage() for r in caplog.records if "dropped the oldest" in r.getMessage()]
     assert [d.split("seq=")[1].split()[0] for d in drops] == ["0", "1", "2"]
     assert not stats.all_acknowledged

@@ -144,15 +144,15 @@ async def test_offline_meter_stops_after_two_readings_and_counts_as_done(consume
 
 
 async def test_offline_meter_stays_silent_while_an_endless_fleet_runs(consumer: FakeConsumer) -> None:
-    config = fast_config(consumer.uri, meters=2, count=None, inject=(parse_injection("offline:bottle-0001"),))
+    config = fast_config(consumer.uri, meters=2, count=None, inject=(parse_injection("offline:sim-0001"),))
     fleet = Fleet(config)
     run = asyncio.create_task(fleet.run())
     try:
-        await eventually(lambda: len(consumer.acknowledged_seqs("bottle-0002")) >= 8)
+        await eventually(lambda: len(consumer.acknowledged_seqs("sim-0002")) >= 8)
         assert not run.done()  # the silent meter does not end the run
         fleet.request_stop()
         stats = await bounded(run, 10)
     finally:
         run.cancel()
-    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1]
+    assert consumer.acknowledged_seqs("sim-0001") == [0, 1]
     assert stats.all_acknowledged
