@@ -23,7 +23,7 @@ from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.fleet import FleetFileError
 from smartgas_consumer.server import Consumer, describe_lag
-from smartgas_consumer.store import ReadingStore
+from smartgas_consumer.store import NotAStoreError, ReadingStore, check_existing_store
 
 _LOG = logging.getLogger("smartgas_consumer")
 
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="receive readings over CoAP and store them")
     config_module.add_arguments(serve)
-    status = commands.add_parser("status", help="print what a store holds and the shipping lag, as JSON")
+    status = commands.add_parser(
+        "status", help="print what an existing store holds (and the shipping lag, with Elasticsearch), as JSON"
+    )
     config_module.add_arguments(status)
     setup = commands.add_parser(
         "setup", help="make Elasticsearch and Kibana ready (templates, kibana_system password, dashboard)"
@@ -99,7 +101,17 @@ async def serve(config: ConsumerConfig) -> int:
     return 0
 
 
+#: What ``status`` says instead of a shipping lag when no Elasticsearch is configured.
+NOT_SHIPPING = "not shipping: no Elasticsearch URL set (--elasticsearch-url), so nothing is pending"
+
+
 async def status(config: ConsumerConfig) -> int:
+    """Print what the store at ``config.db`` holds; the shipping lag only when readings are being shipped."""
+    try:
+        check_existing_store(config.db)
+    except NotAStoreError as err:
+        print(f"smartgas-consumer: --db {err}; give the store the consumer writes (serve --db)", file=sys.stderr)
+        return 2
     store = ReadingStore(config.db)
     await store.open()
     try:
@@ -107,10 +119,14 @@ async def status(config: ConsumerConfig) -> int:
         letters = await store.dead_letters(limit=20)
     finally:
         await store.close()
+    counts = dataclasses.asdict(summary)
+    if config.elasticsearch_url is None:
+        # Readings wait for a sink only when there is one: without it the store is the end of the line.
+        del counts["pending"], counts["oldest_pending_received_at"]
     report = {
         "db": str(config.db),
-        **dataclasses.asdict(summary),
-        "shipping_lag": describe_lag(summary, datetime.now(UTC)),
+        **counts,
+        "shipping_lag": describe_lag(summary, datetime.now(UTC)) if config.elasticsearch_url else NOT_SHIPPING,
         "dead_letter_examples": [dataclasses.asdict(letter) for letter in letters],
     }
     print(json.dumps(report, indent=2))
