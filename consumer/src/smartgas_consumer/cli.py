@@ -95,8 +95,17 @@ def configure_logging(level: str) -> None:
 async def serve(config: ConsumerConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def request_stop(signum: signal.Signals) -> None:
+        # Logged, so that an operator (and the tests of `make run`) can see each stop request arrive once.
+        if stop.is_set():
+            _LOG.info("%s received again: already stopping", signum.name)
+        else:
+            _LOG.info("%s received: stopping (closing the socket, committing what is held)", signum.name)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, request_stop, signum)
     await Consumer(config).serve_until(stop)
     return 0
 
