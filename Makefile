@@ -26,7 +26,7 @@ RUN_WAIT_S ?= 60
 # e.g. RUN_INJECT='--inject leak:bottle-0007 --inject offline:bottle-0012'
 RUN_INJECT ?=
 
-.PHONY: help run test test-unit test-integration test-live lint typecheck deps venv bench e2e clean
+.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench e2e clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -99,9 +99,17 @@ run: venv
 
 # --- tests ------------------------------------------------------------------------------------------
 
-# Each package's suite runs through `python setup.py test`, as the original lab did.
-test: deps venv lint typecheck
-	cd consumer && ../$(BIN)/python setup.py -q test
+# Each package's suite runs through `python setup.py test`, as the original lab did. Lint, typecheck and
+# the two suites run side by side (make -j; each one's output is printed whole when it ends), and the
+# consumer's suite spreads its test files over TEST_WORKERS pytest-xdist workers.
+TEST_WORKERS ?= 2
+test: deps venv
+	@$(MAKE) --no-print-directory -j 4 --output-sync=target lint typecheck test-consumer test-publisher
+
+test-consumer: venv
+	cd consumer && ../$(BIN)/python setup.py -q test --pytest-args="-n $(TEST_WORKERS) --dist loadfile"
+
+test-publisher: venv
 	cd publisher && ../$(BIN)/python setup.py -q test
 
 test-unit: venv
