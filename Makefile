@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # without Debian's recommended packages (chromium would bring udev, avahi and upgrades of systemd): the
 # one recommendation the headless browser needs, a font, is named.
 DEBIAN_TOOLS := coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium+fonts-liberation
-RUN_DIR := var
+RUN_DIR ?= var
 RUN_PORT ?= 5683
 RUN_HTTP_PORT ?= 8080
 RUN_PERIOD ?= 2
@@ -89,6 +89,8 @@ run: venv
 	if [ -n "$$DISPLAY" ] && command -v xdg-open >/dev/null; then xdg-open "$$url" >/dev/null 2>&1 || true; fi; \
 	asked=""; \
 	while kill -0 $$publisher 2>/dev/null; do \
+	  if [ -z "$$stop_requested" ] && ! kill -0 $$consumer 2>/dev/null; then \
+	    stop_requested=1; echo "make run: the consumer stopped (its error is above); stopping the publisher" >&2; fi; \
 	  if [ -n "$$stop_requested" ] && [ -z "$$asked" ]; then asked=1; kill -INT $$publisher; fi; \
 	  sleep 0.2; \
 	done; \

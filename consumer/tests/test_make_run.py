@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,33 @@ def make_run(run_dir: Path, coap_port: int, http_port: int) -> subprocess.Popen[
     )
 
 
+def service_pids(run_dir: Path, command: str = "smartgas-") -> list[int]:
+    """The services ``make run`` started for ``run_dir``: their argv names the command and the folder.
+
+    The services run in sessions of their own, so a signal to make's process group never reaches them;
+    a test that fails half-way ends them by their process ids (``stop_everything``).
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                if len(argv) > 1 and Path(argv[1]).name.startswith(command) and any(str(run_dir) in a for a in argv):
+                    found.append(int(entry.name))
+    return found
+
+
+def stop_everything(process: subprocess.Popen[str], run_dir: Path) -> None:
+    """After a failure: make's group and the services it started, so that nothing outlives the test."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    for pid in service_pids(run_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.communicate(timeout=30)
+
+
 def stored_readings(db: Path) -> int:
     if not db.exists():
         return 0
@@ -92,13 +120,13 @@ def dashboard_answers(http_port: int) -> bool:
         return False
 
 
-def wait_for(condition: object, process: subprocess.Popen[str], what: str) -> None:
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], what: str) -> None:
+    """Wait until ``condition()`` holds, at most START_BOUND_S; the caller's ``finally`` cleans up."""
     deadline = time.monotonic() + START_BOUND_S
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if process.poll() is not None:
-            pytest.fail(f"make run ended before {what}: {process.communicate()[0]}")
+            pytest.fail(f"make run ended (exit {process.returncode}) before {what}")
         if time.monotonic() > deadline:
-            process.kill()
             pytest.fail(f"no {what} within {START_BOUND_S} s")
         time.sleep(0.2)
 
@@ -118,9 +146,8 @@ def test_make_run_serves_the_dashboard_stores_readings_and_stops_each_service_on
         os.killpg(process.pid, signum)
         output, _ = process.communicate(timeout=STOP_BOUND_S)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+        if process.poll() is None or service_pids(tmp_path):
+            stop_everything(process, tmp_path)
     assert f"http://127.0.0.1:{http_port}/dashboard/#key=" in output
     assert "Traceback" not in output
     # The publisher was asked once, drained, and reported everything delivered.
@@ -147,9 +174,26 @@ def test_make_run_fails_clearly_and_starts_no_publisher_when_the_consumer_cannot
         try:
             output, _ = process.communicate(timeout=START_BOUND_S)
         finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.communicate()
+            if process.poll() is None or service_pids(tmp_path):
+                stop_everything(process, tmp_path)
     assert process.returncode != 0
     assert "make run: the consumer stopped before it answered (its error is above)" in output
     assert "smartgas_publisher" not in output
+
+
+def test_make_run_stops_the_publisher_when_the_consumer_dies(tmp_path: Path) -> None:
+    http_port = free_port(socket.SOCK_STREAM)
+    process = make_run(tmp_path, free_port(socket.SOCK_DGRAM), http_port)
+    try:
+        wait_for(lambda: dashboard_answers(http_port), process, "dashboard")
+        wait_for(lambda: stored_readings(tmp_path / "smartgas.db") >= 10, process, "readings")
+        (consumer,) = service_pids(tmp_path, "smartgas-consumer")
+        os.kill(consumer, signal.SIGKILL)  # a crash: nothing the consumer could answer or log
+        output, _ = process.communicate(timeout=STOP_BOUND_S)
+    finally:
+        if process.poll() is None or service_pids(tmp_path):
+            stop_everything(process, tmp_path)
+    assert process.returncode != 0
+    assert "make run: the consumer stopped (its error is above); stopping the publisher" in output
+    assert output.count("stop requested: no more readings") == 1
+    assert "fleet finished: meters=50" in output
