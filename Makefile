@@ -13,17 +13,21 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests use: libcoap's client (interop), docker-compose (compose file validation),
 # chromium (the dashboard in a headless browser).
-# command:package pairs; a package is installed when its command is missing.
-DEBIAN_TOOLS := coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium
-RUN_DIR := var
+# command:packages pairs (packages joined by +); the packages are installed when the command is missing,
+# without Debian's recommended packages (chromium would bring udev, avahi and upgrades of systemd): the
+# one recommendation the headless browser needs, a font, is named.
+DEBIAN_TOOLS := coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium+fonts-liberation
+RUN_DIR ?= var
 RUN_PORT ?= 5683
 RUN_HTTP_PORT ?= 8080
 RUN_PERIOD ?= 2
 RUN_LOG_READINGS ?= true
+# How long `make run` waits for the consumer to answer before it gives up.
+RUN_WAIT_S ?= 60
 # e.g. RUN_INJECT='--inject leak:bottle-0007 --inject offline:bottle-0012'
 RUN_INJECT ?=
 
-.PHONY: help run test test-unit test-integration test-live lint typecheck deps venv bench e2e clean
+.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench e2e clean
 
 help:
 	@grep -hE '^#   make' Makefile mk/*.mk | sed 's/^#   //'
@@ -34,10 +38,11 @@ deps:
 	@missing=""; \
 	for tool in $(DEBIAN_TOOLS); do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; \
+	  missing=$${missing//+/ }; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 $(BIN)/python:
@@ -51,32 +56,67 @@ venv: $(VENV)/.installed
 
 # --- the main job -----------------------------------------------------------------------------------
 
-# The two services run in sessions of their own (setsid), so a Ctrl-C reaches them once, through the
-# trap: the publisher stops producing and delivers what it holds, then the consumer commits and exits.
+# The two services run in sessions of their own (setsid), so a terminal's Ctrl-C (or a SIGTERM to make's
+# process group, which make repeats to this shell) reaches them only through this shell, which asks each
+# exactly once: the trap only notes the request, the loop below acts on it. The publisher starts once the
+# consumer answers on HTTP (it starts last), at most RUN_WAIT_S seconds; then a stop request makes the
+# publisher deliver what it holds, then the consumer commits and exits.
 # A fresh administrator key is made for each run and handed to the dashboard in the URL's fragment.
 run: venv
 	@mkdir -p $(RUN_DIR)
 	@key=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
 	url="http://127.0.0.1:$(RUN_HTTP_PORT)/dashboard/#key=$$key"; \
+	stop_requested=""; trap 'stop_requested=1' INT TERM; \
 	echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT) (store $(RUN_DIR)/smartgas.db), the 50 meters of"; \
 	echo "fleet/fleet.yaml every $(RUN_PERIOD) s. Ctrl-C stops both. Dashboard:"; \
 	echo "    $$url"; \
 	SMARTGAS_CONSUMER_ADMIN_KEY=$$key setsid $(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 \
 	    --coap-port $(RUN_PORT) --http-port $(RUN_HTTP_PORT) --db $(RUN_DIR)/smartgas.db --fleet fleet/fleet.yaml \
 	    --expected-period $(RUN_PERIOD) --log-readings $(RUN_LOG_READINGS) & consumer=$$!; \
-	sleep 2; \
+	deadline=$$(( $$(date +%s) + $(RUN_WAIT_S) )); \
+	until $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+	    "http://127.0.0.1:$(RUN_HTTP_PORT)/healthz" >/dev/null 2>&1; do \
+	  if ! kill -0 $$consumer 2>/dev/null; then \
+	    wait $$consumer; echo "make run: the consumer stopped before it answered (its error is above)" >&2; exit 1; fi; \
+	  if [ -n "$$stop_requested" ] || [ $$(date +%s) -ge $$deadline ]; then \
+	    [ -n "$$stop_requested" ] || echo "make run: the consumer did not answer on" \
+	      "http://127.0.0.1:$(RUN_HTTP_PORT)/healthz within RUN_WAIT_S=$(RUN_WAIT_S) s; stopping it" >&2; \
+	    kill -INT $$consumer; while kill -0 $$consumer 2>/dev/null; do sleep 0.2; done; \
+	    wait $$consumer; [ -n "$$stop_requested" ]; exit; fi; \
+	  sleep 0.2; \
+	done; \
 	setsid $(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --fleet fleet/fleet.yaml \
 	    --period $(RUN_PERIOD) $(RUN_INJECT) & publisher=$$!; \
 	if [ -n "$$DISPLAY" ] && command -v xdg-open >/dev/null; then xdg-open "$$url" >/dev/null 2>&1 || true; fi; \
-	trap 'kill -INT $$publisher 2>/dev/null; wait $$publisher; kill -INT $$consumer 2>/dev/null' INT TERM; \
-	wait $$publisher; kill -INT $$consumer 2>/dev/null; wait $$consumer
+	asked=""; \
+	while kill -0 $$publisher 2>/dev/null; do \
+	  if [ -z "$$stop_requested" ] && ! kill -0 $$consumer 2>/dev/null; then \
+	    stop_requested=1; echo "make run: the consumer stopped (its error is above); stopping the publisher" >&2; fi; \
+	  if [ -n "$$stop_requested" ] && [ -z "$$asked" ]; then asked=1; kill -INT $$publisher; fi; \
+	  sleep 0.2; \
+	done; \
+	wait $$publisher; published=$$?; \
+	kill -INT $$consumer 2>/dev/null; while kill -0 $$consumer 2>/dev/null; do sleep 0.2; done; \
+	wait $$consumer; consumed=$$?; \
+	[ $$consumed -eq 0 ] && { [ -n "$$stop_requested" ] || [ $$published -eq 0 ]; }
 
 # --- tests ------------------------------------------------------------------------------------------
 
-# Each package's suite runs through `python setup.py test`, as the original lab did.
-test: deps venv lint typecheck elasticsearch-zip
+# Each package's suite runs through `python setup.py test`, as the original lab did. Lint, typecheck and
+# the three suites run side by side (make -j; each one's output is printed whole when it ends), and the
+# consumer's suite spreads its test files over TEST_WORKERS pytest-xdist workers. The Elasticsearch zip
+# is fetched first (mk/elasticsearch.mk), so the real-node tests find it.
+TEST_WORKERS ?= 2
+test: deps venv elasticsearch-zip
+	@$(MAKE) --no-print-directory -j 4 --output-sync=target lint typecheck test-common test-consumer test-publisher
+
+test-common: venv
 	cd common && ../$(BIN)/python setup.py -q test
-	cd consumer && ../$(BIN)/python setup.py -q test
+
+test-consumer: venv
+	cd consumer && ../$(BIN)/python setup.py -q test --pytest-args="-n $(TEST_WORKERS) --dist loadfile"
+
+test-publisher: venv
 	cd publisher && ../$(BIN)/python setup.py -q test
 
 test-unit: venv

@@ -33,6 +33,7 @@ pytestmark = [
 
 FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
 PERIOD_S = 0.2
+OFFLINE_AFTER_S = 5.0
 READINGS = 12
 ADMIN_KEY = "scenario-admin-key-0123456789"
 INJECTED = {
@@ -52,6 +53,9 @@ async def scenario_consumer(consumer_config: ConsumerConfig, receiver: Receiver)
         fleet=FLEET_FILE,
         admin_key=ADMIN_KEY,
         expected_period_s=PERIOD_S,
+        # Offline after 5 s of silence, not 0.6 s: on a loaded machine a healthy meter (or the consumer)
+        # can stall for a second, which raised a false offline alert on a healthy meter.
+        offline_after_periods=OFFLINE_AFTER_S / PERIOD_S,
         webhook_urls=(receiver.url,),
     )
     running = Consumer(config)

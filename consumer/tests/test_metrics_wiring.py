@@ -76,3 +76,30 @@ async def test_a_consumer_counts_what_it_answers(running: Consumer, coap: aiocoa
     assert metrics[("smartgas_meters_online", ())] == 1
     assert metrics[("smartgas_meters_registered", ())] == 1
     assert metrics[("process_resident_memory_bytes", ())] > 0
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        (None, "text/plain; version=0.0.4"),
+        ("text/plain", "text/plain; version=0.0.4"),
+        # What Prometheus 2.x and 3.x send when scraping.
+        (
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+            "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            "application/openmetrics-text",
+        ),
+    ],
+    ids=["no-accept", "text", "prometheus"],
+)
+async def test_the_scraper_s_accept_header_chooses_the_format(
+    running: Consumer, accept: str | None, content_type: str
+) -> None:
+    headers = {} if accept is None else {"Accept": accept}
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{running.http.port}/metrics", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(content_type)
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n") is openmetrics  # OpenMetrics' required terminator
+    assert "smartgas_readings_received" in response.text

@@ -110,17 +110,26 @@ class _ReadingResource(resource.Resource, resource.PathCapable):
         return json.dumps(result).encode()
 
 
+#: CoAP timing for a peer that answers: an ACK may be seconds late on a loaded machine (tests share two
+#: cores with other suites) without the exchange failing; up to ~10 s of retransmissions before it does.
+#: A tighter timing made readings fail with ConRetransmitsExceeded (0.05 s, one retransmission).
+PATIENT_ACK_TIMEOUT_S = 1.0
+PATIENT_MAX_RETRANSMIT = 2
+#: CoAP timing for tests whose peer never answers, where waiting is all a test would do.
+SILENT_PEER_TIMING: dict[str, Any] = {"ack_timeout_s": 0.05, "max_retransmit": 1}
+
+
 def fast_config(consumer_uri: str, **overrides: Any) -> PublisherConfig:
-    """A configuration for tests: short period, short CoAP timeouts, bounded drain."""
+    """A configuration for tests: short period, patient CoAP timeouts (so load never fails a send), bounded drain."""
     settings: dict[str, Any] = {
         "consumer": consumer_uri,
         "meters": 1,
         "period_s": 0.05,
         "count": 3,
         "status_interval_s": 60.0,
-        "ack_timeout_s": 0.05,
-        "max_retransmit": 1,
-        "drain_timeout_s": 5.0,
+        "ack_timeout_s": PATIENT_ACK_TIMEOUT_S,
+        "max_retransmit": PATIENT_MAX_RETRANSMIT,
+        "drain_timeout_s": 20.0,
     }
     settings.update(overrides)
     return PublisherConfig(**settings)

@@ -1,6 +1,7 @@
 """End-to-end tests of the ``smartgas-publisher`` command, run as a real subprocess against a real peer."""
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -86,7 +87,7 @@ async def test_unreachable_consumer_exits_1_reporting_unsent(free_udp_port: int)
         "--period",
         "0.05",
         "--drain-timeout",
-        "0.3",
+        "2",
     )
     assert code == 1
     assert "could not deliver seq=0" in err
@@ -130,3 +131,30 @@ async def test_unknown_fault_exits_2_naming_it() -> None:
     code, err = await run_publisher("--fleet", str(FLEET_FILE), "--inject", "meltdown:bottle-0001")
     assert code == 2
     assert "unknown fault 'meltdown'" in err
+
+
+async def test_help_prints_usage_and_exits_0() -> None:
+    # Through the real console script, as a user types it.
+    code, out, err = await run_help(console_script())
+    assert (code, err) == (0, "")
+    assert out.startswith("usage: smartgas-publisher")
+    assert "--fleet" in out and "SMARTGAS_PUBLISHER_FLEET" in out
+
+
+async def test_help_shows_a_percent_sign_in_a_help_text_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    # argparse %-formats help texts; an unescaped % once crashed the consumer's --help.
+    from smartgas_publisher import config
+
+    option = dataclasses.replace(config.OPTIONS[1], help="a share, 50 % of it (default 1)")
+    monkeypatch.setattr(config, "OPTIONS", (config.OPTIONS[0], option, *config.OPTIONS[2:]))
+    assert "a share, 50 % of it" in config.build_parser().format_help()
+
+
+async def run_help(script: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        script, "--help", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

@@ -19,9 +19,9 @@ def test_defaults() -> None:
     assert config == PublisherConfig()
     assert config.consumer == "coap://127.0.0.1:5683"
     assert (config.meters, config.period_s, config.count, config.seed) == (1, 10.0, None, 0)
-    assert (config.buffer, config.status_interval_s, config.id_prefix) == (8640, 10.0, "bottle")
+    assert (config.buffer, config.status_interval_s, config.id_prefix) == (8640, 10.0, "sim")
     assert config.drain_budget_s == 30.0
-    assert config.meter_ids() == ["bottle-0001"]
+    assert config.meter_ids() == ["sim-0001"]
 
 
 def test_flags() -> None:
@@ -140,7 +140,7 @@ def test_consumer_uri_is_normalised(given: str, normal: str) -> None:
         ("--inject", "leak", "KIND:METER_ID"),
         ("--inject", "overheat:bottle-0001", "unknown fault 'overheat'"),
         ("--inject", "leak:bottle/1", "'bottle/1' is not a meter id"),
-        ("--inject", "leak:bottle-0002", "meter 'bottle-0002' is not simulated (--meters 1)"),
+        ("--inject", "leak:sim-0002", "meter 'sim-0002' is not simulated (--meters 1)"),
     ],
 )
 def test_bad_flag_is_refused_naming_it(flag: str, value: str, words: str) -> None:
@@ -218,6 +218,14 @@ def test_fleet_file_names_the_meters() -> None:
     assert config.fault("bottle-0003") is NO_FAULT
 
 
+def test_default_anonymous_meters_never_take_a_fleet_file_id() -> None:
+    # Beside `make run`, anonymous meters named like the fleet's once raised false alerts on real meters.
+    fleet_ids = set(load_config(["--fleet", str(FLEET_FILE)], environ={}).meter_ids())
+    anonymous_ids = load_config(["--meters", "9999"], environ={}).meter_ids()
+    assert anonymous_ids[0] == "sim-0001"
+    assert fleet_ids.isdisjoint(anonymous_ids)
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "words"),
     [
@@ -261,8 +269,8 @@ def test_injection_into_an_unknown_meter_or_twice_into_one_is_refused() -> None:
         load_config([*fleet, "--inject", "leak:bottle-0051"], environ={})
     with pytest.raises(ConfigError, match="one fault per meter, and 'bottle-0001' already has one"):
         load_config([*fleet, "--inject", "leak:bottle-0001,offline:bottle-0001"], environ={})
-    anonymous = load_config(["--meters", "3", "--inject", "over-pressure:bottle-0003"], environ={})
-    assert anonymous.fault("bottle-0003") is FAULT_BY_KIND["over-pressure"]
+    anonymous = load_config(["--meters", "3", "--inject", "over-pressure:sim-0003"], environ={})
+    assert anonymous.fault("sim-0003") is FAULT_BY_KIND["over-pressure"]
 
 
 def test_cli_exits_2_naming_a_bad_injection(capsys: pytest.CaptureFixture[str]) -> None:

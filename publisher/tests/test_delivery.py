@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 from aiocoap.numbers.codes import Code
 
-from conftest import FakeConsumer, assert_every_reading_accounted_for, bounded, eventually, fast_config
+from conftest import (
+    SILENT_PEER_TIMING,
+    FakeConsumer,
+    assert_every_reading_accounted_for,
+    bounded,
+    eventually,
+    fast_config,
+)
 from smartgas_publisher.fleet import Fleet
 from smartgas_publisher.meter import response_deadline_s, transport_tuning
 
@@ -26,7 +33,7 @@ async def test_acknowledged_readings_arrive_as_the_wire_format_says(
     assert_every_reading_accounted_for(stats)
     assert (stats.produced, stats.sent, stats.acked, stats.buffered) == (4, 4, 4, 0)
     assert stats.all_acknowledged
-    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1, 2, 3]
+    assert consumer.acknowledged_seqs("sim-0001") == [0, 1, 2, 3]
     for received in consumer.received:
         assert received.content_format == 50
         reading_validator.validate(received.body)
@@ -43,7 +50,7 @@ async def test_wrong_endpoint_4xx_is_retried_not_dropped(consumer: FakeConsumer)
     stats = await bounded(Fleet(fast_config(consumer.uri, count=2)).run())
     assert_every_reading_accounted_for(stats)
     assert (stats.acked, stats.failed, stats.retried) == (2, 0, 3)
-    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1]
+    assert consumer.acknowledged_seqs("sim-0001") == [0, 1]
 
 
 async def test_4xx_counts_as_failed_and_is_not_retried(
@@ -69,7 +76,7 @@ async def test_4xx_counts_as_failed_and_is_not_retried(
 
 
 async def test_5xx_is_retried_with_the_same_seq(consumer: FakeConsumer) -> None:
-    unavailable_left = {"bottle-0001": 2}
+    unavailable_left = {"sim-0001": 2}
 
     async def unavailable_twice(meter_id: str, body: dict[str, Any]) -> tuple[Code, bytes] | None:
         if body["seq"] == 1 and unavailable_left[meter_id] > 0:
@@ -85,7 +92,7 @@ async def test_5xx_is_retried_with_the_same_seq(consumer: FakeConsumer) -> None:
     bodies = [r.body for r in consumer.received]
     assert [b["seq"] for b in bodies] == [0, 1, 1, 1, 2]
     assert bodies[1] == bodies[2] == bodies[3]  # a re-send is the same reading, not a new one
-    assert consumer.acknowledged_seqs("bottle-0001") == [0, 1, 2]
+    assert consumer.acknowledged_seqs("sim-0001") == [0, 1, 2]
 
 
 async def test_readings_buffered_while_the_consumer_is_down_arrive_later_in_order(
@@ -126,7 +133,7 @@ async def test_full_buffer_drops_the_oldest_and_counts_it(free_udp_port: int, ca
             run.cancel()
             await late.stop()
     assert (stats.produced, stats.dropped, stats.acked, stats.buffered) == (6, 3, 3, 0)
-    assert late.acknowledged_seqs("bottle-0001") == [3, 4, 5]
+    assert late.acknowledged_seqs("sim-0001") == [3, 4, 5]
     drops = [r.getMessage() for r in caplog.records if "dropped the oldest" in r.getMessage()]
     assert [d.split("seq=")[1].split()[0] for d in drops] == ["0", "1", "2"]
     assert not stats.all_acknowledged
@@ -137,7 +144,7 @@ async def test_silent_consumer_counts_retries_and_reports_unsent() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         port = silent.getsockname()[1]
-        config = fast_config(f"coap://127.0.0.1:{port}", count=2, drain_timeout_s=0.5)
+        config = fast_config(f"coap://127.0.0.1:{port}", count=2, drain_timeout_s=2.0, **SILENT_PEER_TIMING)
         stats = await bounded(Fleet(config).run())
         assert_every_reading_accounted_for(stats)
         silent.setblocking(False)
@@ -164,9 +171,9 @@ async def test_a_response_that_never_comes_is_bounded_by_the_deadline(consumer: 
         return None
 
     consumer.responder = hang
-    config = fast_config(consumer.uri, count=1, ack_timeout_s=0.05, max_retransmit=2, drain_timeout_s=1.3)
+    config = fast_config(consumer.uri, count=1, ack_timeout_s=0.05, max_retransmit=2, drain_timeout_s=2.5)
     deadline_s = response_deadline_s(transport_tuning(0.05, 2))
-    assert deadline_s < 1.3 / 2
+    assert deadline_s < 2.5 / 2
     try:
         stats = await bounded(Fleet(config).run())
         assert_every_reading_accounted_for(stats)

@@ -91,7 +91,7 @@ async def test_libcoap_not_found_keeps_readings_for_retry(libcoap_server: Libcoa
     # so nothing is thrown away; the readings wait for a corrected --consumer.
     port, processes = libcoap_server
     processes.append(await start_libcoap(port))
-    config = fast_config(f"coap://127.0.0.1:{port}", count=2, drain_timeout_s=0.5)
+    config = fast_config(f"coap://127.0.0.1:{port}", count=2, drain_timeout_s=2.0)
     stats = await bounded(Fleet(config).run())
     assert (stats.produced, stats.failed, stats.acked, stats.buffered) == (2, 0, 0, 2)
     assert stats.retried >= 2

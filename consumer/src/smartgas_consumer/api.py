@@ -278,7 +278,7 @@ def build_app(
     api_keys: ApiKeys,
     *,
     alerts: AlertsView | None = None,
-    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    metrics: Callable[[str | None], tuple[bytes, str]] | None = None,
     dashboard: APIRouter | None = None,
     store_fault: Callable[[], Awaitable[str | None]] | None = None,
 ) -> FastAPI:
@@ -412,8 +412,9 @@ def build_app(
         render = metrics
 
         @app.get("/metrics", include_in_schema=False)
-        async def prometheus_metrics() -> Response:
-            body, content_type = render()
+        async def prometheus_metrics(request: Request) -> Response:
+            # The scraper's Accept header chooses the format (Prometheus asks for OpenMetrics).
+            body, content_type = render(request.headers.get("accept"))
             return Response(content=body, media_type=content_type)
 
     if dashboard is not None:

@@ -26,7 +26,7 @@ from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.fleet import FleetFileError
 from smartgas_consumer.server import Consumer, StartupError, describe_lag
-from smartgas_consumer.store import ReadingStore, StoreLock, StoreUnusable
+from smartgas_consumer.store import NotAStoreError, ReadingStore, StoreLock, StoreUnusable, check_existing_store
 
 _LOG = logging.getLogger("smartgas_consumer")
 
@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="receive readings over CoAP and store them")
     config_module.add_arguments(serve)
-    status = commands.add_parser("status", help="print what a store holds and the shipping lag, as JSON")
+    status = commands.add_parser(
+        "status", help="print what an existing store holds (and the shipping lag, with Elasticsearch), as JSON"
+    )
     config_module.add_arguments(status)
     setup = commands.add_parser(
         "setup", help="make Elasticsearch and Kibana ready (templates, kibana_system password, dashboard)"
@@ -101,22 +103,42 @@ def configure_logging(level: str) -> None:
 async def serve(config: ConsumerConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def request_stop(signum: signal.Signals) -> None:
+        # Logged, so that an operator (and the tests of `make run`) can see each stop request arrive once.
+        if stop.is_set():
+            _LOG.info("%s received again: already stopping", signum.name)
+        else:
+            _LOG.info("%s received: stopping (closing the socket, committing what is held)", signum.name)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, request_stop, signum)
     await Consumer(config).serve_until(stop)
     return 0
 
 
+#: What ``status`` says instead of a shipping lag when no Elasticsearch is configured.
+NOT_SHIPPING = "not shipping: no Elasticsearch URL set (--elasticsearch-url), so nothing is pending"
+
+
 async def status(config: ConsumerConfig) -> int:
-    if not config.db.exists():
-        raise StartupError(f"--db {config.db}: no such store; give the path of an existing store")
+    """Print what the store at ``config.db`` holds; the shipping lag only when readings are being shipped."""
+    holder = StoreLock(config.db).holder()
+    try:
+        check_existing_store(config.db)
+    except NotAStoreError as err:
+        if holder is None:
+            print(f"smartgas-consumer: --db {err}; give the store the consumer writes (serve --db)", file=sys.stderr)
+            return 2
     # The shared WAL index: readable beside a consumer that runs with --store-shared-memory true.
     store = ReadingStore(config.db, shared_memory=True)
     try:
         await store.open()
     except StoreUnusable as err:
         await store.close()
-        holder = StoreLock(config.db).holder()
+        if holder is None:
+            holder = StoreLock(config.db).holder()
         if holder is None:
             raise
         # The serving consumer keeps the WAL index in its own memory (no -shm, no SIGBUS): it alone reads.
@@ -129,10 +151,14 @@ async def status(config: ConsumerConfig) -> int:
         letters = await store.dead_letters(limit=20)
     finally:
         await store.close()
+    counts = dataclasses.asdict(summary)
+    if config.elasticsearch_url is None:
+        # Readings wait for a sink only when there is one: without it the store is the end of the line.
+        del counts["pending"], counts["oldest_pending_received_at"]
     report = {
         "db": str(config.db),
-        **dataclasses.asdict(summary),
-        "shipping_lag": describe_lag(summary, datetime.now(UTC)),
+        **counts,
+        "shipping_lag": describe_lag(summary, datetime.now(UTC)) if config.elasticsearch_url else NOT_SHIPPING,
         "dead_letter_examples": [dataclasses.asdict(letter) for letter in letters],
     }
     print(json.dumps(report, indent=2))

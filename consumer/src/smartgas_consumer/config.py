@@ -411,8 +411,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=setting.field,
             default=None,
             metavar=setting.field.split("_")[0].upper(),
-            help=f"{setting.help} [env {setting.env}, default {getattr(defaults, setting.field)}]",
+            help=argparse_text(f"{setting.help} [env {setting.env}, default {getattr(defaults, setting.field)}]"),
         )
+
+
+def argparse_text(text: str) -> str:
+    """``text`` as argparse help: argparse %-formats help strings, so a literal ``%`` must be doubled."""
+    return text.replace("%", "%%")
 
 
 def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> ConsumerConfig:

@@ -725,3 +725,31 @@ def _dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter
         (limit,),
     ).fetchall()
     return [DeadLetter(**dict(row)) for row in rows]
+
+
+class NotAStoreError(Exception):
+    """A path given as an existing store is missing or holds something else; the message names the path."""
+
+
+#: The tables every SmartGas store has; a file without them is someone else's (or empty).
+_STORE_TABLES = frozenset({"readings", "meters", "dead_letters"})
+
+
+def check_existing_store(path: Path) -> None:
+    """Refuse ``path`` unless it is a SmartGas store, without creating or changing anything there.
+
+    For commands that only read a store (``status``): a typo in ``--db`` must not leave a new empty store
+    behind and report it as if it were the consumer's.
+    """
+    if not path.is_file():
+        raise NotAStoreError(f"{path}: no SmartGas store there (no such file)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise NotAStoreError(f"{path}: not a SmartGas store ({err})") from err
+    if version < 1 or not _STORE_TABLES <= tables:
+        raise NotAStoreError(f"{path}: not a SmartGas store (no SmartGas tables in it)")
+    if version > SCHEMA_VERSION:
+        raise NotAStoreError(f"{path} has schema version {version}, newer than this consumer's {SCHEMA_VERSION}")

@@ -50,7 +50,8 @@ class PublisherConfig:
     seed: int = 0
     buffer: int = 8640
     status_interval_s: float = 10.0
-    id_prefix: str = "bottle"
+    #: Not the fleet file's "bottle": anonymous meters must never pass for (and alert on) real fleet meters.
+    id_prefix: str = "sim"
     log_level: str = "INFO"
     ack_timeout_s: float = 2.0
     max_retransmit: int = 4
@@ -357,7 +358,7 @@ OPTIONS: tuple[Option, ...] = (
         flag="--id-prefix",
         env="ID_PREFIX",
         metavar="PREFIX",
-        help="meter ids are PREFIX-0001, PREFIX-0002, ... (default bottle)",
+        help="meter ids are PREFIX-0001, PREFIX-0002, ... (default sim)",
         convert=_to_text,
         check=_valid_id_prefix,
     ),
@@ -441,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=option.metavar,
             default=None,
             action="append" if option.repeatable else "store",
-            help=f"{option.help} [env {option.env_var}]",
+            # argparse %-formats help strings: a literal % in a help text must reach it doubled.
+            help=f"{option.help} [env {option.env_var}]".replace("%", "%%"),
         )
     return parser
 

@@ -1,0 +1,199 @@
+"""``make run`` as the README says to run it, for real: the consumer and the publisher on free ports.
+
+Each test starts make in a session of its own (as a terminal would run it), waits until the dashboard
+answers and readings are stored, then sends one stop signal to make's whole process group, as Ctrl-C
+(SIGINT) or ``kill -TERM -PGID`` does, and checks that each service was asked to stop exactly once,
+stopped cleanly, and that every reading the publisher saw acknowledged is in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MAKE = shutil.which("make")
+#: Bounds of each phase, for a loaded two-core machine (the run itself needs a few seconds).
+START_BOUND_S = 120
+STOP_BOUND_S = 60
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(MAKE is None, reason="make is not installed"),
+    pytest.mark.skipif(
+        not (REPO / ".venv" / "bin" / "smartgas-consumer").exists(),
+        reason="no .venv in the repository (make venv): make run uses it",
+    ),
+]
+
+
+def free_port(kind: socket.SocketKind) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def make_run(run_dir: Path, coap_port: int, http_port: int) -> subprocess.Popen[str]:
+    """``make run`` with the README's documented variables, in a new session (its own process group)."""
+    assert MAKE is not None
+    # No settings of the user's shell, no display to open a browser on, and none of a make running this suite.
+    ignored = ("SMARTGAS_", "DISPLAY", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(ignored)}
+    return subprocess.Popen(
+        [
+            MAKE,
+            "--no-print-directory",
+            # The test runs inside the .venv that `make test` built: never reinstall it from here.
+            "-o",
+            ".venv/.installed",
+            "run",
+            f"RUN_PORT={coap_port}",
+            f"RUN_HTTP_PORT={http_port}",
+            "RUN_PERIOD=1",
+            f"RUN_DIR={run_dir}",
+        ],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def service_pids(run_dir: Path, command: str = "smartgas-") -> list[int]:
+    """The services ``make run`` started for ``run_dir``: their argv names the command and the folder.
+
+    The services run in sessions of their own, so a signal to make's process group never reaches them;
+    a test that fails half-way ends them by their process ids (``stop_everything``).
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                if len(argv) > 1 and Path(argv[1]).name.startswith(command) and any(str(run_dir) in a for a in argv):
+                    found.append(int(entry.name))
+    return found
+
+
+def stop_everything(process: subprocess.Popen[str], run_dir: Path) -> None:
+    """After a failure: make's group and the services it started, so that nothing outlives the test."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    for pid in service_pids(run_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.communicate(timeout=30)
+
+
+def stored_readings(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+            count: int = connection.execute("SELECT count(*) FROM readings").fetchone()[0]
+    except sqlite3.Error:
+        return 0  # not created yet
+    return count
+
+
+def dashboard_answers(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/dashboard/", timeout=2) as response:
+            return response.status == 200 and b"<html" in response.read().lower()
+    except OSError:
+        return False
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], what: str) -> None:
+    """Wait until ``condition()`` holds, at most START_BOUND_S; the caller's ``finally`` cleans up."""
+    deadline = time.monotonic() + START_BOUND_S
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"make run ended (exit {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {START_BOUND_S} s")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_make_run_serves_the_dashboard_stores_readings_and_stops_each_service_once(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    http_port = free_port(socket.SOCK_STREAM)
+    coap_port = free_port(socket.SOCK_DGRAM)
+    db = tmp_path / "smartgas.db"
+    process = make_run(tmp_path, coap_port, http_port)
+    try:
+        wait_for(lambda: dashboard_answers(http_port), process, "dashboard")
+        # Every meter of the fleet file has sent at least once (50 meters, one reading a second).
+        wait_for(lambda: stored_readings(db) >= 60, process, "readings")
+        os.killpg(process.pid, signum)
+        output, _ = process.communicate(timeout=STOP_BOUND_S)
+    finally:
+        if process.poll() is None or service_pids(tmp_path):
+            stop_everything(process, tmp_path)
+    assert f"http://127.0.0.1:{http_port}/dashboard/#key=" in output
+    assert "Traceback" not in output
+    # The publisher was asked once, drained, and reported everything delivered.
+    assert output.count("stop requested: no more readings") == 1, output
+    assert "second stop request" not in output
+    finished = re.search(r"fleet finished: meters=50 produced=(\d+) sent=\d+ acked=(\d+) .* unsent=0", output)
+    assert finished is not None, output
+    produced, acked = int(finished[1]), int(finished[2])
+    assert acked == produced
+    # The consumer was asked once, after the publisher had finished, and stopped cleanly.
+    assert output.count("SIGINT received: stopping") == 1, output
+    assert "received again" not in output
+    assert output.index("fleet finished") < output.index("SIGINT received: stopping") < output.index("consumer stopped")
+    # Every reading acknowledged is in the store (and nothing else: the store was new).
+    assert stored_readings(db) == acked
+
+
+def test_make_run_fails_clearly_and_starts_no_publisher_when_the_consumer_cannot_start(tmp_path: Path) -> None:
+    # The HTTP port is taken by someone else: the consumer cannot start, so the publisher must not either.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = make_run(tmp_path, free_port(socket.SOCK_DGRAM), taken.getsockname()[1])
+        try:
+            output, _ = process.communicate(timeout=START_BOUND_S)
+        finally:
+            if process.poll() is None or service_pids(tmp_path):
+                stop_everything(process, tmp_path)
+    assert process.returncode != 0
+    assert "make run: the consumer stopped before it answered (its error is above)" in output
+    assert "smartgas_publisher" not in output
+
+
+def test_make_run_stops_the_publisher_when_the_consumer_dies(tmp_path: Path) -> None:
+    http_port = free_port(socket.SOCK_STREAM)
+    process = make_run(tmp_path, free_port(socket.SOCK_DGRAM), http_port)
+    try:
+        wait_for(lambda: dashboard_answers(http_port), process, "dashboard")
+        wait_for(lambda: stored_readings(tmp_path / "smartgas.db") >= 10, process, "readings")
+        (consumer,) = service_pids(tmp_path, "smartgas-consumer")
+        os.kill(consumer, signal.SIGKILL)  # a crash: nothing the consumer could answer or log
+        output, _ = process.communicate(timeout=STOP_BOUND_S)
+    finally:
+        if process.poll() is None or service_pids(tmp_path):
+            stop_everything(process, tmp_path)
+    assert process.returncode != 0
+    assert "make run: the consumer stopped (its error is above); stopping the publisher" in output
+    assert output.count("stop requested: no more readings") == 1
+    assert "fleet finished: meters=50" in output
