@@ -16,11 +16,18 @@ from typing import Any
 from aiocoap.error import ConstructionRenderableError
 
 from smartgas_consumer import physics
-from smartgas_consumer.error import StoreUnavailable
+from smartgas_consumer.error import ImplausibleReading, StoreUnavailable
 from smartgas_consumer.fleet import Fleet, FleetMeter
 from smartgas_consumer.metrics import Metrics
-from smartgas_consumer.reading import Reading, check_meter_id, decode_body, parse_reading
-from smartgas_consumer.store import CommitResult, Enrichment, ReadingStore, SequenceOutcome, StoreClosed
+from smartgas_consumer.reading import Reading, TimeWindow, check_meter_id, decode_body, parse_reading
+from smartgas_consumer.store import (
+    CommitResult,
+    Enrichment,
+    ReadingRefused,
+    ReadingStore,
+    SequenceOutcome,
+    StoreClosed,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -87,6 +94,8 @@ class ReadingIntake:
         log_readings: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
+        max_reading_age_s: float = 25 * 3600.0,
+        max_clock_skew_s: float = 300.0,
     ) -> None:
         self.store = store
         self.fleet = fleet or Fleet()
@@ -94,6 +103,8 @@ class ReadingIntake:
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self._log_readings = log_readings
         self._clock = clock
+        self._max_reading_age_s = max_reading_age_s
+        self._max_clock_skew_s = max_clock_skew_s
         # Called after each newly stored reading (sinks wake up to ship it, alerts evaluate it).
         self.on_stored: list[Callable[[StoredEvent], None]] = []
 
@@ -102,7 +113,8 @@ class ReadingIntake:
         self.counters.received += 1
         self.metrics.reading_received()
         try:
-            reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format))
+            window = TimeWindow(self._clock(), self._max_reading_age_s, self._max_clock_skew_s)
+            reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format), window)
             return await self._store(reading)
         except ConstructionRenderableError as err:
             reason = rejection_reason(err)
@@ -120,10 +132,14 @@ class ReadingIntake:
 
     async def _store(self, reading: Reading) -> Accepted:
         moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)
+        if not physics.plausible_moles(moles):  # the bounds on its inputs keep it so; this keeps it honest
+            raise ImplausibleReading(f"moles: {moles!r} computed from this reading is beyond {physics.MAX_MOLES:g}")
         enrichment, meter = self.enrich(reading, moles)
         received_at = self._clock()
         try:
             result = await self.store.add(reading, moles, received_at, enrichment)
+        except ReadingRefused as err:
+            raise ImplausibleReading(str(err)) from err
         except StoreClosed as err:
             raise StoreUnavailable(f"reading not stored, retry later: {err}") from err
         self.metrics.reading_stored(result)

@@ -3,25 +3,83 @@
 ``/meters/{meter_id}/reading`` takes PUT (a new reading) and GET (the latest stored one); ``/meters``
 lists the known meters in link format. Errors are raised as the domain errors of ``error.py``, whose
 CoAP code and diagnostic text aiocoap sends as the response.
+
+Block-wise uploads (RFC 7959 Block1) are reassembled by aiocoap; the body limit is enforced on the first
+block that passes it, through aiocoap's ``needs_blockwise_assembly`` hook (called for every block before
+it is spooled): a Size1 option announcing more than the limit, or a block ending beyond it, is answered
+4.13 at once, so no peer makes the consumer hold more than the limit per upload.
+
+Refusals are logged per peer at INFO, at most one line per ``RefusalLog.interval_s`` per peer (with a
+count of the lines left out), so a flood of bad datagrams cannot flood the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
 from aiocoap import Message, error
+from aiocoap.blockwise import Block1Spool, IncompleteException
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import PathCapable, Resource
 from aiocoap.util.linkformat import Link, LinkFormat
 
-from smartgas_consumer.error import MeterNotFound
+from smartgas_consumer.error import MeterNotFound, PayloadTooLarge
 from smartgas_consumer.intake import ReadingIntake
-from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, check_meter_id
+from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, MAX_PAYLOAD_BYTES, check_meter_id
 
 READING_RESOURCE_TYPE = "smartgas.reading"
+_LOG = logging.getLogger(__name__)
+
+
+class RefusalLog:
+    """Logs refused requests, at most one line per peer per ``interval_s``; remembers at most ``max_peers``."""
+
+    def __init__(
+        self, interval_s: float = 10.0, max_peers: int = 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self.max_peers = max_peers
+        self._clock = clock
+        # peer → (when its last line was logged, refusals left out since)
+        self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def refused(self, peer: str, meter_id: str, err: error.ConstructionRenderableError) -> bool:
+        """Log one refusal unless this peer had a line within the interval; return whether it was logged."""
+        now = self._clock()
+        last, left_out = self._peers.get(peer, (float("-inf"), 0))
+        if now - last < self.interval_s:
+            self._peers[peer] = (last, left_out + 1)
+            return False
+        self._peers[peer] = (now, 0)
+        self._peers.move_to_end(peer)
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+        _LOG.info(
+            "refused %s from %s for meter %r: %s%s",
+            err.code,
+            peer,
+            meter_id[:80],
+            err.message[:200],
+            f" ({left_out} more refusal(s) from this peer not logged)" if left_out else "",
+        )
+        return True
+
+
+class _GuardedBlock1Spool(Block1Spool):
+    """aiocoap's Block1 spool, with a block that leaves a gap answered 4.08 (aiocoap raises a bare
+    ValueError there, which would be a 5.00 and a traceback at ERROR)."""
+
+    def feed_and_take(self, req: Message) -> Message:
+        try:
+            return super().feed_and_take(req)
+        except ValueError:
+            raise IncompleteException() from None
 
 
 def encode(document: dict[str, Any], content_format: int) -> Message:
@@ -34,9 +92,30 @@ def encode(document: dict[str, Any], content_format: int) -> Message:
 class MeterReading(Resource, PathCapable):
     """``/meters/{meter_id}/reading``: PUT stores a reading, GET returns the latest one."""
 
-    def __init__(self, intake: ReadingIntake) -> None:
+    def __init__(self, intake: ReadingIntake, refusals: RefusalLog | None = None) -> None:
         super().__init__()
         self._intake = intake
+        self._refusals = refusals if refusals is not None else RefusalLog()
+        # aiocoap's Resource keeps its Block1 spool here (interfaces.Resource.__init__).
+        self._block1 = _GuardedBlock1Spool()
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        """aiocoap asks this for every block before spooling it: refuse an upload once it passes the limit."""
+        block1 = request.opt.block1
+        if block1 is not None:
+            announced = request.opt.size1
+            if announced is not None and announced > MAX_PAYLOAD_BYTES:
+                raise PayloadTooLarge(
+                    f"body announced as {announced} bytes (Size1); the limit is {MAX_PAYLOAD_BYTES}", MAX_PAYLOAD_BYTES
+                )
+            received = block1.start + len(request.payload)
+            if received > MAX_PAYLOAD_BYTES:
+                raise PayloadTooLarge(
+                    f"body passes {MAX_PAYLOAD_BYTES} bytes at block {block1.block_number}; the limit is"
+                    f" {MAX_PAYLOAD_BYTES}",
+                    MAX_PAYLOAD_BYTES,
+                )
+        return True
 
     def get_resources_as_linkheader(self) -> LinkFormat:
         # The per-meter resources are listed by GET /meters; .well-known/core names the collection.
@@ -57,9 +136,14 @@ class MeterReading(Resource, PathCapable):
 
     async def _put(self, meter_id: str, request: Message, started: float) -> Message:
         content_format = request.opt.content_format
-        accepted = await self._intake.accept(
-            meter_id, request.payload, None if content_format is None else int(content_format)
-        )
+        try:
+            accepted = await self._intake.accept(
+                meter_id, request.payload, None if content_format is None else int(content_format)
+            )
+        except error.ConstructionRenderableError as err:
+            if err.code.class_ == 4:  # the peer's fault; 5.03 is ours and logged where it happens
+                self._refusals.refused(_peer(request), meter_id, err)
+            raise
         response = encode(accepted.as_dict(), int(content_format or CONTENT_FORMAT_JSON))
         response.code = Code.CHANGED
         self._intake.metrics.ack_latency(time.perf_counter() - started)
@@ -73,6 +157,13 @@ class MeterReading(Resource, PathCapable):
         response = encode(latest.as_dict(), int(accept) if accept is not None else CONTENT_FORMAT_JSON)
         response.code = Code.CONTENT
         return response
+
+
+def _peer(request: Message) -> str:
+    try:
+        return str(request.remote.hostinfo)
+    except Exception:  # a remote without host information (never for UDP): log it as unknown
+        return "unknown peer"
 
 
 class MeterList(Resource):

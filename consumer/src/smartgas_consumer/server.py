@@ -23,6 +23,7 @@ from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
+from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_error_handler
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource
 from smartgas_consumer.fleet import Fleet, load_fleet
@@ -85,7 +86,12 @@ class Consumer:
             on_commit=self.metrics.commit,
         )
         self.intake = ReadingIntake(
-            self.store, fleet=self.fleet, log_readings=config.log_readings, metrics=self.metrics
+            self.store,
+            fleet=self.fleet,
+            log_readings=config.log_readings,
+            metrics=self.metrics,
+            max_reading_age_s=config.max_reading_age_s,
+            max_clock_skew_s=config.max_clock_skew_s,
         )
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
         self.intake.on_stored.append(self.alerts.on_stored)
@@ -113,6 +119,9 @@ class Consumer:
             config.http_port,
         )
         self._context: aiocoap.Context | None = None
+        # What peers can make aiocoap log, bounded (edgelog.py); installed while the socket is open.
+        self._coap_log = logging.getLogger(COAP_LOGGER)
+        self._noise_filter = PeerNoiseFilter()
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
 
@@ -155,12 +164,14 @@ class Consumer:
         await self.alerts.start()
         if self.webhooks is not None:
             await self.webhooks.start()
+        self._coap_log.addFilter(self._noise_filter)
+        asyncio.get_running_loop().set_exception_handler(datagram_error_handler(self._coap_log))
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
         self._context = await aiocoap.Context.create_server_context(
             build_site(self.intake),
             bind=(self.config.coap_host, self.config.coap_port),
             transports=["udp6"],
-            loggername="smartgas_consumer.coap",
+            loggername=COAP_LOGGER,
         )
         sock = udp_socket(self._context)
         self._raise_receive_buffer(sock)
@@ -241,6 +252,8 @@ class Consumer:
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
+            asyncio.get_running_loop().set_exception_handler(None)
+        self._coap_log.removeFilter(self._noise_filter)
         await self.alerts.stop()  # judges what is still queued
         if self.webhooks is not None:
             await self.webhooks.stop()
