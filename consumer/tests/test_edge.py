@@ -222,8 +222,8 @@ async def test_a_store_with_a_year_999_reading_starts_repairs_and_serves(config:
     finally:
         await old.stop()
     with sqlite3.connect(config.db) as connection:  # what strftime("%Y") wrote on glibc
-        connection.execute("UPDATE readings SET ts = substr(ts, 2) WHERE meter_id = 'm-999'")
-        connection.execute("UPDATE meters SET last_ts = substr(last_ts, 2) WHERE meter_id = 'm-999'")
+        connection.execute("UPDATE readings SET ts = replace(ts, '0999-', '999-') WHERE meter_id = 'm-999'")
+        connection.execute("UPDATE meters SET last_ts = replace(last_ts, '0999-', '999-') WHERE meter_id = 'm-999'")
         connection.execute("PRAGMA user_version = 1")
         assert connection.execute("SELECT ts FROM readings LIMIT 1").fetchone()[0].startswith("999-06-01T")
     restarted = Consumer(config)
