@@ -38,28 +38,41 @@ _LOG = logging.getLogger(__name__)
 
 
 class RefusalLog:
-    """Logs refused requests, at most one line per peer per ``interval_s``; remembers at most ``max_peers``."""
+    """Logs refused requests: at most one line per peer host per ``interval_s``, and at most ``max_lines``
+    lines in all per interval (source ports and, over UDP, source addresses cost an attacker nothing).
+    Remembers at most ``max_peers`` hosts."""
 
     def __init__(
-        self, interval_s: float = 10.0, max_peers: int = 1024, clock: Callable[[], float] = time.monotonic
+        self,
+        interval_s: float = 10.0,
+        max_lines: int = 20,
+        max_peers: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval_s = interval_s
+        self.max_lines = max_lines
         self.max_peers = max_peers
         self._clock = clock
-        # peer → (when its last line was logged, refusals left out since)
+        # host → (when its last line was logged, refusals left out since)
         self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._window_started = float("-inf")
+        self._window_lines = 0
 
     def refused(self, peer: str, meter_id: str, err: error.ConstructionRenderableError) -> bool:
-        """Log one refusal unless this peer had a line within the interval; return whether it was logged."""
+        """Log one refusal unless this host had a line within the interval; return whether it was logged."""
         now = self._clock()
         last, left_out = self._peers.get(peer, (float("-inf"), 0))
-        if now - last < self.interval_s:
+        if now - self._window_started >= self.interval_s:
+            self._window_started, self._window_lines = now, 0
+        if now - last < self.interval_s or self._window_lines >= self.max_lines:
             self._peers[peer] = (last, left_out + 1)
+            self._peers.move_to_end(peer)
+            self._forget_oldest()
             return False
         self._peers[peer] = (now, 0)
         self._peers.move_to_end(peer)
-        while len(self._peers) > self.max_peers:
-            self._peers.popitem(last=False)
+        self._forget_oldest()
+        self._window_lines += 1
         _LOG.info(
             "refused %s from %s for meter %r: %s%s",
             err.code,
@@ -69,6 +82,14 @@ class RefusalLog:
             f" ({left_out} more refusal(s) from this peer not logged)" if left_out else "",
         )
         return True
+
+    @property
+    def hosts_remembered(self) -> int:
+        return len(self._peers)
+
+    def _forget_oldest(self) -> None:
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
 
 
 class _GuardedBlock1Spool(Block1Spool):
@@ -160,8 +181,10 @@ class MeterReading(Resource, PathCapable):
 
 
 def _peer(request: Message) -> str:
+    """The peer's host, without its port (a new source port must not buy a new log line)."""
     try:
-        return str(request.remote.hostinfo)
+        host, _, port = str(request.remote.hostinfo).rpartition(":")
+        return host if port.isdigit() else str(request.remote.hostinfo)
     except Exception:  # a remote without host information (never for UDP): log it as unknown
         return "unknown peer"
 

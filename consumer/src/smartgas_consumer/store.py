@@ -13,12 +13,11 @@ Tables (schema version in ``PRAGMA user_version``):
   order, the cursor that sinks ship from.
 - ``meters``: the meter registry; a meter is created on first sight, with first/last seen, its epoch,
   last seq and meter timestamp, and counts of gaps, replays and reboots.
+- ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
 
 Threads: one thread owns the writing connection (every commit, in order); a second thread owns a read-only
 connection for queries (the API, statistics, status). In WAL mode a reader never blocks the writer, so a
 long statistics query cannot hold back acknowledgements.
-
-- ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
 
 Sequence rule (per meter, applied inside the commit so concurrent readings see each other):
 
