@@ -286,6 +286,7 @@ async def test_block1_size1_beyond_the_limit_is_refused_at_the_first_block(
     response = await send_block(coap, first)
     assert response.code == Code.REQUEST_ENTITY_TOO_LARGE  # before: 2.31 Continue, and the spool grew
     assert response.opt.size1 == MAX_PAYLOAD_BYTES and b"Size1" in response.payload
+    assert running.intake.counters.rejected["payload_too_large"] == 1  # counted like any refused reading
 
 
 async def test_block1_running_total_beyond_the_limit_is_refused_at_that_block(
@@ -295,6 +296,12 @@ async def test_block1_running_total_beyond_the_limit_is_refused_at_that_block(
     assert (await send_block(coap, block(0, True, b" " * 1024, uri))).code == Code.CONTINUE
     response = await send_block(coap, block(1, True, b" " * 1024, uri))
     assert response.code == Code.REQUEST_ENTITY_TOO_LARGE and b"at block 1" in response.payload
+
+
+async def test_block1_limit_holds_for_any_method(running: Consumer, coap: aiocoap.Context) -> None:
+    message = block(0, True, b" " * 1024, reading_uri(running), size1=10**6)
+    message.code = Code.POST
+    assert (await send_block(coap, message)).code == Code.REQUEST_ENTITY_TOO_LARGE
 
 
 async def test_a_block1_gap_is_4_08_not_5_00(

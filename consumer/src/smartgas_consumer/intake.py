@@ -117,11 +117,21 @@ class ReadingIntake:
             reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format), window)
             return await self._store(reading)
         except ConstructionRenderableError as err:
-            reason = rejection_reason(err)
-            self.counters.rejected[reason] += 1
-            self.metrics.reading_rejected(reason)
-            _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
+            self._count_refusal(meter_id, err)
             raise
+
+    def refused_early(self, meter_id: str, err: ConstructionRenderableError) -> None:
+        """Count a reading the CoAP edge refused before it reached ``accept`` (a Block1 upload over the
+        limit), so that received = stored + duplicates + rejected still holds."""
+        self.counters.received += 1
+        self.metrics.reading_received()
+        self._count_refusal(meter_id, err)
+
+    def _count_refusal(self, meter_id: str, err: ConstructionRenderableError) -> None:
+        reason = rejection_reason(err)
+        self.counters.rejected[reason] += 1
+        self.metrics.reading_rejected(reason)
+        _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
 
     def enrich(self, reading: Reading, moles: float) -> tuple[Enrichment, FleetMeter | None]:
         """Client, site and fill % from the fleet file; an unknown meter gets none of them."""

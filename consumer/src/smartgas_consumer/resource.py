@@ -123,19 +123,24 @@ class MeterReading(Resource, PathCapable):
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         """aiocoap asks this for every block before spooling it: refuse an upload once it passes the limit."""
         block1 = request.opt.block1
-        if block1 is not None:
-            announced = request.opt.size1
-            if announced is not None and announced > MAX_PAYLOAD_BYTES:
-                raise PayloadTooLarge(
-                    f"body announced as {announced} bytes (Size1); the limit is {MAX_PAYLOAD_BYTES}", MAX_PAYLOAD_BYTES
-                )
-            received = block1.start + len(request.payload)
-            if received > MAX_PAYLOAD_BYTES:
-                raise PayloadTooLarge(
-                    f"body passes {MAX_PAYLOAD_BYTES} bytes at block {block1.block_number}; the limit is"
-                    f" {MAX_PAYLOAD_BYTES}",
-                    MAX_PAYLOAD_BYTES,
-                )
+        if block1 is None:  # any method: aiocoap would spool a POST's blocks as readily as a PUT's
+            return True
+        announced = request.opt.size1
+        received = block1.start + len(request.payload)
+        refusal = None
+        if announced is not None and announced > MAX_PAYLOAD_BYTES:
+            refusal = f"body announced as {announced} bytes (Size1); the limit is {MAX_PAYLOAD_BYTES}"
+        elif received > MAX_PAYLOAD_BYTES:
+            refusal = (
+                f"body passes {MAX_PAYLOAD_BYTES} bytes at block {block1.block_number};"
+                f" the limit is {MAX_PAYLOAD_BYTES}"
+            )
+        if refusal is not None:
+            err = PayloadTooLarge(refusal, MAX_PAYLOAD_BYTES)
+            meter_id = request.opt.uri_path[0] if request.opt.uri_path else ""
+            self._intake.refused_early(meter_id, err)
+            self._refusals.refused(_peer(request), meter_id, err)
+            raise err
         return True
 
     def get_resources_as_linkheader(self) -> LinkFormat:
