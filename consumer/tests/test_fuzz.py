@@ -408,7 +408,12 @@ def test_hostile_datagrams_never_stop_poison_or_silence_the_consumer(target: Tar
         assert target.server_errors == [], target.server_errors
 
     batches()
-    print(f"fuzz: {target.datagrams} datagrams, {target.probes} probes, {target.probe_sends} probe re-sends")
+    rss_mb = rss_bytes(target.process.pid) / 2**20
+    baseline_mb = (target.rss_baseline or 0) / 2**20
+    print(
+        f"fuzz: {target.datagrams} datagrams, {target.probes} probes, {target.probe_sends} probe re-sends,"
+        f" RSS {baseline_mb:.0f} MB after the first batch, {rss_mb:.0f} MB at the end"
+    )
     assert target.datagrams >= FUZZ_BATCHES * BATCH_SIZE
     time.sleep(0.5)
     target.read_answers()
