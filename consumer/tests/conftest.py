@@ -18,6 +18,9 @@ from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.server import Consumer
 
 WIRE_DIR = Path(__file__).resolve().parents[2] / "docs" / "wire-format"
+#: The wire examples are dated 2026-11-23; consumers under test believe readings that old, so the examples
+#: stay valid as time passes. The time window itself is tested with its own settings (test_edge.py).
+EXAMPLES_MAX_AGE_S = 20 * 365 * 86400.0
 
 
 def wire_example(name: str) -> Any:
@@ -33,7 +36,12 @@ def reading_schema() -> dict[str, Any]:
 def consumer_config(tmp_path: Path) -> ConsumerConfig:
     # Port 0: the kernel picks a free port, so parallel runs never collide (and never touch 5683).
     return ConsumerConfig(
-        coap_host="127.0.0.1", coap_port=0, http_port=0, db=tmp_path / "store.db", status_interval_s=3600
+        coap_host="127.0.0.1",
+        coap_port=0,
+        http_port=0,
+        db=tmp_path / "store.db",
+        status_interval_s=3600,
+        max_reading_age_s=EXAMPLES_MAX_AGE_S,
     )
 
 

@@ -41,7 +41,8 @@ async def test_an_over_pressure_reading_reaches_the_webhook_opened_then_resolved
     # The assembly server.py does: one store holding the alert and outbox tables, the engine listening to
     # the intake, the dispatcher recording inside the engine's transactions.
     store = ReadingStore(config.db, extra_schema=[ALERT_SCHEMA, WEBHOOK_SCHEMA])
-    intake = ReadingIntake(store, fleet=fleet)
+    # The readings are of T0; the intake's clock says so too (it refuses readings a day older than its clock).
+    intake = ReadingIntake(store, fleet=fleet, clock=lambda: T0 + timedelta(seconds=30))
     engine = AlertEngine(store, config, fleet=fleet)
     webhooks = WebhookDispatcher(store, config.webhook_urls, backoff=Backoff(base_s=0.01, cap_s=0.1), poll_s=0.05)
     engine.recorders.append(webhooks.record)

@@ -17,7 +17,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import reading_uri, wire_example
+from conftest import EXAMPLES_MAX_AGE_S, reading_uri, wire_example
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.server import Consumer
 
@@ -27,7 +27,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Consumer]:
     config = ConsumerConfig(
-        coap_host="127.0.0.1", coap_port=0, http_port=0, db=tmp_path / "store.db", status_interval_s=3600
+        coap_host="127.0.0.1",
+        coap_port=0,
+        http_port=0,
+        db=tmp_path / "store.db",
+        status_interval_s=3600,
+        max_reading_age_s=EXAMPLES_MAX_AGE_S,
     )
     consumer = Consumer(config)
     await consumer.start()

@@ -16,7 +16,7 @@ import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
 
-from conftest import wire_example
+from conftest import EXAMPLES_MAX_AGE_S, wire_example
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +47,8 @@ async def consumer_process(db: Path, *options: str) -> AsyncIterator[tuple[async
         "0",
         "--db",
         str(db),
+        "--max-reading-age",
+        str(EXAMPLES_MAX_AGE_S),
         *options,
         stderr=asyncio.subprocess.PIPE,
     )

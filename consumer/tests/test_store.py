@@ -10,7 +10,19 @@ from pathlib import Path
 import pytest
 
 from smartgas_consumer.reading import Reading
-from smartgas_consumer.store import ReadingStore, SequenceOutcome, StoreClosed, StoreUnusable
+from smartgas_consumer.store import (
+    CANONICAL_TIMESTAMP,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SEQ_JUMP_SLACK,
+    ReadingRefused,
+    ReadingStore,
+    SequenceOutcome,
+    StoreClosed,
+    StoreUnusable,
+    format_timestamp,
+    parse_timestamp,
+)
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 
@@ -30,7 +42,7 @@ async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
 async def test_add_then_read_back(tmp_path: Path) -> None:
@@ -234,3 +246,97 @@ async def test_a_slow_read_does_not_hold_back_commits(tmp_path: Path) -> None:
     finally:
         release.set()
         await store.close()
+
+
+# -- issue 7: isolation of commits, the sequence rule against forgeries, canonical timestamps ------------
+
+
+async def test_a_reading_the_database_refuses_fails_alone(tmp_path: Path) -> None:
+    """NaN moles: SQLite stores NaN as NULL, which the NOT NULL column refuses (the edge now stops NaN
+    earlier; the store must still keep one bad row from failing its whole group)."""
+    store = await open_store(tmp_path / "s.db", group_window_s=0.05)
+    try:
+        results = await asyncio.gather(
+            store.add(reading("m1"), 1.0, T0),
+            store.add(reading("m2"), float("nan"), T0),
+            store.add(reading("m3"), 3.0, T0),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], ReadingRefused) and "NOT NULL" in str(results[1])
+        assert [r.stored for r in (results[0], results[2])] == [True, True]  # type: ignore[union-attr]
+        assert await store.meter_ids() == ["m1", "m3"]
+        assert (await store.add(reading("m1", seq=1), 1.0, T0)).stored  # and the store goes on
+    finally:
+        await store.close()
+
+
+async def test_a_forged_reading_costs_an_epoch_never_a_genuine_reading(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        for seq in range(3):
+            await store.add(reading(seq=seq), 1.0, T0)
+        forged = Reading("m1", 2**53 - 1, T0 + timedelta(days=365), 150.0, 20.0, 50.0)
+        assert (await store.add(forged, 1.0, T0)).outcome is SequenceOutcome.REBOOT  # not a gap of 2^53
+        results = [await store.add(reading(seq=seq), 1.0, T0 + timedelta(seconds=seq)) for seq in (3, 4, 5)]
+        assert all(result.stored for result in results)
+    finally:
+        await store.close()
+    assert meter_row(tmp_path, "m1")["gaps"] == 0
+
+
+async def test_a_seq_running_ahead_of_time_starts_an_epoch(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        await store.add(reading(seq=0), 1.0, T0)
+        near = await store.add(reading(seq=SEQ_JUMP_SLACK), 1.0, T0)  # within the slack: a gap
+        assert (near.outcome, near.missing) == (SequenceOutcome.GAP, SEQ_JUMP_SLACK - 1)
+        far = await store.add(reading(seq=3 * SEQ_JUMP_SLACK), 1.0, T0)  # beyond it, no time passed
+        assert far.outcome is SequenceOutcome.REBOOT
+        later = T0 + timedelta(seconds=SEQ_JUMP_SLACK)  # a long silence allows a long jump
+        after_silence = await store.add(reading(seq=10 * SEQ_JUMP_SLACK), 1.0, later)
+        assert after_silence.outcome is SequenceOutcome.GAP
+    finally:
+        await store.close()
+
+
+async def test_a_late_reading_fills_its_gap(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    try:
+        await store.add(reading(seq=0), 1.0, T0)
+        await store.add(reading(seq=2), 1.0, T0)
+        late = await store.add(reading(seq=1), 1.0, T0)
+        assert (late.outcome, late.epoch, late.stored) == (SequenceOutcome.LATE, 0, True)
+        latest = await store.latest("m1")
+        assert latest is not None and latest.seq == 2
+    finally:
+        await store.close()
+    assert meter_row(tmp_path, "m1")["gaps"] == 0
+
+
+def test_timestamps_are_zero_padded_and_sort_as_text() -> None:
+    moments = [datetime(1, 1, 1, tzinfo=UTC), datetime(999, 6, 1, tzinfo=UTC), datetime(2026, 11, 23, tzinfo=UTC)]
+    texts = [format_timestamp(moment) for moment in moments]
+    assert texts[1] == "0999-06-01T00:00:00.000000Z"
+    assert sorted(texts) == texts and all(CANONICAL_TIMESTAMP.fullmatch(text) for text in texts)
+    assert [parse_timestamp(text) for text in texts] == moments
+
+
+async def test_migration_repairs_unpadded_timestamps(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.add(Reading("m1", 0, datetime(999, 6, 1, tzinfo=UTC), 150.0, 20.0, 50.0), 1.0, T0)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:  # as version 1 wrote it (strftime's %Y)
+        connection.execute("UPDATE readings SET ts = '999-06-01T00:00:00.000000Z'")
+        connection.execute("UPDATE meters SET last_ts = '999-06-01T00:00:00.000000Z'")
+        connection.execute("PRAGMA user_version = 1")
+    reopened = await open_store(tmp_path / "s.db")
+    await reopened.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("SELECT ts FROM readings").fetchone()[0] == "0999-06-01T00:00:00.000000Z"
+        assert connection.execute("SELECT last_ts FROM meters").fetchone()[0] == "0999-06-01T00:00:00.000000Z"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_migrations_are_ordered_and_end_at_the_schema_version() -> None:
+    versions = [migration.version for migration in MIGRATIONS]
+    assert versions == sorted(set(versions)) and versions[-1] == SCHEMA_VERSION

@@ -44,7 +44,7 @@ from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import Refusal, Shipment
 from smartgas_consumer.fleet import Fleet, FleetMeter
 from smartgas_consumer.intake import StoredEvent
-from smartgas_consumer.store import ReadingStore, ShipState, format_timestamp
+from smartgas_consumer.store import ReadingStore, ShipState, format_timestamp, parse_timestamp
 
 _LOG = logging.getLogger(__name__)
 
@@ -590,6 +590,8 @@ class AlertEngine:
         self._lock = asyncio.Lock()
         self._started_at: datetime | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: Meters whose stored state could not be read at start (each logged at WARNING).
+        self.skipped_at_start = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -635,26 +637,15 @@ class AlertEngine:
         ).fetchall():
             if not self._expects(meter["meter_id"]) and meter["last_seen"] < forgotten_before:
                 continue
-            since = format_timestamp(datetime.fromisoformat(meter["last_ts"]) - LEAK_WINDOW)
-            rows = connection.execute(
-                "SELECT epoch, seq, ts, pressure_bar, temperature_c, moles, fill_pct FROM readings"
-                " WHERE meter_id = ? AND epoch = ? AND ts >= ? ORDER BY seq DESC LIMIT ?",
-                (meter["meter_id"], meter["epoch"], since, LEAK_MAX_READINGS),
-            ).fetchall()
-            samples = [
-                Sample(
-                    row["epoch"],
-                    row["seq"],
-                    datetime.fromisoformat(row["ts"]),
-                    row["pressure_bar"],
-                    row["temperature_c"],
-                    row["moles"],
-                    row["fill_pct"],
+            try:
+                meters.append(self._load_meter(connection, meter))
+            except ValueError as err:
+                # A row the consumer cannot read (damaged by hand or by an old version) must not stop the
+                # start: the meter is tracked afresh from its next reading.
+                self.skipped_at_start += 1
+                _LOG.warning(
+                    "alerts: skipped meter %r at start, its stored state is unreadable: %s", meter["meter_id"], err
                 )
-                for row in reversed(rows)
-            ]
-            last_seen = datetime.fromisoformat(meter["last_seen"])
-            meters.append((meter["meter_id"], meter["client_id"], meter["site_id"], last_seen, samples))
         # Meters whose silence is nobody's concern until they send again: retired ones, and those whose
         # offline alert a person closed.
         unwatched = {
@@ -667,6 +658,29 @@ class AlertEngine:
             )
         }
         return opened, meters, unwatched
+
+    @staticmethod
+    def _load_meter(connection: sqlite3.Connection, meter: sqlite3.Row) -> tuple[Any, ...]:
+        since = format_timestamp(parse_timestamp(meter["last_ts"]) - LEAK_WINDOW)
+        rows = connection.execute(
+            "SELECT epoch, seq, ts, pressure_bar, temperature_c, moles, fill_pct FROM readings"
+            " WHERE meter_id = ? AND epoch = ? AND ts >= ? ORDER BY seq DESC LIMIT ?",
+            (meter["meter_id"], meter["epoch"], since, LEAK_MAX_READINGS),
+        ).fetchall()
+        samples = [
+            Sample(
+                row["epoch"],
+                row["seq"],
+                parse_timestamp(row["ts"]),
+                row["pressure_bar"],
+                row["temperature_c"],
+                row["moles"],
+                row["fill_pct"],
+            )
+            for row in reversed(rows)
+        ]
+        last_seen = parse_timestamp(meter["last_seen"])
+        return meter["meter_id"], meter["client_id"], meter["site_id"], last_seen, samples
 
     # -- readings ------------------------------------------------------------------------------------------
 

@@ -45,6 +45,10 @@ class ConsumerConfig:
     group_window_ms: float = 2.0
     udp_receive_buffer_bytes: int = 4 * 1024 * 1024
     status_interval_s: float = 10.0
+    # The span of meter timestamps believed (docs/wire-format.md): a publisher's full buffer is 8640
+    # readings x 10 s = 24 h old at most; one hour more for its delivery and for clock skew.
+    max_reading_age_s: float = 25 * 3600.0
+    max_clock_skew_s: float = 300.0
     log_level: str = "INFO"
     log_readings: bool = False
     fleet: Path | None = None
@@ -264,6 +268,18 @@ SETTINGS: tuple[Setting, ...] = (
         "SO_RCVBUF asked for the CoAP socket, so bursts are queued rather than dropped",
     ),
     Setting("status_interval_s", "--status-interval", _positive_float, "seconds between status lines in the log"),
+    Setting(
+        "max_reading_age_s",
+        "--max-reading-age",
+        _positive_float,
+        "oldest reading accepted, in seconds before the consumer's clock: the longest backlog a meter may hold",
+    ),
+    Setting(
+        "max_clock_skew_s",
+        "--max-clock-skew",
+        _non_negative_float,
+        "how many seconds a meter's timestamp may be ahead of the consumer's clock",
+    ),
     Setting("log_level", "--log-level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_readings", "--log-readings", _boolean, "log every accepted reading at INFO (true/false)"),
     Setting(

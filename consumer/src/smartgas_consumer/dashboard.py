@@ -14,11 +14,12 @@ script, no framing. The assets are read from the package once, when the router i
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time.
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import RedirectResponse, Response
@@ -28,6 +29,9 @@ from smartgas_consumer.auth import ApiKeys, Principal
 from smartgas_consumer.chart import render_line_chart
 from smartgas_consumer.fleet import FleetMeter
 from smartgas_consumer.queries import FleetQueries, Window
+from smartgas_consumer.store import parse_timestamp
+
+_LOG = logging.getLogger(__name__)
 
 PREFIX = "/dashboard"
 #: The page's policy: everything from this origin, nothing inline, nothing from elsewhere, never framed.
@@ -135,9 +139,7 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys, *, expected
         if readings is None:
             raise HTTPException(status_code=404, detail=f"meter {meter_id} not found")
         shown = _BY_NAME[measure]
-        points = [
-            (datetime.fromisoformat(row["ts"]), float(row[measure])) for row in readings if row[measure] is not None
-        ]
+        points = chart_points(readings, measure)
         full = shown.full_range_fn
         svg = render_line_chart(
             points,
@@ -172,3 +174,16 @@ def _respond(asset: Asset, policy: str) -> Response:
             "Cache-Control": "no-store",
         },
     )
+
+
+def chart_points(readings: list[dict[str, Any]], measure: str) -> list[tuple[datetime, float]]:
+    """(time, value) of each reading; a row whose timestamp cannot be read is left out, and logged."""
+    points = []
+    for row in readings:
+        if row[measure] is None:
+            continue
+        try:
+            points.append((parse_timestamp(row["ts"]), float(row[measure])))
+        except ValueError as err:
+            _LOG.warning("chart: skipped a stored reading (seq %s) whose timestamp is unreadable: %s", row["seq"], err)
+    return points

@@ -14,6 +14,13 @@ class InvalidReading(coap_error.ConstructionRenderableError):
     code = Code.BAD_REQUEST
 
 
+class ImplausibleReading(coap_error.ConstructionRenderableError):
+    """A well-formed reading that cannot be true: a derived amount beyond bounds, a seq that runs ahead of
+    the time since the meter's last reading, or one the store refused on its own: 4.00."""
+
+    code = Code.BAD_REQUEST
+
+
 class InvalidMeterId(coap_error.ConstructionRenderableError):
     """The meter id in the path does not follow the documented pattern: 4.00."""
 

@@ -17,11 +17,18 @@ from aiocoap.error import ConstructionRenderableError
 
 from smartgas_consumer import physics
 from smartgas_consumer.admission import UnknownMeters
-from smartgas_consumer.error import StoreUnavailable
+from smartgas_consumer.error import ImplausibleReading, StoreUnavailable
 from smartgas_consumer.fleet import Fleet, FleetMeter
 from smartgas_consumer.metrics import Metrics
-from smartgas_consumer.reading import Reading, check_meter_id, decode_body, parse_reading
-from smartgas_consumer.store import CommitResult, Enrichment, ReadingStore, SequenceOutcome, StoreClosed
+from smartgas_consumer.reading import Reading, TimeWindow, check_meter_id, decode_body, parse_reading
+from smartgas_consumer.store import (
+    CommitResult,
+    Enrichment,
+    ReadingRefused,
+    ReadingStore,
+    SequenceOutcome,
+    StoreClosed,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -89,6 +96,8 @@ class ReadingIntake:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
         unknown_meters: UnknownMeters | None = None,
+        max_reading_age_s: float = 25 * 3600.0,
+        max_clock_skew_s: float = 300.0,
     ) -> None:
         self.store = store
         # The cap and rate limit on meters missing from the fleet file; None takes every meter (tests).
@@ -98,6 +107,8 @@ class ReadingIntake:
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self._log_readings = log_readings
         self._clock = clock
+        self._max_reading_age_s = max_reading_age_s
+        self._max_clock_skew_s = max_clock_skew_s
         # Called after each newly stored reading (sinks wake up to ship it, alerts evaluate it).
         self.on_stored: list[Callable[[StoredEvent], None]] = []
 
@@ -106,14 +117,25 @@ class ReadingIntake:
         self.counters.received += 1
         self.metrics.reading_received()
         try:
-            reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format))
+            window = TimeWindow(self._clock(), self._max_reading_age_s, self._max_clock_skew_s)
+            reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format), window)
             return await self._store(reading)
         except ConstructionRenderableError as err:
-            reason = rejection_reason(err)
-            self.counters.rejected[reason] += 1
-            self.metrics.reading_rejected(reason)
-            _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
+            self._count_refusal(meter_id, err)
             raise
+
+    def refused_early(self, meter_id: str, err: ConstructionRenderableError) -> None:
+        """Count a reading the CoAP edge refused before it reached ``accept`` (a Block1 upload over the
+        limit), so that received = stored + duplicates + rejected still holds."""
+        self.counters.received += 1
+        self.metrics.reading_received()
+        self._count_refusal(meter_id, err)
+
+    def _count_refusal(self, meter_id: str, err: ConstructionRenderableError) -> None:
+        reason = rejection_reason(err)
+        self.counters.rejected[reason] += 1
+        self.metrics.reading_rejected(reason)
+        _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
 
     def enrich(self, reading: Reading, moles: float) -> tuple[Enrichment, FleetMeter | None]:
         """Client, site and fill % from the fleet file; an unknown meter gets none of them."""
@@ -124,12 +146,16 @@ class ReadingIntake:
 
     async def _store(self, reading: Reading) -> Accepted:
         moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)
+        if not physics.plausible_moles(moles):  # the bounds on its inputs keep it so; this keeps it honest
+            raise ImplausibleReading(f"moles: {moles!r} computed from this reading is beyond {physics.MAX_MOLES:g}")
         enrichment, meter = self.enrich(reading, moles)
         if meter is None and self.unknown_meters is not None:
             self.unknown_meters.admit(reading.meter_id)  # 4.03 beyond the cap, 4.29 beyond the rate
         received_at = self._clock()
         try:
             result = await self.store.add(reading, moles, received_at, enrichment)
+        except ReadingRefused as err:
+            raise ImplausibleReading(str(err)) from err
         except StoreClosed as err:
             raise StoreUnavailable(f"reading not stored, retry later: {err}") from err
         self.metrics.reading_stored(result)

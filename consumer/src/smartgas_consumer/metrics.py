@@ -31,6 +31,7 @@ from smartgas_consumer.store import CommitResult, SequenceOutcome, StoreSummary
 #: Why a reading is refused: ``intake.rejection_reason`` of each domain error a PUT can raise.
 REJECTION_REASONS = (
     "invalid_reading",
+    "implausible_reading",
     "invalid_meter_id",
     "payload_too_large",
     "unsupported_format",

@@ -5,28 +5,107 @@ site) only when ``--coap-reading-get`` turns it on: the CoAP side has no caller 
 answers, it answers to anyone on the network (docs/security.md). There is no list of meters. ``/health``
 answers 2.05 when the store can commit, 5.03 saying why when it cannot. Errors are raised as the domain
 errors of ``error.py``, whose CoAP code and diagnostic text aiocoap sends as the response.
+
+Block-wise uploads (RFC 7959 Block1) are reassembled by aiocoap; the body limit is enforced on the first
+block that passes it, through aiocoap's ``needs_blockwise_assembly`` hook (called for every block before
+it is spooled): a Size1 option announcing more than the limit, or a block ending beyond it, is answered
+4.13 at once, so no peer makes the consumer hold more than the limit per upload.
+
+Refusals are logged per peer at INFO, at most one line per ``RefusalLog.interval_s`` per peer (with a
+count of the lines left out), so a flood of bad datagrams cannot flood the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import cbor2
 from aiocoap import Message, error
+from aiocoap.blockwise import Block1Spool, IncompleteException
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import PathCapable, Resource
 from aiocoap.util.linkformat import LinkFormat
 
-from smartgas_consumer.error import MeterNotFound, StoreUnavailable
+from smartgas_consumer.error import MeterNotFound, PayloadTooLarge, StoreUnavailable
 from smartgas_consumer.intake import ReadingIntake
-from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, check_meter_id
+from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, MAX_PAYLOAD_BYTES, check_meter_id
 
 READING_RESOURCE_TYPE = "smartgas.reading"
 #: What a GET of a reading leaves out even when it is on: whose bottle it is and where.
 PRIVATE_FIELDS = ("client_id", "site_id")
+
+_LOG = logging.getLogger(__name__)
+
+
+class RefusalLog:
+    """Logs refused requests: at most one line per peer host per ``interval_s``, and at most ``max_lines``
+    lines in all per interval (source ports and, over UDP, source addresses cost an attacker nothing).
+    Remembers at most ``max_peers`` hosts."""
+
+    def __init__(
+        self,
+        interval_s: float = 10.0,
+        max_lines: int = 20,
+        max_peers: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.max_lines = max_lines
+        self.max_peers = max_peers
+        self._clock = clock
+        # host → (when its last line was logged, refusals left out since)
+        self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._window_started = float("-inf")
+        self._window_lines = 0
+
+    def refused(self, peer: str, meter_id: str, err: error.ConstructionRenderableError) -> bool:
+        """Log one refusal unless this host had a line within the interval; return whether it was logged."""
+        now = self._clock()
+        last, left_out = self._peers.get(peer, (float("-inf"), 0))
+        if now - self._window_started >= self.interval_s:
+            self._window_started, self._window_lines = now, 0
+        if now - last < self.interval_s or self._window_lines >= self.max_lines:
+            self._peers[peer] = (last, left_out + 1)
+            self._peers.move_to_end(peer)
+            self._forget_oldest()
+            return False
+        self._peers[peer] = (now, 0)
+        self._peers.move_to_end(peer)
+        self._forget_oldest()
+        self._window_lines += 1
+        _LOG.info(
+            "refused %s from %s for meter %r: %s%s",
+            err.code,
+            peer,
+            meter_id[:80],
+            err.message[:200],
+            f" ({left_out} more refusal(s) from this peer not logged)" if left_out else "",
+        )
+        return True
+
+    @property
+    def hosts_remembered(self) -> int:
+        return len(self._peers)
+
+    def _forget_oldest(self) -> None:
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+
+
+class _GuardedBlock1Spool(Block1Spool):
+    """aiocoap's Block1 spool, with a block that leaves a gap answered 4.08 (aiocoap raises a bare
+    ValueError there, which would be a 5.00 and a traceback at ERROR)."""
+
+    def feed_and_take(self, req: Message) -> Message:
+        try:
+            return super().feed_and_take(req)
+        except ValueError:
+            raise IncompleteException() from None
 
 
 def encode(document: dict[str, Any], content_format: int) -> Message:
@@ -39,10 +118,36 @@ def encode(document: dict[str, Any], content_format: int) -> Message:
 class MeterReading(Resource, PathCapable):
     """``/meters/{meter_id}/reading``: PUT stores a reading; GET returns the latest one if ``reading_get``."""
 
-    def __init__(self, intake: ReadingIntake, *, reading_get: bool = False) -> None:
+    def __init__(self, intake: ReadingIntake, refusals: RefusalLog | None = None, *, reading_get: bool = False) -> None:
         super().__init__()
         self._intake = intake
         self._reading_get = reading_get
+        self._refusals = refusals if refusals is not None else RefusalLog()
+        # aiocoap's Resource keeps its Block1 spool here (interfaces.Resource.__init__).
+        self._block1 = _GuardedBlock1Spool()
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        """aiocoap asks this for every block before spooling it: refuse an upload once it passes the limit."""
+        block1 = request.opt.block1
+        if block1 is None:  # any method: aiocoap would spool a POST's blocks as readily as a PUT's
+            return True
+        announced = request.opt.size1
+        received = block1.start + len(request.payload)
+        refusal = None
+        if announced is not None and announced > MAX_PAYLOAD_BYTES:
+            refusal = f"body announced as {announced} bytes (Size1); the limit is {MAX_PAYLOAD_BYTES}"
+        elif received > MAX_PAYLOAD_BYTES:
+            refusal = (
+                f"body passes {MAX_PAYLOAD_BYTES} bytes at block {block1.block_number};"
+                f" the limit is {MAX_PAYLOAD_BYTES}"
+            )
+        if refusal is not None:
+            err = PayloadTooLarge(refusal, MAX_PAYLOAD_BYTES)
+            meter_id = request.opt.uri_path[0] if request.opt.uri_path else ""
+            self._intake.refused_early(meter_id, err)
+            self._refusals.refused(_peer(request), meter_id, err)
+            raise err
+        return True
 
     def get_resources_as_linkheader(self) -> LinkFormat:
         # No per-meter resource is listed anywhere: the list of meters is not for anyone on the network.
@@ -65,9 +170,14 @@ class MeterReading(Resource, PathCapable):
 
     async def _put(self, meter_id: str, request: Message, started: float) -> Message:
         content_format = request.opt.content_format
-        accepted = await self._intake.accept(
-            meter_id, request.payload, None if content_format is None else int(content_format)
-        )
+        try:
+            accepted = await self._intake.accept(
+                meter_id, request.payload, None if content_format is None else int(content_format)
+            )
+        except error.ConstructionRenderableError as err:
+            if err.code.class_ == 4:  # the peer's fault; 5.03 is ours and logged where it happens
+                self._refusals.refused(_peer(request), meter_id, err)
+            raise
         response = encode(accepted.as_dict(), int(content_format or CONTENT_FORMAT_JSON))
         response.code = Code.CHANGED
         self._intake.metrics.ack_latency(time.perf_counter() - started)
@@ -82,6 +192,15 @@ class MeterReading(Resource, PathCapable):
         response = encode(document, int(accept) if accept is not None else CONTENT_FORMAT_JSON)
         response.code = Code.CONTENT
         return response
+
+
+def _peer(request: Message) -> str:
+    """The peer's host, without its port (a new source port must not buy a new log line)."""
+    try:
+        host, _, port = str(request.remote.hostinfo).rpartition(":")
+        return host if port.isdigit() else str(request.remote.hostinfo)
+    except Exception:  # a remote without host information (never for UDP): log it as unknown
+        return "unknown peer"
 
 
 class Health(Resource):

@@ -33,6 +33,7 @@ from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
+from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_error_handler
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
 from smartgas_consumer.fleet import Fleet, load_fleet
@@ -120,6 +121,8 @@ class Consumer:
             log_readings=config.log_readings,
             metrics=self.metrics,
             unknown_meters=self.unknown_meters,
+            max_reading_age_s=config.max_reading_age_s,
+            max_clock_skew_s=config.max_clock_skew_s,
         )
         self.store_health = StoreHealth(self.store)
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
@@ -154,6 +157,9 @@ class Consumer:
             config.http_port,
         )
         self._context: aiocoap.Context | None = None
+        # What peers can make aiocoap log, bounded (edgelog.py); installed while the socket is open.
+        self._coap_log = logging.getLogger(COAP_LOGGER)
+        self._noise_filter = PeerNoiseFilter()
         self._status_task: asyncio.Task[None] | None = None
         self.port: int | None = None
         self._started = False  # a start that failed says so once, not with a "stopped" summary too
@@ -208,6 +214,8 @@ class Consumer:
         await self.alerts.start()
         if self.webhooks is not None:
             await self.webhooks.start()
+        self._coap_log.addFilter(self._noise_filter)
+        asyncio.get_running_loop().set_exception_handler(datagram_error_handler(self._coap_log))
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
         os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
         try:
@@ -215,7 +223,7 @@ class Consumer:
                 build_site(self.intake, store_fault=self.store_health.fault, reading_get=self.config.coap_reading_get),
                 bind=(self.config.coap_host, self.config.coap_port),
                 transports=["udp6"],
-                loggername="smartgas_consumer.coap",
+                loggername=COAP_LOGGER,
             )
         except OSError as err:
             raise StartupError(
@@ -319,6 +327,8 @@ class Consumer:
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
+            asyncio.get_running_loop().set_exception_handler(None)
+        self._coap_log.removeFilter(self._noise_filter)
         await self.alerts.stop()  # judges what is still queued
         if self.webhooks is not None:
             await self.webhooks.stop()

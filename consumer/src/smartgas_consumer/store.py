@@ -13,6 +13,7 @@ Tables (schema version in ``PRAGMA user_version``):
   order, the cursor that sinks ship from.
 - ``meters``: the meter registry; a meter is created on first sight, with first/last seen, its epoch,
   last seq and meter timestamp, and counts of gaps, replays and reboots.
+- ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
 
 Threads: one thread owns the writing connection (every commit, in order); a second thread owns a read-only
 connection for queries (the API, statistics, status). In WAL mode a reader never blocks the writer, so a
@@ -20,14 +21,31 @@ long statistics query cannot hold back acknowledgements.
 
 Sequence rule (per meter, applied inside the commit so concurrent readings see each other):
 
-- seq above the last stored: stored; ``seq - last - 1`` readings are counted missing (a gap);
-- seq at or below the last stored, timestamp not later than the last stored one: a duplicate or a replay,
-  acknowledged but not stored;
-- seq at or below the last stored with a *later* timestamp: the meter restarted its counter (a reboot).
-  A new epoch begins and the reading is stored; ``(meter_id, epoch, seq)`` stays unique.
-- whatever the above says, a reading identical in (meter_id, seq, ts) to one stored is a duplicate
-  (an old epoch's reading re-sent after a reboot must not pass for a new one).
-- ``dead_letters``: readings a sink can never deliver (the sink refused that item with a 4xx), with why.
+- a reading identical in (meter_id, seq, ts) to one stored is a re-send (a duplicate): acknowledged, not
+  stored again, answered with the stored copy's moles (an old epoch's reading re-sent after a reboot must
+  not pass for a new one);
+- seq above the last stored, by at most what the time since the meter's last stored reading allows
+  (``SEQ_JUMP_SLACK`` plus one per ``MIN_READING_PERIOD_S`` of the consumer's clock): stored;
+  ``seq - last - 1`` readings are counted missing (a gap);
+- seq below the last stored, timestamp not later than the last stored one, and that seq not yet stored
+  in the current epoch: a reading that arrives late. It is stored in its place, and fills one of the
+  meter's counted gaps;
+- anything else (seq at or below the last stored with a later timestamp or a seq already taken, or a
+  seq running further ahead than time allows): the meter restarted its counter, or someone forged a
+  reading. A new epoch begins and the reading is stored (counted as a reboot); ``(meter_id, epoch, seq)``
+  stays unique.
+
+So every reading that is not a re-send is stored: no reading, forged or genuine, can make the consumer
+discard a meter's later genuine readings as replays (the meter's clock and counter are not trusted for
+that). A forged reading costs an epoch, never a genuine reading.
+
+Group commit isolation: each reading of a group is written inside its own SAVEPOINT. A reading the
+database refuses (a constraint it breaks) is rolled back alone and answered with ``ReadingRefused``; the
+others of its group commit. Only a failure of the transaction itself (disk full, I/O error, lock) fails
+the whole group, and nobody in it is acknowledged.
+
+Timestamps are written in one form everywhere (``format_timestamp``): RFC 3339 UTC, four-digit zero-padded
+year, microseconds, ``Z``, so text order is time order. Schema changes are the ordered ``MIGRATIONS``.
 
 Opening: the store runs ``PRAGMA quick_check`` and refuses a damaged file (``StoreUnusable``, naming the
 file and the fix). By default both connections use SQLite's ``unix-excl`` VFS: the WAL index lives in the
@@ -50,7 +68,9 @@ import enum
 import errno
 import fcntl
 import logging
+import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,7 +85,10 @@ from smartgas_consumer.reading import Reading
 _LOG = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+#: A seq may run ahead of the meter's last stored one by this many readings whatever the time...
+SEQ_JUMP_SLACK = 1000
+#: ...plus one for every this many seconds since that reading was received (the fastest a meter may send).
+MIN_READING_PERIOD_S = 0.1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
     id            INTEGER PRIMARY KEY,
@@ -121,8 +144,83 @@ CREATE TABLE IF NOT EXISTS meters (
 
 
 def format_timestamp(moment: datetime) -> str:
-    """RFC 3339 UTC with microseconds and 'Z': sortable as text, the form every table uses."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC, year zero-padded to four digits, microseconds and 'Z': sortable as text, the one form
+    every table uses (strftime's ``%Y`` is not zero-padded below year 1000 on glibc)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+#: What ``format_timestamp`` writes, and what the migration to version 2 repairs other forms into.
+CANONICAL_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+#: A timestamp as older versions may have written it (an unpadded year: ``999-01-01T...``).
+_LOOSE_TIMESTAMP = re.compile(r"(\d{1,4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?(?:Z|\+00:00)")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """A stored timestamp back to an aware datetime; ValueError if it is not one (a damaged row)."""
+    match = _LOOSE_TIMESTAMP.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text[:40]!r} is not a stored timestamp")
+    year, month, day, hour, minute, second, fraction = match.groups()
+    return datetime(
+        int(year),
+        int(month),
+        int(day),
+        int(hour),
+        int(minute),
+        int(second),
+        int((fraction or "0").ljust(6, "0")),
+        tzinfo=UTC,
+    )
+
+
+#: CANONICAL_TIMESTAMP as an SQLite GLOB, to find the rows to repair without reading every row into Python.
+_CANONICAL_GLOB = (
+    "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]Z"
+)
+
+
+def _repair_timestamps(connection: sqlite3.Connection) -> None:
+    """Migration 1 → 2: rewrite every timestamp a meter could influence into the canonical form."""
+    columns = {
+        "readings": ("ts",),
+        "meters": ("last_ts",),
+        "alerts": ("opened_at", "updated_at", "resolved_at"),
+    }
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    repaired = 0
+    for table, names in columns.items():
+        if table not in tables:
+            continue
+        for name in names:
+            rows = connection.execute(
+                f"SELECT rowid, {name} FROM {table} WHERE {name} IS NOT NULL AND NOT ({name} GLOB '{_CANONICAL_GLOB}')"
+            ).fetchall()
+            for rowid, text in rows:
+                try:
+                    fixed = format_timestamp(parse_timestamp(text))
+                except ValueError:
+                    continue  # beyond repair: readers skip such a row and say so
+                connection.execute(f"UPDATE {table} SET {name} = ? WHERE rowid = ?", (fixed, rowid))
+                repaired += 1
+    if repaired:
+        _LOG.warning("store migration: rewrote %d timestamp(s) into the canonical zero-padded form", repaired)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of the schema: applied, in one transaction, to a store whose version is below ``version``."""
+
+    version: int
+    description: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+#: The store's schema history, in order; append a step to change the schema. A new store is created at
+#: the latest version directly (``_SCHEMA`` is always the current schema).
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "timestamps zero-padded to a four-digit year (sortable as text)", _repair_timestamps),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
 #: SQLite's VFS that keeps the WAL index in heap memory, not in a memory-mapped ``-shm`` file (no SIGBUS).
@@ -217,6 +315,10 @@ class StoreLock:
             self._fd = None
 
 
+class ReadingRefused(Exception):
+    """The database refused this one reading (it breaks a constraint); the others of its group commit."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredReading:
     """A reading as the store holds it: the meter's fields plus what the consumer added."""
@@ -261,6 +363,7 @@ class SequenceOutcome(enum.Enum):
     NEXT = "next"
     GAP = "gap"
     REBOOT = "reboot"
+    LATE = "late"
     DUPLICATE = "duplicate"
 
     @property
@@ -441,7 +544,18 @@ class ReadingStore:
                 f"--db {self.path}: schema version {version}, newer than this consumer's {SCHEMA_VERSION}; "
                 "run the consumer version that wrote it"
             )
+        fresh = version == 0
         connection.executescript(_SCHEMA)
+        if not fresh:
+            for migration in MIGRATIONS:
+                if migration.version > version:
+                    _LOG.info(
+                        "store %s: migrating to version %d (%s)", self.path, migration.version, migration.description
+                    )
+                    self._connection = connection
+                    with self._transaction():
+                        migration.apply(connection)
+                        connection.execute(f"PRAGMA user_version={migration.version}")
         for schema in self._extra_schema:
             connection.executescript(schema)
         connection.execute(_PROBE_SCHEMA)
@@ -508,7 +622,11 @@ class ReadingStore:
                     _LOG.warning("store %s commits again after: %s", self.path, self.fault)
                     self.fault = None
                 for pending, result in zip(group, results, strict=True):
-                    if not pending.done.done():
+                    if pending.done.done():
+                        continue
+                    if isinstance(result, ReadingRefused):
+                        pending.done.set_exception(result)
+                    else:
                         pending.done.set_result(result)
                 if self._on_commit is not None:
                     self._on_commit(len(group), time.perf_counter() - started)
@@ -516,11 +634,26 @@ class ReadingStore:
                 for _ in group:
                     self._queue.task_done()
 
-    def _commit_group(self, group: Sequence[_PendingReading]) -> list[CommitResult]:
+    def _commit_group(self, group: Sequence[_PendingReading]) -> list[CommitResult | ReadingRefused]:
         connection = self._connection
         assert connection is not None
         with self._transaction():
-            return [self._insert(connection, pending) for pending in group]
+            return [self._insert_alone(connection, pending) for pending in group]
+
+    def _insert_alone(self, connection: sqlite3.Connection, pending: _PendingReading) -> CommitResult | ReadingRefused:
+        """Insert one reading inside its own SAVEPOINT: if the database refuses it, only it is undone."""
+        connection.execute("SAVEPOINT reading")
+        try:
+            result = self._insert(connection, pending)
+        except (sqlite3.IntegrityError, sqlite3.DataError, OverflowError) as err:
+            # The reading's own fault (a constraint it breaks, a value SQLite cannot hold). Anything else
+            # (OperationalError: disk full, I/O, lock) is the store's and fails the whole group.
+            connection.execute("ROLLBACK TO reading")
+            connection.execute("RELEASE reading")
+            _LOG.warning("store refused a reading of meter %r: %s", pending.reading.meter_id[:80], err)
+            return ReadingRefused(f"the store refused this reading: {err}")
+        connection.execute("RELEASE reading")
+        return result
 
     @staticmethod
     def _insert(connection: sqlite3.Connection, pending: _PendingReading) -> CommitResult:
@@ -528,45 +661,33 @@ class ReadingStore:
         received_at = format_timestamp(pending.received_at)
         ts = format_timestamp(reading.ts)
         meter = connection.execute(
-            "SELECT epoch, last_seq, last_ts FROM meters WHERE meter_id = ?", (reading.meter_id,)
+            "SELECT epoch, last_seq, last_ts, last_seen FROM meters WHERE meter_id = ?", (reading.meter_id,)
         ).fetchone()
         missing = 0
         copy = connection.execute(
             "SELECT moles FROM readings WHERE meter_id = ? AND seq = ? AND ts = ? ORDER BY epoch DESC LIMIT 1",
             (reading.meter_id, reading.seq, ts),
         ).fetchone()
+        if copy is not None and meter is not None:
+            # A re-send: the first copy stays, and its moles are the answer.
+            connection.execute("UPDATE meters SET replays = replays + 1 WHERE meter_id = ?", (reading.meter_id,))
+            return CommitResult(SequenceOutcome.DUPLICATE, float(copy["moles"]), meter["epoch"])
         if meter is None:
             outcome, epoch = SequenceOutcome.FIRST, 0
-        elif copy is None and reading.seq > meter["last_seq"]:
+        elif (
+            meter["last_seq"]
+            < reading.seq
+            <= meter["last_seq"] + _allowed_jump(meter["last_seen"], pending.received_at)
+        ):
             epoch = meter["epoch"]
             missing = reading.seq - meter["last_seq"] - 1
             outcome = SequenceOutcome.GAP if missing else SequenceOutcome.NEXT
-        elif copy is None and ts > meter["last_ts"]:
-            outcome, epoch = SequenceOutcome.REBOOT, meter["epoch"] + 1
+        elif reading.seq < meter["last_seq"] and ts <= meter["last_ts"] and not _taken(connection, reading, meter):
+            return _insert_late(connection, pending, ts, received_at, meter["epoch"])
         else:
-            # A duplicate or a replay: the first copy stays; answer with its moles if it is still here.
-            connection.execute("UPDATE meters SET replays = replays + 1 WHERE meter_id = ?", (reading.meter_id,))
-            moles = float(copy["moles"]) if copy is not None else pending.moles
-            return CommitResult(SequenceOutcome.DUPLICATE, moles, meter["epoch"])
-        inserted = connection.execute(
-            "INSERT INTO readings (meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l,"
-            " moles, fill_pct, client_id, site_id, meter_known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                reading.meter_id,
-                epoch,
-                reading.seq,
-                ts,
-                received_at,
-                reading.pressure_bar,
-                reading.temperature_c,
-                reading.volume_l,
-                pending.moles,
-                extra.fill_pct,
-                extra.client_id,
-                extra.site_id,
-                int(extra.known),
-            ),
-        )
+            # Counter restarted, clock went back, or a forged reading came before: a new epoch, stored.
+            outcome, epoch = SequenceOutcome.REBOOT, meter["epoch"] + 1
+        inserted = _insert_reading(connection, pending, epoch, ts, received_at)
         connection.execute(
             "INSERT INTO meters (meter_id, known, client_id, site_id, first_seen, last_seen, epoch, last_seq,"
             " last_ts, last_reading_id, readings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
@@ -695,6 +816,61 @@ class ReadingStore:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+
+
+def _insert_reading(
+    connection: sqlite3.Connection, pending: _PendingReading, epoch: int, ts: str, received_at: str
+) -> sqlite3.Cursor:
+    reading, extra = pending.reading, pending.enrichment
+    return connection.execute(
+        "INSERT INTO readings (meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l,"
+        " moles, fill_pct, client_id, site_id, meter_known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            reading.meter_id,
+            epoch,
+            reading.seq,
+            ts,
+            received_at,
+            reading.pressure_bar,
+            reading.temperature_c,
+            reading.volume_l,
+            pending.moles,
+            extra.fill_pct,
+            extra.client_id,
+            extra.site_id,
+            int(extra.known),
+        ),
+    )
+
+
+def _taken(connection: sqlite3.Connection, reading: Reading, meter: sqlite3.Row) -> bool:
+    """Whether the meter's current epoch already holds a reading with this seq."""
+    row = connection.execute(
+        "SELECT 1 FROM readings WHERE meter_id = ? AND epoch = ? AND seq = ?",
+        (reading.meter_id, meter["epoch"], reading.seq),
+    ).fetchone()
+    return row is not None
+
+
+def _insert_late(
+    connection: sqlite3.Connection, pending: _PendingReading, ts: str, received_at: str, epoch: int
+) -> CommitResult:
+    """Store a reading that arrived after later ones, in its place; the meter's latest stays the latest."""
+    _insert_reading(connection, pending, epoch, ts, received_at)
+    connection.execute(
+        "UPDATE meters SET last_seen = ?, readings = readings + 1, gaps = max(gaps - 1, 0) WHERE meter_id = ?",
+        (received_at, pending.reading.meter_id),
+    )
+    return CommitResult(SequenceOutcome.LATE, pending.moles, epoch)
+
+
+def _allowed_jump(last_seen: str, received_at: datetime) -> int:
+    """How far a meter's seq may run ahead of its last stored one, given the time since that arrived."""
+    try:
+        elapsed_s = (received_at - parse_timestamp(last_seen)).total_seconds()
+    except ValueError:
+        elapsed_s = 0.0
+    return SEQ_JUMP_SLACK + math.floor(max(0.0, elapsed_s) / MIN_READING_PERIOD_S)
 
 
 def _latest(connection: sqlite3.Connection, meter_id: str) -> StoredReading | None:
