@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from smartgas_consumer.cli import NOT_SHIPPING, build_parser
+from smartgas_consumer.cli import build_parser
 from smartgas_consumer.reading import parse_reading
+from smartgas_consumer.status import NOT_SHIPPING
 from smartgas_consumer.store import ReadingStore
 
 README = Path(__file__).resolve().parents[1] / "README.md"

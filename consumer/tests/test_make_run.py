@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from running import stored_in_file, stored_per_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 MAKE = shutil.which("make")
@@ -101,17 +101,6 @@ def stop_everything(process: subprocess.Popen[str], run_dir: Path) -> None:
         process.communicate(timeout=30)
 
 
-def stored_readings(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
-            count: int = connection.execute("SELECT count(*) FROM readings").fetchone()[0]
-    except sqlite3.Error:
-        return 0  # not created yet
-    return count
-
-
 def dashboard_answers(http_port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/dashboard/", timeout=2) as response:
@@ -142,7 +131,7 @@ def test_make_run_serves_the_dashboard_stores_readings_and_stops_each_service_on
     try:
         wait_for(lambda: dashboard_answers(http_port), process, "dashboard")
         # Every meter of the fleet file has sent at least once (50 meters, one reading a second).
-        wait_for(lambda: stored_readings(db) >= 60, process, "readings")
+        wait_for(lambda: stored_per_metrics(http_port) >= 60, process, "readings")
         os.killpg(process.pid, signum)
         output, _ = process.communicate(timeout=STOP_BOUND_S)
     finally:
@@ -162,7 +151,7 @@ def test_make_run_serves_the_dashboard_stores_readings_and_stops_each_service_on
     assert "received again" not in output
     assert output.index("fleet finished") < output.index("SIGINT received: stopping") < output.index("consumer stopped")
     # Every reading acknowledged is in the store (and nothing else: the store was new).
-    assert stored_readings(db) == acked
+    assert stored_in_file(db) == acked
 
 
 def test_make_run_fails_clearly_and_starts_no_publisher_when_the_consumer_cannot_start(tmp_path: Path) -> None:
@@ -186,7 +175,7 @@ def test_make_run_stops_the_publisher_when_the_consumer_dies(tmp_path: Path) -> 
     process = make_run(tmp_path, free_port(socket.SOCK_DGRAM), http_port)
     try:
         wait_for(lambda: dashboard_answers(http_port), process, "dashboard")
-        wait_for(lambda: stored_readings(tmp_path / "smartgas.db") >= 10, process, "readings")
+        wait_for(lambda: stored_per_metrics(http_port) >= 10, process, "readings")
         (consumer,) = service_pids(tmp_path, "smartgas-consumer")
         os.kill(consumer, signal.SIGKILL)  # a crash: nothing the consumer could answer or log
         output, _ = process.communicate(timeout=STOP_BOUND_S)

@@ -20,10 +20,12 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from running import stored_in_file, stored_per_metrics
 
-from smartgas_consumer.cli import NOT_SHIPPING
+from smartgas_consumer.status import NOT_SHIPPING
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -76,9 +78,9 @@ def eventually(condition: Callable[[], bool], what: str) -> None:
 
 
 @contextlib.contextmanager
-def background(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
+def background(argv: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
-        argv, cwd=REPO, env=shell_environment(), stderr=subprocess.PIPE, text=True, start_new_session=True
+        argv, cwd=REPO, env=env or shell_environment(), stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         yield process
@@ -92,15 +94,6 @@ def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     return process.returncode, err
-
-
-def stored_readings(db: Path) -> int:
-    try:
-        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
-            count: int = connection.execute("SELECT count(*) FROM readings").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-    return count
 
 
 def healthy(http_port: int) -> bool:
@@ -130,22 +123,35 @@ def test_service_commands_run_as_written_in_the_activated_venv(tmp_path: Path) -
     assert plain.returncode == 127
 
     db = tmp_path / "smartgas.db"
-    with background(in_shell(activate, serve.removesuffix("&").strip())) as consumer:
+    # A status snapshot every second instead of every ten, so the test need not wait (the README's lines
+    # are otherwise run as written).
+    environment = {**shell_environment(), "SMARTGAS_CONSUMER_STATUS_INTERVAL_S": "1"}
+    with background(in_shell(activate, serve.removesuffix("&").strip()), env=environment) as consumer:
         eventually(lambda: healthy(http_port) or consumer.poll() is not None, "consumer")
         assert consumer.poll() is None, consumer.communicate()[1]
         with background(in_shell(activate, publish)) as publisher:
-            eventually(lambda: stored_readings(db) >= 5, "readings stored")
+            eventually(lambda: stored_per_metrics(http_port) >= 5, "readings stored")
             code, err = stop(publisher)
         assert code == 0, err  # every reading it produced was acknowledged
-        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
-            meters = {row[0] for row in connection.execute("SELECT DISTINCT meter_id FROM readings")}
-        assert meters and all(meter.startswith("sim-") for meter in meters)  # never a fleet file's id
-        report = subprocess.run(
-            in_shell(activate, status), cwd=REPO, env=shell_environment(), capture_output=True, text=True, timeout=60
-        )
-        assert report.returncode == 0, report.stderr
-        summary = json.loads(report.stdout)
-        assert summary["readings"] == stored_readings(db) >= 5
+        acknowledged = stored_per_metrics(http_port)
+
+        def status_report() -> dict[str, Any]:
+            report = subprocess.run(
+                in_shell(activate, status),
+                cwd=REPO,
+                env=shell_environment(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert report.returncode == 0, report.stderr
+            parsed: dict[str, Any] = json.loads(report.stdout)
+            return parsed
+
+        # Beside the running consumer, status prints the snapshot the consumer writes of its store.
+        eventually(lambda: status_report()["readings"] == acknowledged, "a status snapshot with every reading")
+        summary = status_report()
+        assert summary["served_by_pid"] > 0 and summary["age_s"] < 60
         assert summary["shipping_lag"] == NOT_SHIPPING
 
         if shutil.which("coap-client-notls") is None:
@@ -161,11 +167,16 @@ def test_service_commands_run_as_written_in_the_activated_venv(tmp_path: Path) -
             assert stored["moles"] == pytest.approx(417.4, abs=0.1)
             assert stored["stored"] is True, f"attempt {attempt}: {stored}"
             time.sleep(1.1)  # the seq is the current second: the README's line run again is a new reading
-        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
-            hand = connection.execute("SELECT count(*), max(seq) FROM readings WHERE meter_id = 'hand-0001'")
-            assert hand.fetchone() == (2, stored["seq"])
         code, err = stop(consumer)
     assert code == 0, err
+    with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+        meters = {row[0] for row in connection.execute("SELECT DISTINCT meter_id FROM readings")}
+        hand = connection.execute("SELECT count(*), max(seq) FROM readings WHERE meter_id = 'hand-0001'").fetchone()
+    assert hand == (2, stored["seq"])
+    assert all(meter.startswith("sim-") for meter in meters - {"hand-0001"})  # never a fleet file's id
+    assert stored_in_file(db) == acknowledged + 2
+    # Stopped, the store is the consumer's no more: status reads it itself.
+    assert status_report()["readings"] == acknowledged + 2
     assert "consumer stopped" in err
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -25,7 +24,8 @@ from smartgas_consumer import health, provision
 from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.fleet import FleetFileError
-from smartgas_consumer.server import Consumer, StartupError, describe_lag
+from smartgas_consumer.server import Consumer, StartupError
+from smartgas_consumer.status import build_report, read_snapshot, snapshot_path
 from smartgas_consumer.store import NotAStoreError, ReadingStore, StoreLock, StoreUnusable, check_existing_store
 
 _LOG = logging.getLogger("smartgas_consumer")
@@ -118,12 +118,12 @@ async def serve(config: ConsumerConfig) -> int:
     return 0
 
 
-#: What ``status`` says instead of a shipping lag when no Elasticsearch is configured.
-NOT_SHIPPING = "not shipping: no Elasticsearch URL set (--elasticsearch-url), so nothing is pending"
-
-
 async def status(config: ConsumerConfig) -> int:
-    """Print what the store at ``config.db`` holds; the shipping lag only when readings are being shipped."""
+    """Print what the store at ``config.db`` holds; the shipping lag only when readings are being shipped.
+
+    A consumer serving the store holds it alone: then the report is the snapshot it writes beside the
+    store every ``--status-interval`` (with ``as_of``, ``age_s`` and ``served_by_pid``).
+    """
     holder = StoreLock(config.db).holder()
     try:
         check_existing_store(config.db)
@@ -137,31 +137,24 @@ async def status(config: ConsumerConfig) -> int:
         await store.open()
     except StoreUnusable as err:
         await store.close()
-        if holder is None:
-            holder = StoreLock(config.db).holder()
+        holder = holder or StoreLock(config.db).holder()
         if holder is None:
             raise
-        # The serving consumer keeps the WAL index in its own memory (no -shm, no SIGBUS): it alone reads.
-        raise StartupError(
-            f"--db {config.db}: served by the consumer with PID {holder}, which alone can open it; see its "
-            "status log lines and /metrics, stop it first, or run it with --store-shared-memory true"
-        ) from err
+        snapshot = read_snapshot(config.db, datetime.now(UTC))
+        if snapshot is None:
+            raise StartupError(
+                f"--db {config.db}: served by the consumer with PID {holder}, which has not written its status "
+                f"snapshot ({snapshot_path(config.db).name}) yet; try again after --status-interval"
+            ) from err
+        print(json.dumps(snapshot, indent=2))
+        return 0
     try:
         summary = await store.summary()
         letters = await store.dead_letters(limit=20)
     finally:
         await store.close()
-    counts = dataclasses.asdict(summary)
-    if config.elasticsearch_url is None:
-        # Readings wait for a sink only when there is one: without it the store is the end of the line.
-        del counts["pending"], counts["oldest_pending_received_at"]
-    report = {
-        "db": str(config.db),
-        **counts,
-        "shipping_lag": describe_lag(summary, datetime.now(UTC)) if config.elasticsearch_url else NOT_SHIPPING,
-        "dead_letter_examples": [dataclasses.asdict(letter) for letter in letters],
-    }
-    print(json.dumps(report, indent=2))
+    shipping = config.elasticsearch_url is not None
+    print(json.dumps(build_report(config.db, summary, letters, shipping=shipping, now=datetime.now(UTC)), indent=2))
     return 0
 
 

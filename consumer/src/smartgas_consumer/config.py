@@ -267,7 +267,12 @@ SETTINGS: tuple[Setting, ...] = (
         _buffer_bytes,
         "SO_RCVBUF asked for the CoAP socket, so bursts are queued rather than dropped",
     ),
-    Setting("status_interval_s", "--status-interval", _positive_float, "seconds between status lines in the log"),
+    Setting(
+        "status_interval_s",
+        "--status-interval",
+        _positive_float,
+        "seconds between status lines in the log and status snapshots beside the store",
+    ),
     Setting(
         "max_reading_age_s",
         "--max-reading-age",

@@ -43,6 +43,7 @@ from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.provision import prepare_data_stream
 from smartgas_consumer.queries import FleetQueries
 from smartgas_consumer.resource import Health, MeterReading
+from smartgas_consumer.status import build_report, describe_lag, snapshot_path, write_snapshot
 from smartgas_consumer.store import ReadingStore, StoreLock, StoreSummary, format_timestamp
 from smartgas_consumer.webhook import WEBHOOK_SCHEMA, WebhookDispatcher
 
@@ -76,15 +77,6 @@ def udp_socket(context: aiocoap.Context) -> socket.socket:
     (interface,) = context.request_interfaces
     sock: socket.socket = interface.token_interface.message_interface.transport.get_extra_info("socket")
     return sock
-
-
-def describe_lag(summary: StoreSummary, now: datetime) -> str:
-    """Shipping lag for a person: how many readings wait, and how old the oldest is."""
-    age = "-"
-    if summary.oldest_pending_received_at is not None:
-        oldest = datetime.fromisoformat(summary.oldest_pending_received_at)
-        age = f"{max(0.0, (now - oldest).total_seconds()):.1f}s"
-    return f"pending={summary.pending} oldest_pending_age={age} dead_letters={summary.dead_letters}"
 
 
 def receive_buffer_bytes(sock: socket.socket) -> int:
@@ -161,6 +153,7 @@ class Consumer:
         self._coap_log = logging.getLogger(COAP_LOGGER)
         self._noise_filter = PeerNoiseFilter()
         self._status_task: asyncio.Task[None] | None = None
+        self._snapshot_failing = False
         self.port: int | None = None
         self._started = False  # a start that failed says so once, not with a "stopped" summary too
 
@@ -244,6 +237,7 @@ class Consumer:
                 f"{err.strerror or err}; stop what holds it or choose another port"
             ) from err
         summary = await self.store.summary()
+        await self._write_status_snapshot(summary, datetime.now(UTC))
         _LOG.info(
             "consumer listening on coap://[%s]:%d (UDP), store %s: %d readings from %d meters",
             self.config.coap_host,
@@ -302,8 +296,22 @@ class Consumer:
             now = datetime.now(UTC)
             summary = await self.store.summary()
             await self.refresh_metrics(summary, now)
+            await self._write_status_snapshot(summary, now)
             if self.sink is not None:
                 _LOG.info("shipping: %s", describe_lag(summary, now))
+
+    async def _write_status_snapshot(self, summary: StoreSummary, now: datetime) -> None:
+        """The report ``smartgas-consumer status`` prints, beside the store: this process alone can open it."""
+        letters = await self.store.dead_letters(limit=20)
+        report = build_report(self.config.db, summary, letters, shipping=self.sink is not None, now=now)
+        try:
+            await asyncio.to_thread(write_snapshot, self.config.db, report, now=now)
+        except OSError as err:
+            if not self._snapshot_failing:  # once per fault, not every interval
+                _LOG.warning("status snapshot %s not written: %s", snapshot_path(self.config.db), err)
+            self._snapshot_failing = True
+        else:
+            self._snapshot_failing = False
 
     async def refresh_metrics(self, summary: StoreSummary, now: datetime) -> None:
         """The gauges read from state: shipping lag and store sizes, meters online, open alerts."""
