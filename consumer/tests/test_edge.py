@@ -125,6 +125,9 @@ async def test_implausible_readings_are_refused_naming_the_problem(
         ("a shared reference", bytes.fromhex("d81c81d81d00"), "tag 28"),
         ("truncated", cbor2.dumps(body(0))[:-3], "truncated"),
     ],
+    # Named, not by their bytes: a body carries the current time, and pytest-xdist's workers must collect
+    # the same test ids.
+    ids=["trailing-garbage", "epoch-time-tag", "bignum-tag", "nested-500", "shared-reference", "truncated"],
 )
 async def test_malformed_cbor_is_refused_naming_the_problem(
     running: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture, name: str, payload: bytes, words: str
