@@ -212,6 +212,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
                 str(directory / "store.db"),
                 "--status-interval",
                 "3600",
+                # The checks read the store beside the running consumer, which the default heap-memory WAL
+                # index forbids (store.py); the edge under test is the same either way.
+                "--store-shared-memory",
+                "true",
             ],
             stderr=log_file,
         )

@@ -17,6 +17,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from conftest import EXAMPLES_MAX_AGE_S, wire_example
+from smartgas_consumer.status import snapshot_path
 
 pytestmark = pytest.mark.integration
 
@@ -186,7 +187,8 @@ async def run_status(db: Path) -> tuple[int | None, bytes, bytes]:
 
 async def test_status_command_reports_store(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
-    async with consumer_process(db) as (process, port):
+    # One snapshot, written at start: the test removes it and must not see it come back.
+    async with consumer_process(db, "--status-interval", "3600") as (process, port):
         context = await aiocoap.Context.create_client_context(transports=["udp6"])
         message = aiocoap.Message(
             code=Code.PUT,
@@ -196,7 +198,14 @@ async def test_status_command_reports_store(tmp_path: Path) -> None:
         )
         await asyncio.wait_for(context.request(message).response, timeout=10)
         await context.shutdown()
-        # While the consumer serves the store, only it can read it (its WAL index is in its memory).
+        # While the consumer serves the store, only it can read it (its WAL index is in its memory): status
+        # prints the snapshot the consumer wrote of it (at start, then every status interval).
+        returncode, stdout, stderr = await run_status(db)
+        assert returncode == 0, stderr
+        snapshot = json.loads(stdout)
+        assert snapshot["served_by_pid"] == process.pid and snapshot["db"] == str(db)
+        assert {"as_of", "age_s", "readings", "meters", "shipping_lag"} <= set(snapshot)
+        snapshot_path(db).unlink()  # without one, status names the consumer that holds the store
         returncode, _, stderr = await run_status(db)
         assert returncode == 2
         assert f"served by the consumer with PID {process.pid}".encode() in stderr

@@ -26,7 +26,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from test_process import LISTENING, first_match
 
-from conftest import wire_example
+from conftest import EXAMPLES_MAX_AGE_S, wire_example
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,8 @@ async def test_rss_is_flat_after_the_cap_while_50000_ids_are_minted(tmp_path: Pa
         str(CAP),
         "--unknown-meters-per-minute",
         "1000000",
+        "--max-reading-age",
+        str(EXAMPLES_MAX_AGE_S),  # the wire example is dated 2026-11-23
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
