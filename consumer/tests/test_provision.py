@@ -412,7 +412,9 @@ async def test_unreachable_elasticsearch_gives_up_within_the_bound() -> None:
     message = str(caught.value)
     assert f"Elasticsearch at {url}" in message
     assert "gave up after 1 s" in message
-    assert "ConnectionError" in message  # the last reason, for the person reading the log
+    # The last reason, for the person reading the log: refused, or (on a loaded machine, when the budget ran
+    # out during the last try) no answer in what was left of it.
+    assert "ConnectionError" in message or "no answer within" in message, message
 
 
 async def test_wrong_credentials_fail_at_once_not_after_the_bound(stack: FakeStack) -> None:

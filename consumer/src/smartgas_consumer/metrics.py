@@ -260,10 +260,16 @@ class Metrics:
         self._pending.labels(sink).set(pending)
         self._oldest_pending_age.labels(sink).set(max(0.0, oldest_age_s))
 
-    def refresh(self, summary: StoreSummary, now: datetime) -> None:
-        """Set the store gauges and the readings sink's lag from a summary the caller already read."""
+    def refresh(self, summary: StoreSummary, now: datetime, *, shipping: bool = True) -> None:
+        """Set the store gauges, and the readings sink's lag when there is a sink, from a summary read already.
+
+        Without Elasticsearch nothing waits to be shipped: no lag is reported (a pending count there would
+        read as a growing backlog).
+        """
         self._store_readings.set(summary.readings)
         self._store_dead_letters.set(summary.dead_letters)
+        if not shipping:
+            return
         age = 0.0
         if summary.oldest_pending_received_at is not None:
             age = (now - datetime.fromisoformat(summary.oldest_pending_received_at)).total_seconds()

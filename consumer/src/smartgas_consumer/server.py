@@ -315,7 +315,7 @@ class Consumer:
 
     async def refresh_metrics(self, summary: StoreSummary, now: datetime) -> None:
         """The gauges read from state: shipping lag and store sizes, meters online, open alerts."""
-        self.metrics.refresh(summary, now)
+        self.metrics.refresh(summary, now, shipping=self.sink is not None)
         cutoff = format_timestamp(now - self.queries.offline_after)
         online: int = await self.store.read(
             lambda connection: connection.execute(
