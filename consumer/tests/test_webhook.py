@@ -168,12 +168,14 @@ async def test_503_429_and_timeouts_are_retried_with_the_same_delivery_id(
     store: ReadingStore, receiver: Receiver
 ) -> None:
     receiver.statuses = [503, 429]
-    receiver.delay_s = 0.5
-    dispatcher = WebhookDispatcher(store, [receiver.url], backoff=FAST, poll_s=0.05, timeout_s=0.2)
+    receiver.delay_s = 5.0
+    dispatcher = WebhookDispatcher(store, [receiver.url], backoff=FAST, poll_s=0.05, timeout_s=1.0)
     await dispatcher.start()
     try:
         await record(store, dispatcher, change("alert.opened"))
-        await wait_until(lambda: len(receiver.received) >= 3)
+        # 503, 429 and a timeout have each failed an attempt, judged by the dispatcher: the receiver records
+        # a request before it reads its delay, so its count alone let a third attempt succeed.
+        await wait_until(lambda: dispatcher.counters.failed_attempts >= 3 and len(receiver.received) >= 3)
         receiver.delay_s = 0.0
         await wait_until(lambda: dispatcher.counters.delivered == 1)
     finally:
