@@ -23,7 +23,7 @@ from webhook_receiver import Received, Receiver
 from conftest import reading_uri
 from smartgas_consumer.auth import digest
 from smartgas_consumer.config import ConsumerConfig
-from smartgas_consumer.fleet import load_fleet
+from smartgas_consumer.fleet import full_moles, load_fleet
 from smartgas_consumer.server import Consumer
 
 pytestmark = pytest.mark.integration
@@ -165,10 +165,10 @@ async def test_meter_shows_registry_latest_reading_and_fill(http: httpx.AsyncCli
         3,
     )
     assert meter["pressure_bar"] == 160.0
-    assert meter["fill_pct"] == pytest.approx(100 * meter["moles"] / fleet_meter.full_moles)
+    assert meter["fill_pct"] == pytest.approx(100 * meter["moles"] / full_moles(fleet_meter))
     assert (meter["site_id"], meter["gas"], meter["latitude"]) == (
         fleet_meter.site.site_id,
-        fleet_meter.gas,
+        fleet_meter.gas.name,
         fleet_meter.site.latitude,
     )
     silent = next(m for m in FLEET.meters.values() if m.client_id == client and m.meter_id != meter_id)

@@ -133,6 +133,18 @@ async def test_unknown_fault_exits_2_naming_it() -> None:
     assert "unknown fault 'meltdown'" in err
 
 
+async def test_unknown_gas_in_the_fleet_file_exits_2_naming_it(tmp_path) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    text = FLEET_FILE.read_text()
+    entry = "bottle-0003, site: lyon-gerland, gas: argon,"
+    assert entry in text
+    fleet.write_text(text.replace(entry, entry.replace("argon", "argn")))
+    code, err = await run_publisher("--fleet", str(fleet))
+    assert code == 2
+    assert f"{fleet}: meters[2].gas: gas 'argn' is not known; known gases: argon, argon-co2," in err
+    assert "Traceback" not in err
+
+
 async def test_help_prints_usage_and_exits_0() -> None:
     # Through the real console script, as a user types it.
     code, out, err = await run_help(console_script())

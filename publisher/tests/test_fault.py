@@ -90,7 +90,7 @@ def simulate(
 
 
 def test_meters_report_the_bottles_of_the_file() -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         readings = simulate(meter, NO_FAULT, MONDAY, timedelta(hours=1), 30)
         assert {r["volume_l"] for r in readings} == {meter.volume_l}
         fills = [fill_pct(r, meter) for r in readings]
@@ -98,7 +98,7 @@ def test_meters_report_the_bottles_of_the_file() -> None:
 
 
 def test_bottles_start_at_a_spread_of_fills() -> None:
-    starts = [fill_pct(simulate(m, NO_FAULT, MONDAY, timedelta(hours=1), 1)[0], m) for m in FLEET.meters]
+    starts = [fill_pct(simulate(m, NO_FAULT, MONDAY, timedelta(hours=1), 1)[0], m) for m in FLEET.meters.values()]
     assert all(30.0 - 1e-6 <= fill <= 100.0 + 1e-6 for fill in starts)
     assert min(starts) < 45 and max(starts) > 85
     assert len({round(fill) for fill in starts}) > 25
@@ -107,13 +107,13 @@ def test_bottles_start_at_a_spread_of_fills() -> None:
 @pytest.mark.parametrize("start_hour", [2, 10, 19])
 def test_healthy_meters_raise_no_alert_at_10_s(start_hour: int) -> None:
     # The negative control for every fault below: 3 minutes at the consumer's expected period.
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         readings = simulate(meter, NO_FAULT, MONDAY + timedelta(hours=start_hour), timedelta(seconds=10), 18)
         assert alerts(readings, meter) == set(), meter.meter_id
 
 
 def test_no_gas_is_drawn_outside_the_working_hours() -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         readings = simulate(meter, NO_FAULT, MONDAY, timedelta(minutes=20), 3 * 72)  # three days
         drawn_idle, drawn_working = 0.0, 0.0
         for before, after in pairs(readings):
@@ -131,7 +131,7 @@ def test_no_gas_is_drawn_outside_the_working_hours() -> None:
 
 
 def test_a_working_day_draws_about_draw_mol_per_h() -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         start, end = meter.site.working_hours_utc
         working_hours = end - start if start <= end else 24 - start + end
         model = BottleModel(meter.meter_id, 0, Bottle.of(meter))
@@ -159,7 +159,7 @@ def test_a_site_working_over_midnight_draws_only_at_night() -> None:
 
 
 def test_a_nearly_empty_bottle_is_swapped_below_5_percent() -> None:
-    workshop = FLEET.sites[0]
+    workshop = next(iter(FLEET.sites.values()))
     meter = FleetMeter("greedy-1", workshop, "argon", 10.0, 200.0, 2.0)  # a bottle lasts about 4 days
     model = BottleModel(meter.meter_id, 0, Bottle.of(meter))
     fills = [fill_pct(model.next_reading(MONDAY + timedelta(hours=h)).to_dict(), meter) for h in range(24 * 40)]
@@ -177,14 +177,14 @@ def test_a_nearly_empty_bottle_is_swapped_below_5_percent() -> None:
 @pytest.mark.parametrize("start_hour", [2, 10])
 def test_each_fault_raises_its_alert_and_no_other(kind: str, start_hour: int) -> None:
     fault = FAULT_BY_KIND[kind]
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         readings = simulate(meter, fault, MONDAY + timedelta(hours=start_hour), timedelta(seconds=10), 6)
         assert alerts(readings, meter) == {fault.alert}, meter.meter_id
         assert alerts(readings[:3], meter) == {fault.alert}, meter.meter_id  # within 3 readings
 
 
 def test_over_pressure_lasts_and_also_crosses_the_absolute_limit() -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         readings = simulate(meter, FAULT_BY_KIND["over-pressure"], MONDAY, timedelta(hours=1), 24 * 3)
         assert min(r["pressure_bar"] for r in readings) > meter.nominal_pressure_bar * OVERPRESSURE_PCT / 100
         assert min(r["pressure_bar"] for r in readings) > MAX_PRESSURE_BAR  # for a consumer without the file
@@ -192,7 +192,7 @@ def test_over_pressure_lasts_and_also_crosses_the_absolute_limit() -> None:
 
 
 def test_over_temperature_holds_the_gas_at_70_c_and_pressure_follows() -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         model = BottleModel(meter.meter_id, 0, Bottle.of(meter), FAULT_BY_KIND["over-temperature"])
         for hour in range(0, 72, 3):
             reading = model.next_reading(MONDAY + timedelta(hours=hour)).to_dict()
@@ -202,7 +202,7 @@ def test_over_temperature_holds_the_gas_at_70_c_and_pressure_follows() -> None:
 
 
 def test_low_content_stays_low_and_is_never_swapped() -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         model = BottleModel(meter.meter_id, 0, Bottle.of(meter), FAULT_BY_KIND["low-content"])
         readings = [model.next_reading(MONDAY + timedelta(hours=h)).to_dict() for h in range(24 * 14)]
         fills = [fill_pct(r, meter) for r in readings]
@@ -215,7 +215,7 @@ def test_low_content_stays_low_and_is_never_swapped() -> None:
 @pytest.mark.parametrize("period_s", [0.05, 1.0, 10.0, 300.0, 3600.0])
 @pytest.mark.parametrize("start_hour", [3, 11, 20])
 def test_a_leak_shows_in_every_pair_of_readings_at_any_period(period_s: float, start_hour: int) -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         start = MONDAY + timedelta(hours=start_hour)
         readings = simulate(meter, FAULT_BY_KIND["leak"], start, timedelta(seconds=period_s), 3)
         for before, after in pairs(readings):
@@ -235,7 +235,7 @@ def test_a_leak_loses_ten_times_the_draw_at_least_5_mol_per_h() -> None:
 
 
 def test_sensor_fault_is_one_jump_at_the_third_reading_and_back() -> None:
-    for meter in FLEET.meters:
+    for meter in FLEET.meters.values():
         readings = simulate(meter, FAULT_BY_KIND["sensor-fault"], MONDAY, timedelta(seconds=10), 8)
         jumps = [abs(b["temperature_c"] - a["temperature_c"]) for a, b in pairs(readings)]
         assert [j > JUMP_C for j in jumps] == [False, True, True, False, False, False, False]
@@ -246,7 +246,7 @@ def test_sensor_fault_is_one_jump_at_the_third_reading_and_back() -> None:
 
 
 def test_offline_meters_fall_silent_after_two_readings() -> None:
-    meter = FLEET.meters[2]
+    meter = list(FLEET.meters.values())[2]
     assert BottleModel(meter.meter_id, 0, Bottle.of(meter), FAULT_BY_KIND["offline"]).silent_after == 2
     assert BottleModel(meter.meter_id, 0, Bottle.of(meter)).silent_after is None
 
@@ -262,15 +262,15 @@ def test_faults_also_work_on_anonymous_meters() -> None:
 
 
 def test_same_seed_same_fleet_readings_with_faults() -> None:
-    for meter, fault in zip(FLEET.meters, (NO_FAULT, *FAULTS), strict=False):
+    for meter, fault in zip(FLEET.meters.values(), (NO_FAULT, *FAULTS), strict=False):
         first = simulate(meter, fault, MONDAY, timedelta(minutes=7), 100, seed=42)
         assert simulate(meter, fault, MONDAY, timedelta(minutes=7), 100, seed=42) == first
         assert simulate(meter, fault, MONDAY, timedelta(minutes=7), 100, seed=43) != first
 
 
 def test_meters_of_one_site_share_its_temperature_offset() -> None:
-    same_site = [m for m in FLEET.meters if m.site.site_id == "lyon-gerland"]
-    other_site = next(m for m in FLEET.meters if m.site.site_id == "annecy")
+    same_site = [m for m in FLEET.meters.values() if m.site.site_id == "lyon-gerland"]
+    other_site = next(m for m in FLEET.meters.values() if m.site.site_id == "annecy")
 
     def mean_temperature(meter: FleetMeter) -> float:
         readings = simulate(meter, NO_FAULT, MONDAY, timedelta(hours=1), 48)

@@ -42,7 +42,7 @@ from typing import Any
 from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import Refusal, Shipment
-from smartgas_consumer.fleet import Fleet, FleetMeter
+from smartgas_consumer.fleet import Fleet, FleetMeter, full_moles, ideal_fill_pct
 from smartgas_consumer.intake import StoredEvent
 from smartgas_consumer.store import ReadingStore, ShipState, format_timestamp, parse_timestamp
 
@@ -212,8 +212,8 @@ def is_swap(previous: Sample, current: Sample, meter: FleetMeter | None, config:
     than ``alert_jump_bar`` and stayed within ``alert_max_pressure_bar``.
     """
     if meter is not None:
-        fill_pct = meter.fill_pct(current.moles)
-        rise_pct = 100.0 * (current.moles - previous.moles) / meter.full_moles
+        fill_pct = ideal_fill_pct(meter, current.moles)
+        rise_pct = 100.0 * (current.moles - previous.moles) / full_moles(meter)
         return rise_pct >= SWAP_MIN_RISE_PCT and SWAP_FILL_PCT[0] <= fill_pct <= SWAP_FILL_PCT[1]
     rise_bar = current.pressure_bar - previous.pressure_bar
     return rise_bar > config.alert_jump_bar and current.pressure_bar <= config.alert_max_pressure_bar

@@ -100,7 +100,7 @@ def to_document(reading: StoredReading, fleet: Fleet | None = None) -> dict[str,
         document["fill_pct"] = reading.fill_pct
     meter = fleet.meter(reading.meter_id) if fleet is not None else None
     if meter is not None:
-        document["gas"] = meter.gas
+        document["gas"] = meter.gas.name
         document["location"] = {"lat": meter.site.latitude, "lon": meter.site.longitude}
     return document
 

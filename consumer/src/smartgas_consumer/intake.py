@@ -18,7 +18,7 @@ from aiocoap.error import ConstructionRenderableError
 from smartgas_consumer import physics
 from smartgas_consumer.admission import UnknownMeters
 from smartgas_consumer.error import ImplausibleReading, StoreUnavailable
-from smartgas_consumer.fleet import Fleet, FleetMeter
+from smartgas_consumer.fleet import Fleet, FleetMeter, ideal_fill_pct
 from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.reading import Reading, TimeWindow, check_meter_id, decode_body, parse_reading
 from smartgas_consumer.store import (
@@ -142,7 +142,7 @@ class ReadingIntake:
         meter = self.fleet.meter(reading.meter_id)
         if meter is None:
             return Enrichment(), None
-        return Enrichment(meter.client_id, meter.site.site_id, meter.fill_pct(moles), True), meter
+        return Enrichment(meter.client_id, meter.site.site_id, ideal_fill_pct(meter, moles), True), meter
 
     async def _store(self, reading: Reading) -> Accepted:
         moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)

@@ -111,7 +111,7 @@ class FleetQueries:
                     "site_name": meter.site.name if meter else None,
                     "latitude": meter.site.latitude if meter else None,
                     "longitude": meter.site.longitude if meter else None,
-                    "gas": meter.gas if meter else None,
+                    "gas": meter.gas.name if meter else None,
                     "volume_l": meter.volume_l if meter else (row["volume_l"] if row else None),
                     "nominal_pressure_bar": meter.nominal_pressure_bar if meter else None,
                     "first_seen": row["first_seen"] if row else None,
