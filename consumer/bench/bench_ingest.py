@@ -82,7 +82,9 @@ async def meter(port: int, meter_id: str, readings: int, latencies: list[float])
     return acknowledged
 
 
-async def run(meters: int, readings: int, timeout_s: float, group_window_ms: float, *, known: bool) -> dict[str, float | str]:
+async def run(
+    meters: int, readings: int, timeout_s: float, group_window_ms: float, *, known: bool
+) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as scratch:
         db = Path(scratch) / "bench.db"
         fleet_options: list[str] = []
