@@ -1,8 +1,8 @@
 """Unit tests of the fleet-file simulation and of every fault, judged by the consumer's alert rules.
 
 The rules are re-implemented here from the readings alone, as the consumer sees them (pressure,
-temperature, volume, meter timestamps), with the consumer's default thresholds; the gas content is
-computed with this file's own ideal gas law, not the model's.
+temperature, volume, meter timestamps), with the consumer's default thresholds; the gas content is the
+real-gas content the consumer computes, from the shared physics (``smartgas_common``), not the model's.
 """
 
 import itertools
@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from conftest import FLEET_FILE
+from smartgas_common.content import build_models
+from smartgas_common.gas import BUILTIN_GASES
 from smartgas_publisher.fault import FAULT_BY_KIND, FAULTS, NO_FAULT, Fault, parse_injection
 from smartgas_publisher.fleetfile import FleetMeter, Site, load_fleet_file
 from smartgas_publisher.model import Bottle, BottleModel
@@ -29,30 +31,36 @@ IDLE_DRAW_MOL_PER_H = 0.5
 JUMP_BAR = 50.0
 JUMP_C = 25.0
 
-R = 8.314462618  # J/(mol·K)
+#: The physics of every gas these tests simulate, built once.
+MODELS = build_models([*FLEET.gases_in_use(), BUILTIN_GASES["nitrogen"], BUILTIN_GASES["argon"]])
 
 
-def moles(reading: dict[str, Any]) -> float:
-    kelvin = reading["temperature_c"] + 273.15
-    return reading["pressure_bar"] * 1e5 * reading["volume_l"] * 1e-3 / (R * kelvin)
+def moles(reading: dict[str, Any], meter: FleetMeter) -> float:
+    """The real content of the reading's bottle, as the consumer computes it."""
+    model = MODELS[meter.gas.name]
+    return model.content(reading["pressure_bar"], reading["temperature_c"], reading["volume_l"]).real_moles
 
 
 def full_moles(meter: FleetMeter) -> float:
-    return meter.nominal_pressure_bar * 1e5 * meter.volume_l * 1e-3 / (R * 288.15)
+    return MODELS[meter.gas.name].content(meter.nominal_pressure_bar, 15.0, meter.volume_l).real_moles
 
 
 def fill_pct(reading: dict[str, Any], meter: FleetMeter) -> float:
-    return 100.0 * moles(reading) / full_moles(meter)
+    return 100.0 * moles(reading, meter) / full_moles(meter)
+
+
+def bottle(meter: FleetMeter) -> Bottle:
+    return Bottle.of(meter, MODELS[meter.gas.name])
 
 
 def when(reading: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(reading["ts"])
 
 
-def falling_mol_per_h(before: dict[str, Any], after: dict[str, Any]) -> float:
+def falling_mol_per_h(before: dict[str, Any], after: dict[str, Any], meter: FleetMeter) -> float:
     """How fast the gas content fell between two readings (negative: it rose), mol/h."""
     hours = (when(after) - when(before)) / timedelta(hours=1)
-    return (moles(before) - moles(after)) / hours
+    return (moles(before, meter) - moles(after, meter)) / hours
 
 
 def pairs(readings: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -69,7 +77,7 @@ def alerts(readings: list[dict[str, Any]], meter: FleetMeter) -> set[str]:
     if any(fill_pct(r, meter) < LOW_FILL_PCT for r in readings):
         raised.add("low_content")
     for before, after in pairs(readings):
-        rate = falling_mol_per_h(before, after)
+        rate = falling_mol_per_h(before, after, meter)
         idle = not meter.site.is_working(when(after).hour)
         if rate > LEAK_FACTOR * meter.draw_mol_per_h or (idle and rate > IDLE_DRAW_MOL_PER_H):
             raised.add("leak")
@@ -82,7 +90,7 @@ def alerts(readings: list[dict[str, Any]], meter: FleetMeter) -> set[str]:
 def simulate(
     meter: FleetMeter, fault: Fault, start: datetime, step: timedelta, count: int, seed: int = 0
 ) -> list[dict[str, Any]]:
-    model = BottleModel(meter.meter_id, seed, Bottle.of(meter), fault)
+    model = BottleModel(meter.meter_id, seed, bottle(meter), fault)
     return [model.next_reading(start + i * step).to_dict() for i in range(count)]
 
 
@@ -118,11 +126,11 @@ def test_no_gas_is_drawn_outside_the_working_hours() -> None:
         drawn_idle, drawn_working = 0.0, 0.0
         for before, after in pairs(readings):
             hours = {when(before).hour, (when(after) - timedelta(microseconds=1)).hour}
-            fallen = moles(before) - moles(after)
+            fallen = moles(before, meter) - moles(after, meter)
             if fallen < -1.0:
                 continue  # the bottle was swapped
             if not any(meter.site.is_working(h) for h in hours):
-                assert abs(falling_mol_per_h(before, after)) < 1e-3, (meter.meter_id, before["ts"])
+                assert abs(falling_mol_per_h(before, after, meter)) < 1e-3, (meter.meter_id, before["ts"])
                 drawn_idle += fallen
             elif all(meter.site.is_working(h) for h in hours):
                 drawn_working += fallen
@@ -134,7 +142,7 @@ def test_a_working_day_draws_about_draw_mol_per_h() -> None:
     for meter in FLEET.meters.values():
         start, end = meter.site.working_hours_utc
         working_hours = end - start if start <= end else 24 - start + end
-        model = BottleModel(meter.meter_id, 0, Bottle.of(meter))
+        model = BottleModel(meter.meter_id, 0, bottle(meter))
         model.next_reading(MONDAY)
         drawn = 0.0
         for day in range(1, 11):
@@ -148,10 +156,10 @@ def test_a_working_day_draws_about_draw_mol_per_h() -> None:
 
 def test_a_site_working_over_midnight_draws_only_at_night() -> None:
     night_shift = Site("bakery", "acme", "Bakery", 45.0, 4.0, (22, 6))
-    meter = FleetMeter("oven-1", night_shift, "nitrogen", 50.0, 200.0, 3.0)
+    meter = FleetMeter("oven-1", night_shift, BUILTIN_GASES["nitrogen"], 50.0, 200.0, 3.0)
     readings = simulate(meter, NO_FAULT, MONDAY, timedelta(hours=1), 49)
     for before, after in pairs(readings):
-        fallen = moles(before) - moles(after)
+        fallen = moles(before, meter) - moles(after, meter)
         if night_shift.is_working(when(before).hour):
             assert fallen > 0, before["ts"]
         else:
@@ -160,8 +168,8 @@ def test_a_site_working_over_midnight_draws_only_at_night() -> None:
 
 def test_a_nearly_empty_bottle_is_swapped_below_5_percent() -> None:
     workshop = next(iter(FLEET.sites.values()))
-    meter = FleetMeter("greedy-1", workshop, "argon", 10.0, 200.0, 2.0)  # a bottle lasts about 4 days
-    model = BottleModel(meter.meter_id, 0, Bottle.of(meter))
+    meter = FleetMeter("greedy-1", workshop, BUILTIN_GASES["argon"], 10.0, 200.0, 2.0)  # a bottle lasts about 4 days
+    model = BottleModel(meter.meter_id, 0, bottle(meter))
     fills = [fill_pct(model.next_reading(MONDAY + timedelta(hours=h)).to_dict(), meter) for h in range(24 * 40)]
     assert model.swaps >= 3
     assert min(fills) >= 5.0 - 1e-6
@@ -188,22 +196,22 @@ def test_over_pressure_lasts_and_also_crosses_the_absolute_limit() -> None:
         readings = simulate(meter, FAULT_BY_KIND["over-pressure"], MONDAY, timedelta(hours=1), 24 * 3)
         assert min(r["pressure_bar"] for r in readings) > meter.nominal_pressure_bar * OVERPRESSURE_PCT / 100
         assert min(r["pressure_bar"] for r in readings) > MAX_PRESSURE_BAR  # for a consumer without the file
-        assert min(fill_pct(r, meter) for r in readings) >= 125.0 - 1e-6
+        assert min(fill_pct(r, meter) for r in readings) >= 110.0  # 113.5 % for a 300 bar nitrogen bottle
 
 
-def test_over_temperature_holds_the_gas_at_70_c_and_pressure_follows() -> None:
+def test_over_temperature_holds_the_gas_at_65_c_and_pressure_follows() -> None:
     for meter in FLEET.meters.values():
-        model = BottleModel(meter.meter_id, 0, Bottle.of(meter), FAULT_BY_KIND["over-temperature"])
+        model = BottleModel(meter.meter_id, 0, bottle(meter), FAULT_BY_KIND["over-temperature"])
         for hour in range(0, 72, 3):
             reading = model.next_reading(MONDAY + timedelta(hours=hour)).to_dict()
             assert reading["temperature_c"] > MAX_TEMPERATURE_C
-            assert reading["temperature_c"] == pytest.approx(70.0, abs=1.5)
-            assert moles(reading) == pytest.approx(model.amount_mol, rel=1e-7)
+            assert reading["temperature_c"] == pytest.approx(65.0, abs=1.5)
+            assert moles(reading, meter) == pytest.approx(model.amount_mol, rel=1e-7)
 
 
 def test_low_content_stays_low_and_is_never_swapped() -> None:
     for meter in FLEET.meters.values():
-        model = BottleModel(meter.meter_id, 0, Bottle.of(meter), FAULT_BY_KIND["low-content"])
+        model = BottleModel(meter.meter_id, 0, bottle(meter), FAULT_BY_KIND["low-content"])
         readings = [model.next_reading(MONDAY + timedelta(hours=h)).to_dict() for h in range(24 * 14)]
         fills = [fill_pct(r, meter) for r in readings]
         assert 6.9 <= fills[0] <= 9.1
@@ -219,7 +227,7 @@ def test_a_leak_shows_in_every_pair_of_readings_at_any_period(period_s: float, s
         start = MONDAY + timedelta(hours=start_hour)
         readings = simulate(meter, FAULT_BY_KIND["leak"], start, timedelta(seconds=period_s), 3)
         for before, after in pairs(readings):
-            rate = falling_mol_per_h(before, after)
+            rate = falling_mol_per_h(before, after, meter)
             if rate < -1.0:
                 continue  # swapped for a full bottle (the leak goes on with the new one)
             assert rate > LEAK_FACTOR * meter.draw_mol_per_h, (meter.meter_id, rate)
@@ -242,13 +250,16 @@ def test_sensor_fault_is_one_jump_at_the_third_reading_and_back() -> None:
         assert readings[2]["temperature_c"] < readings[1]["temperature_c"]
         assert max(abs(b["pressure_bar"] - a["pressure_bar"]) for a, b in pairs(readings)) < JUMP_BAR
         # The gas content is right throughout: the glitch does not look like a leak or a refill.
-        assert max(abs(falling_mol_per_h(a, b)) for a, b in pairs(readings)) < LEAK_FACTOR * meter.draw_mol_per_h + 1
+        assert (
+            max(abs(falling_mol_per_h(a, b, meter)) for a, b in pairs(readings))
+            < LEAK_FACTOR * meter.draw_mol_per_h + 1
+        )
 
 
 def test_offline_meters_fall_silent_after_two_readings() -> None:
     meter = list(FLEET.meters.values())[2]
-    assert BottleModel(meter.meter_id, 0, Bottle.of(meter), FAULT_BY_KIND["offline"]).silent_after == 2
-    assert BottleModel(meter.meter_id, 0, Bottle.of(meter)).silent_after is None
+    assert BottleModel(meter.meter_id, 0, bottle(meter), FAULT_BY_KIND["offline"]).silent_after == 2
+    assert BottleModel(meter.meter_id, 0, bottle(meter)).silent_after is None
 
 
 def test_faults_also_work_on_anonymous_meters() -> None:
@@ -298,3 +309,17 @@ def test_every_fault_kind_is_its_own_alert() -> None:
     kinds = [fault.kind for fault in FAULTS]
     assert kinds == ["over-pressure", "over-temperature", "low-content", "leak", "offline", "sensor-fault"]
     assert [fault.alert for fault in FAULTS] == [kind.replace("-", "_") for kind in kinds]  # the consumer's names
+
+
+def test_a_sealed_bottle_keeps_its_real_content_while_its_pressure_follows_the_temperature() -> None:
+    """Each gas of the file, not drawn from for two days: the pressure swings with the daily cycle, the real
+    content the consumer computes does not, and the rules see nothing (the ideal gas moles do move)."""
+    sealed = Fault(kind="sealed", alert="", effect="not drawn from", draws=False)
+    first_of_each_gas = {meter.gas.name: meter for meter in reversed(FLEET.meters.values())}
+    for meter in first_of_each_gas.values():
+        readings = simulate(meter, sealed, MONDAY, timedelta(minutes=30), 96)
+        contents = [moles(r, meter) for r in readings]
+        pressures = [r["pressure_bar"] for r in readings]
+        assert (max(contents) - min(contents)) / max(contents) < 1e-6, meter.gas.name
+        assert max(pressures) / min(pressures) > 1.03, meter.gas.name
+        assert alerts(readings, meter) == set(), meter.gas.name
