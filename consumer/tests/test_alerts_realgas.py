@@ -98,3 +98,39 @@ def test_a_slow_leak_is_still_caught_through_the_temperature_cycle() -> None:
     trips, _ = run_day("argon", 1.0, 1.0)
     assert trips.get(Kind.LEAK, 0) > 0
     assert Kind.SENSOR_FAULT not in trips and Kind.LOW_CONTENT not in trips
+
+
+def test_a_draining_co2_bottle_opens_liquid_exhausted_once_its_liquid_is_gone_and_never_a_leak() -> None:
+    """A 50 L CO₂ bottle drawn from 30 kg down to 2 kg at 15 °C then swapped: plateau, then decline."""
+    fleet = fleet_of("co2")
+    meter = fleet.meter("m1")
+    assert meter is not None
+    gas_physics = RealGasPhysics.build(fleet)
+    model = build_models([meter.gas])["co2"]
+    molar_mass = model.molar_mass_kg_per_mol
+    track = MeterTrack("m1")
+    verdicts: list[tuple[float, Verdict]] = []
+    trips: set[Kind] = set()
+    masses_kg = [30.0 - 0.05 * i for i in range(561)] + [30.0] * 10  # to 2 kg, then a full bottle
+    for seq, mass_kg in enumerate(masses_kg):
+        ts = MIDNIGHT + timedelta(hours=8, seconds=PERIOD_S * seq)
+        temperature_c = 15.0 + (0.3 if seq % 2 else -0.3)
+        pressure_bar = round(model.pressure_bar(mass_kg / molar_mass, VOLUME_L, temperature_c), 6)
+        reading = Reading("m1", seq, ts, pressure_bar, temperature_c, VOLUME_L)
+        moles = physics.moles(pressure_bar, temperature_c, VOLUME_L)
+        real = gas_physics.evaluate(meter, pressure_bar, temperature_c, VOLUME_L)
+        enrichment = Enrichment(meter.client_id, meter.site.site_id, real.fill_pct, True, real)
+        outcome = SequenceOutcome.FIRST if seq == 0 else SequenceOutcome.NEXT
+        event = StoredEvent(reading, moles, ts, CommitResult(outcome, moles, 0, real=real), enrichment, meter)
+        observation = track.observe(Sample.of(event), meter, CONFIG)
+        assert observation is not None
+        checks = judge(observation)
+        trips |= {kind for kind, check in checks.items() if check.verdict is Verdict.TRIP}
+        if Kind.LIQUID_EXHAUSTED in checks:
+            verdicts.append((mass_kg, checks[Kind.LIQUID_EXHAUSTED].verdict))
+    first_trip = next(mass for mass, verdict in verdicts if verdict is Verdict.TRIP)
+    # The saturated vapour holds 160.7 kg/m³ at 15 °C, 8.0 kg in 50 L; the state changes once the pressure
+    # is 10 % below the vapour pressure, a little later.
+    assert 5.0 < first_trip < 8.0
+    assert verdicts[-1][1] is Verdict.CLEAR  # the full bottle
+    assert Kind.LEAK not in trips and Kind.LOW_CONTENT not in trips

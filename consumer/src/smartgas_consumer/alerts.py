@@ -15,7 +15,9 @@ Rules (thresholds from ``ConsumerConfig``, everything else a named constant belo
   cooling at night is not a leak; the ideal-gas ``moles`` otherwise (meters missing from the fleet file);
 - ``sensor_fault``: pressure or temperature jumping by more than ``alert_jump_bar``/``alert_jump_c``
   between consecutive readings, unless the step is a bottle swap;
-- ``offline``: no reading received for ``offline_after_periods`` × ``expected_period_s``.
+- ``offline``: no reading received for ``offline_after_periods`` × ``expected_period_s``;
+- ``liquid_exhausted``: a liquefied-gas bottle's pressure fell below its vapour pressure (the liquid is
+  gone: what is left is the gas phase); resolves once liquid is present again (a new bottle).
 
 Each rule gives a verdict per reading: *trip* (the condition holds), *clear* (it is gone, beyond the
 hysteresis) or nothing (cannot judge, or inside the hysteresis band). An alert opens on the first trip of
@@ -42,11 +44,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from smartgas_common.gas import Storage
 from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import Refusal, Shipment
 from smartgas_consumer.fleet import Fleet, FleetMeter, ideal_fill_pct
 from smartgas_consumer.intake import StoredEvent
+from smartgas_consumer.realgas import LiquidState
 from smartgas_consumer.store import ReadingStore, ShipState, format_timestamp, parse_timestamp
 
 _LOG = logging.getLogger(__name__)
@@ -126,6 +130,7 @@ class Kind(enum.StrEnum):
     LEAK = "leak"
     SENSOR_FAULT = "sensor_fault"
     OFFLINE = "offline"
+    LIQUID_EXHAUSTED = "liquid_exhausted"
 
 
 #: Critical: gas may escape or a reading cannot be trusted. Warning: needs attention, not urgently.
@@ -136,6 +141,7 @@ SEVERITY: dict[Kind, str] = {
     Kind.OVER_TEMPERATURE: "warning",
     Kind.LOW_CONTENT: "warning",
     Kind.OFFLINE: "warning",
+    Kind.LIQUID_EXHAUSTED: "warning",
 }
 
 OPEN = "open"
@@ -170,6 +176,8 @@ class Sample:
     #: The content the rules judge: real moles where the physics gives them, else the ideal-gas moles.
     moles: float
     fill_pct: float | None
+    #: A liquefied gas's state (``realgas.py``); None for a compressed gas or an unknown meter.
+    liquid_state: str | None = None
 
     @classmethod
     def of(cls, event: StoredEvent) -> Sample:
@@ -183,6 +191,7 @@ class Sample:
             reading.temperature_c,
             real_moles if real_moles is not None else event.moles,
             event.enrichment.fill_pct,
+            event.enrichment.real.liquid_state,
         )
 
 
@@ -376,6 +385,10 @@ def check_leak(observation: Observation) -> Check | None:
     meter, config, sample = observation.meter, observation.config, observation.sample
     if meter is None or not observation.window or observation.window[-1] is not sample:
         return None
+    if meter.gas.storage is Storage.LIQUEFIED:
+        # Its pressure is the vapour pressure, set by the temperature: it shows no loss of liquid, and
+        # the ideal moles of a cooling bottle would fall like a leak's.
+        return None
     working = meter.site.is_working(sample.ts.hour)
     limit = config.alert_leak_factor * meter.draw_mol_per_h
     if not working:
@@ -421,11 +434,24 @@ def check_sensor_fault(observation: Observation) -> Check | None:
     return None
 
 
+def check_liquid_exhausted(observation: Observation) -> Check | None:
+    """Liquid exhausted: a liquefied bottle's state says its liquid is gone; clears once liquid is present."""
+    state = observation.sample.liquid_state
+    if state == LiquidState.EXHAUSTED:
+        return Check(
+            Verdict.TRIP, observation.sample.pressure_bar, "pressure below the vapour pressure: no liquid left"
+        )
+    if state == LiquidState.PRESENT:
+        return Check(Verdict.CLEAR, observation.sample.pressure_bar, "liquid present again (a new bottle?)")
+    return None
+
+
 #: Every rule judged on each reading, by kind (offline is judged on the timer).
 RULES: tuple[tuple[Kind, Callable[[Observation], Check | None]], ...] = (
     *((threshold.kind, threshold.check) for threshold in THRESHOLDS),
     (Kind.LEAK, check_leak),
     (Kind.SENSOR_FAULT, check_sensor_fault),
+    (Kind.LIQUID_EXHAUSTED, check_liquid_exhausted),
 )
 
 
@@ -671,8 +697,8 @@ class AlertEngine:
     def _load_meter(connection: sqlite3.Connection, meter: sqlite3.Row) -> tuple[Any, ...]:
         since = format_timestamp(parse_timestamp(meter["last_ts"]) - LEAK_WINDOW)
         rows = connection.execute(
-            "SELECT epoch, seq, ts, pressure_bar, temperature_c, coalesce(real_moles, moles) AS moles, fill_pct"
-            " FROM readings"
+            "SELECT epoch, seq, ts, pressure_bar, temperature_c, coalesce(real_moles, moles) AS moles, fill_pct,"
+            " liquid_state FROM readings"
             " WHERE meter_id = ? AND epoch = ? AND ts >= ? ORDER BY seq DESC LIMIT ?",
             (meter["meter_id"], meter["epoch"], since, LEAK_MAX_READINGS),
         ).fetchall()
@@ -685,6 +711,7 @@ class AlertEngine:
                 row["temperature_c"],
                 row["moles"],
                 row["fill_pct"],
+                row["liquid_state"],
             )
             for row in reversed(rows)
         ]

@@ -61,6 +61,16 @@ class RealGas:
         }
 
 
+class LiquidState:
+    """The states of a liquefied bottle as stored (``smartgas_common.content.LiquidState``'s values, spelled
+    out here so that this module does not import CoolProp)."""
+
+    PRESENT = "liquid_present"
+    EXHAUSTED = "liquid_exhausted"
+    OVER_PRESSURE = "over_pressure"
+    SUPERCRITICAL = "supercritical"
+
+
 #: A reading the physics has nothing to say about.
 NO_REAL_GAS = RealGas()
 
