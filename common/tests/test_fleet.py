@@ -55,7 +55,7 @@ def test_the_repository_fleet_file_is_read_entry_by_entry() -> None:
     raw = yaml.safe_load(FLEET_FILE.read_text())
     fleet = load_fleet(FLEET_FILE)
     assert fleet.meter_ids() == [entry["id"] for entry in raw["meters"]]
-    assert len(fleet.meters) == 50 and len(set(fleet.meter_ids())) == 50
+    assert len(fleet.meters) == 54 and len(set(fleet.meter_ids())) == 54
     for entry, meter in zip(raw["meters"], fleet.meters.values(), strict=True):
         assert (meter.site.site_id, meter.gas.name) == (entry["site"], entry["gas"])
         assert (meter.volume_l, meter.nominal_pressure_bar, meter.draw_mol_per_h) == (
@@ -65,7 +65,7 @@ def test_the_repository_fleet_file_is_read_entry_by_entry() -> None:
         )
     assert [site.site_id for site in fleet.sites.values()] == [entry["id"] for entry in raw["sites"]]
     assert list(fleet.clients) == [entry["id"] for entry in raw["clients"]]
-    assert fleet.meter("bottle-0038") is not None and fleet.meter("bottle-0051") is None
+    assert fleet.meter("bottle-0038") is not None and fleet.meter("bottle-0099") is None
 
 
 def test_minimal_file_is_accepted() -> None:

@@ -497,7 +497,7 @@ def chart_points(measure: str) -> str:
 @needs_chromium
 async def test_page_lists_the_whole_fleet(dashboard: Dashboard, browser: Browser, tmp_path: Path) -> None:
     await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
-    assert await browser.wait_for(f"{ROWS} === {len(FLEET.meters)} && {ROWS}") == 50
+    assert await browser.wait_for(f"{ROWS} === {len(FLEET.meters)} && {ROWS}") == 54
     assert await browser.evaluate("location.hash") == ""  # the key left the address bar
     assert await browser.evaluate("localStorage.getItem('smartgas.apiKey')") == ADMIN_KEY
     assert await browser.evaluate("document.querySelector('#who').textContent") == "administrator"

@@ -121,7 +121,7 @@ async def test_fleet_file_and_injection_from_the_environment(consumer: FakeConsu
     monkeypatch.setenv("SMARTGAS_PUBLISHER_INJECT", "offline:bottle-0003,leak:bottle-0004")
     code, err = await run_publisher("--consumer", consumer.uri, "--count", "3", "--period", "0.1")
     assert code == 0, err
-    assert "fleet finished: meters=50 produced=149 sent=149 acked=149" in err
+    assert "fleet finished: meters=54 produced=161 sent=161 acked=161" in err
     assert "bottle-0004: injecting fault leak" in err
     assert "bottle-0003: offline fault: silent after 2 readings" in err
     assert consumer.acknowledged_seqs("bottle-0003") == [0, 1]

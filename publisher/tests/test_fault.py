@@ -13,7 +13,7 @@ import pytest
 
 from conftest import FLEET_FILE
 from smartgas_common.content import build_models
-from smartgas_common.gas import BUILTIN_GASES
+from smartgas_common.gas import BUILTIN_GASES, Storage
 from smartgas_publisher.fault import FAULT_BY_KIND, FAULTS, NO_FAULT, Fault, parse_injection
 from smartgas_publisher.fleetfile import FleetMeter, Site, load_fleet_file
 from smartgas_publisher.model import Bottle, BottleModel
@@ -31,6 +31,9 @@ IDLE_DRAW_MOL_PER_H = 0.5
 JUMP_BAR = 50.0
 JUMP_C = 25.0
 
+#: The bottles whose content pressure gives (the liquefied ones have tests of their own below).
+COMPRESSED_METERS = [meter for meter in FLEET.meters.values() if meter.gas.storage is Storage.COMPRESSED]
+LIQUEFIED_METERS = [meter for meter in FLEET.meters.values() if meter.gas.storage is Storage.LIQUEFIED]
 #: The physics of every gas these tests simulate, built once.
 MODELS = build_models([*FLEET.gases_in_use(), BUILTIN_GASES["nitrogen"], BUILTIN_GASES["argon"]])
 
@@ -98,7 +101,7 @@ def simulate(
 
 
 def test_meters_report_the_bottles_of_the_file() -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         readings = simulate(meter, NO_FAULT, MONDAY, timedelta(hours=1), 30)
         assert {r["volume_l"] for r in readings} == {meter.volume_l}
         fills = [fill_pct(r, meter) for r in readings]
@@ -106,7 +109,7 @@ def test_meters_report_the_bottles_of_the_file() -> None:
 
 
 def test_bottles_start_at_a_spread_of_fills() -> None:
-    starts = [fill_pct(simulate(m, NO_FAULT, MONDAY, timedelta(hours=1), 1)[0], m) for m in FLEET.meters.values()]
+    starts = [fill_pct(simulate(m, NO_FAULT, MONDAY, timedelta(hours=1), 1)[0], m) for m in COMPRESSED_METERS]
     assert all(30.0 - 1e-6 <= fill <= 100.0 + 1e-6 for fill in starts)
     assert min(starts) < 45 and max(starts) > 85
     assert len({round(fill) for fill in starts}) > 25
@@ -115,13 +118,13 @@ def test_bottles_start_at_a_spread_of_fills() -> None:
 @pytest.mark.parametrize("start_hour", [2, 10, 19])
 def test_healthy_meters_raise_no_alert_at_10_s(start_hour: int) -> None:
     # The negative control for every fault below: 3 minutes at the consumer's expected period.
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         readings = simulate(meter, NO_FAULT, MONDAY + timedelta(hours=start_hour), timedelta(seconds=10), 18)
         assert alerts(readings, meter) == set(), meter.meter_id
 
 
 def test_no_gas_is_drawn_outside_the_working_hours() -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         readings = simulate(meter, NO_FAULT, MONDAY, timedelta(minutes=20), 3 * 72)  # three days
         drawn_idle, drawn_working = 0.0, 0.0
         for before, after in pairs(readings):
@@ -139,7 +142,7 @@ def test_no_gas_is_drawn_outside_the_working_hours() -> None:
 
 
 def test_a_working_day_draws_about_draw_mol_per_h() -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         start, end = meter.site.working_hours_utc
         working_hours = end - start if start <= end else 24 - start + end
         model = BottleModel(meter.meter_id, 0, bottle(meter))
@@ -185,14 +188,14 @@ def test_a_nearly_empty_bottle_is_swapped_below_5_percent() -> None:
 @pytest.mark.parametrize("start_hour", [2, 10])
 def test_each_fault_raises_its_alert_and_no_other(kind: str, start_hour: int) -> None:
     fault = FAULT_BY_KIND[kind]
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         readings = simulate(meter, fault, MONDAY + timedelta(hours=start_hour), timedelta(seconds=10), 6)
         assert alerts(readings, meter) == {fault.alert}, meter.meter_id
         assert alerts(readings[:3], meter) == {fault.alert}, meter.meter_id  # within 3 readings
 
 
 def test_over_pressure_lasts_and_also_crosses_the_absolute_limit() -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         readings = simulate(meter, FAULT_BY_KIND["over-pressure"], MONDAY, timedelta(hours=1), 24 * 3)
         assert min(r["pressure_bar"] for r in readings) > meter.nominal_pressure_bar * OVERPRESSURE_PCT / 100
         assert min(r["pressure_bar"] for r in readings) > MAX_PRESSURE_BAR  # for a consumer without the file
@@ -200,7 +203,7 @@ def test_over_pressure_lasts_and_also_crosses_the_absolute_limit() -> None:
 
 
 def test_over_temperature_holds_the_gas_at_65_c_and_pressure_follows() -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         model = BottleModel(meter.meter_id, 0, bottle(meter), FAULT_BY_KIND["over-temperature"])
         for hour in range(0, 72, 3):
             reading = model.next_reading(MONDAY + timedelta(hours=hour)).to_dict()
@@ -210,7 +213,7 @@ def test_over_temperature_holds_the_gas_at_65_c_and_pressure_follows() -> None:
 
 
 def test_low_content_stays_low_and_is_never_swapped() -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         model = BottleModel(meter.meter_id, 0, bottle(meter), FAULT_BY_KIND["low-content"])
         readings = [model.next_reading(MONDAY + timedelta(hours=h)).to_dict() for h in range(24 * 14)]
         fills = [fill_pct(r, meter) for r in readings]
@@ -223,7 +226,7 @@ def test_low_content_stays_low_and_is_never_swapped() -> None:
 @pytest.mark.parametrize("period_s", [0.05, 1.0, 10.0, 300.0, 3600.0])
 @pytest.mark.parametrize("start_hour", [3, 11, 20])
 def test_a_leak_shows_in_every_pair_of_readings_at_any_period(period_s: float, start_hour: int) -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         start = MONDAY + timedelta(hours=start_hour)
         readings = simulate(meter, FAULT_BY_KIND["leak"], start, timedelta(seconds=period_s), 3)
         for before, after in pairs(readings):
@@ -243,7 +246,7 @@ def test_a_leak_loses_ten_times_the_draw_at_least_5_mol_per_h() -> None:
 
 
 def test_sensor_fault_is_one_jump_at_the_third_reading_and_back() -> None:
-    for meter in FLEET.meters.values():
+    for meter in COMPRESSED_METERS:
         readings = simulate(meter, FAULT_BY_KIND["sensor-fault"], MONDAY, timedelta(seconds=10), 8)
         jumps = [abs(b["temperature_c"] - a["temperature_c"]) for a, b in pairs(readings)]
         assert [j > JUMP_C for j in jumps] == [False, True, True, False, False, False, False]
@@ -257,7 +260,7 @@ def test_sensor_fault_is_one_jump_at_the_third_reading_and_back() -> None:
 
 
 def test_offline_meters_fall_silent_after_two_readings() -> None:
-    meter = list(FLEET.meters.values())[2]
+    meter = list(COMPRESSED_METERS)[2]
     assert BottleModel(meter.meter_id, 0, bottle(meter), FAULT_BY_KIND["offline"]).silent_after == 2
     assert BottleModel(meter.meter_id, 0, bottle(meter)).silent_after is None
 
@@ -273,15 +276,15 @@ def test_faults_also_work_on_anonymous_meters() -> None:
 
 
 def test_same_seed_same_fleet_readings_with_faults() -> None:
-    for meter, fault in zip(FLEET.meters.values(), (NO_FAULT, *FAULTS), strict=False):
+    for meter, fault in zip(COMPRESSED_METERS, (NO_FAULT, *FAULTS), strict=False):
         first = simulate(meter, fault, MONDAY, timedelta(minutes=7), 100, seed=42)
         assert simulate(meter, fault, MONDAY, timedelta(minutes=7), 100, seed=42) == first
         assert simulate(meter, fault, MONDAY, timedelta(minutes=7), 100, seed=43) != first
 
 
 def test_meters_of_one_site_share_its_temperature_offset() -> None:
-    same_site = [m for m in FLEET.meters.values() if m.site.site_id == "lyon-gerland"]
-    other_site = next(m for m in FLEET.meters.values() if m.site.site_id == "annecy")
+    same_site = [m for m in COMPRESSED_METERS if m.site.site_id == "lyon-gerland"]
+    other_site = next(m for m in COMPRESSED_METERS if m.site.site_id == "annecy")
 
     def mean_temperature(meter: FleetMeter) -> float:
         readings = simulate(meter, NO_FAULT, MONDAY, timedelta(hours=1), 48)
@@ -315,7 +318,8 @@ def test_a_sealed_bottle_keeps_its_real_content_while_its_pressure_follows_the_t
     """Each gas of the file, not drawn from for two days: the pressure swings with the daily cycle, the real
     content the consumer computes does not, and the rules see nothing (the ideal gas moles do move)."""
     sealed = Fault(kind="sealed", alert="", effect="not drawn from", draws=False)
-    first_of_each_gas = {meter.gas.name: meter for meter in reversed(FLEET.meters.values())}
+    first_of_each_gas = {meter.gas.name: meter for meter in reversed(COMPRESSED_METERS)}
+    assert len(first_of_each_gas) == 7
     for meter in first_of_each_gas.values():
         readings = simulate(meter, sealed, MONDAY, timedelta(minutes=30), 96)
         contents = [moles(r, meter) for r in readings]
@@ -323,3 +327,33 @@ def test_a_sealed_bottle_keeps_its_real_content_while_its_pressure_follows_the_t
         assert (max(contents) - min(contents)) / max(contents) < 1e-6, meter.gas.name
         assert max(pressures) / min(pressures) > 1.03, meter.gas.name
         assert alerts(readings, meter) == set(), meter.gas.name
+
+
+def test_liquefied_bottles_hold_their_vapour_pressure_then_decline_when_the_liquid_is_gone() -> None:
+    """The breweries' CO₂ and the pilot plant's propane, drawn hour by hour until swapped: while liquid is left
+    the pressure is the vapour pressure at the temperature (the state the consumer judges is
+    liquid_present), then, for CO₂, it falls below it (liquid_exhausted) until the bottle is swapped."""
+    assert {meter.gas.name for meter in LIQUEFIED_METERS} == {"co2", "propane"}
+    for meter in LIQUEFIED_METERS:
+        model = MODELS[meter.gas.name]
+        bottle_model = BottleModel(meter.meter_id, 0, bottle(meter))
+        states = []
+        for hour in range(24 * 60):
+            reading = bottle_model.next_reading(MONDAY + timedelta(hours=hour))
+            status = model.liquefied_status(reading.pressure_bar, reading.temperature_c, reading.volume_l)
+            states.append(status.state.value)
+            if hour < 24:  # a day into a full bottle: plenty of liquid, the pressure is the vapour pressure
+                assert status.vapour_pressure_bar is not None
+                assert reading.pressure_bar == pytest.approx(status.vapour_pressure_bar, rel=1e-3)
+            if bottle_model.swaps:
+                break
+        assert bottle_model.swaps == 1, meter.meter_id
+        assert states[-1] == "liquid_present"  # the full bottle that replaced it
+        if meter.gas.name == "propane":
+            # Propane's vapour is 7 kg of the tank's 189 kg (3.8 %): the 5 % swap comes first.
+            assert set(states) == {"liquid_present"}, meter.meter_id
+            continue
+        # CO₂'s saturated vapour is 21 % of a full bottle: the liquid runs out well before the swap.
+        assert "liquid_exhausted" in states, meter.meter_id
+        first_exhausted = states.index("liquid_exhausted")
+        assert set(states[:first_exhausted]) == {"liquid_present"}, meter.meter_id

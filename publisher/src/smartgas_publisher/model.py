@@ -50,6 +50,11 @@ ZERO_CELSIUS_K = 273.15
 PASCAL_PER_BAR = 1e5
 CUBIC_METRE_PER_LITRE = 1e-3
 
+#: Liquefied gases are filled by mass, not pressure: at most this many kg per litre of the bottle's volume
+#: (ADR packing instruction P200: CO2 0.75 kg/L for a 250 bar test pressure; propane 0.42 kg/L). A full
+#: liquefied bottle holds this, whatever its ``nominal_pressure_bar`` (its service pressure).
+FILLING_RATIO_KG_PER_L = {"co2": 0.75, "propane": 0.42}
+
 #: Internal (water) volumes of common gas bottles, litres.
 BOTTLE_VOLUMES_L = (10.0, 13.4, 26.8, 50.0)
 #: Nominal fill pressures, bar; the industry states them at 15 °C.
@@ -192,14 +197,26 @@ class Bottle:
         )
 
     @property
+    def liquefied(self) -> bool:
+        return self.gas_model is not None and self.gas_model.gas.storage.value == "liquefied"
+
+    @property
     def full_amount_mol(self) -> float:
-        """Moles in the bottle filled to its nominal pressure at 15 °C (the consumer's 100 % fill)."""
+        """Moles in the full bottle: compressed, at its nominal pressure and 15 °C (the consumer's 100 %
+        fill); liquefied, its gas's filling ratio (FILLING_RATIO_KG_PER_L)."""
+        if self.gas_model is not None and self.liquefied:
+            (fluid, _), *_ = self.gas_model.gas.components
+            mass_kg = FILLING_RATIO_KG_PER_L[fluid.name] * self.volume_l
+            return mass_kg / self.gas_model.molar_mass_kg_per_mol
         return self.amount_at(self.fill_pressure_bar, FILL_TEMPERATURE_C)
 
     def amount_at(self, pressure_bar: float, temperature_c: float) -> float:
-        """The real amount of the bottle's gas at ``pressure_bar`` and ``temperature_c`` (ideal if unknown)."""
+        """The real amount of the bottle's gas at ``pressure_bar`` and ``temperature_c`` (ideal if unknown);
+        for a liquefied gas, whose pressure says nothing of its amount, none (0)."""
         if self.gas_model is None:
             return amount_mol(pressure_bar, temperature_c, self.volume_l)
+        if self.liquefied:
+            return 0.0
         return self.gas_model.content(pressure_bar, temperature_c, self.volume_l).real_moles
 
     def pressure_at(self, amount: float, temperature_c: float) -> float:
