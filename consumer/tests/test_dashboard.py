@@ -495,6 +495,19 @@ def chart_points(measure: str) -> str:
 
 
 @needs_chromium
+async def test_a_liquefied_bottle_shows_its_liquid_state(dashboard: Dashboard, browser: Browser) -> None:
+    # bottle-0051 holds CO₂: 50.9 bar at 15 °C is its vapour pressure (liquid left), 20 bar is far below it.
+    await dashboard.feed("bottle-0051", 50.9, datetime.now(UTC))
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    assert await browser.wait_for(f"{cell('bottle-0051', 'fill-value')} === 'liquid'")
+    await dashboard.feed("bottle-0051", 20.0, datetime.now(UTC))
+    await browser.open(f"{dashboard.base_url}/dashboard/")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    assert await browser.wait_for(f"{cell('bottle-0051', 'fill-value')} === 'liquid gone'", timeout_s=10)
+
+
+@needs_chromium
 async def test_page_lists_the_whole_fleet(dashboard: Dashboard, browser: Browser, tmp_path: Path) -> None:
     await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
     assert await browser.wait_for(f"{ROWS} === {len(FLEET.meters)} && {ROWS}") == 54
