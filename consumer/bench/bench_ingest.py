@@ -6,6 +6,10 @@ K readings back to back (CON PUT, waiting for every answer). Reports acknowledge
 acknowledgement latency percentiles, and checks that the store holds exactly what was acknowledged.
 Bounded in count (M x K) and in time (--timeout). Run: ``make bench`` or
 ``python consumer/bench/bench_ingest.py --meters 200 --readings 25``.
+
+By default the meters are listed in a fleet file written for the run, holding in turn each compressed
+built-in gas (``BENCH_GASES``, mixtures included), so every reading pays for its real-gas physics as a
+fleet meter's does; ``--unknown`` leaves them out of any fleet file (no client, no gas, no physics).
 """
 
 from __future__ import annotations
@@ -26,6 +30,29 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 
 LISTENING = re.compile(rb"listening on coap://\[127\.0\.0\.1\]:(\d+)")
+#: The gases of the bench fleet, in turn: every compressed built-in gas, the two mixtures included.
+BENCH_GASES = ("oxygen", "nitrogen", "argon", "argon-co2", "medical-air", "helium", "hydrogen", "methane")
+
+
+def meter_id(index: int) -> str:
+    return f"bench-{index:05d}"
+
+
+def write_fleet(path: Path, meters: int) -> None:
+    """A fleet file listing the bench meters on one always-working site, 50 L bottles at 200 bar."""
+    lines = [
+        "version: 1",
+        "clients: [{id: bench, name: Bench}]",
+        "sites: [{id: lab, client: bench, name: Lab, latitude: 45.7, longitude: 4.8, working_hours_utc: [0, 24]}]",
+        "meters:",
+    ]
+    for index in range(meters):
+        gas = BENCH_GASES[index % len(BENCH_GASES)]
+        lines.append(
+            f"  - {{id: {meter_id(index)}, site: lab, gas: {gas}, volume_l: 50, nominal_pressure_bar: 200, "
+            "draw_mol_per_h: 1}"
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 async def meter(port: int, meter_id: str, readings: int, latencies: list[float]) -> int:
@@ -55,9 +82,16 @@ async def meter(port: int, meter_id: str, readings: int, latencies: list[float])
     return acknowledged
 
 
-async def run(meters: int, readings: int, timeout_s: float, group_window_ms: float) -> dict[str, float]:
+async def run(
+    meters: int, readings: int, timeout_s: float, group_window_ms: float, *, known: bool
+) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as scratch:
         db = Path(scratch) / "bench.db"
+        fleet_options: list[str] = []
+        if known:
+            fleet = Path(scratch) / "fleet.yaml"
+            write_fleet(fleet, meters)
+            fleet_options = ["--fleet", str(fleet)]
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -73,7 +107,8 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
             str(db),
             "--group-window-ms",
             str(group_window_ms),
-            # No fleet file: every simulated meter is unknown, and all of them start at once.
+            *fleet_options,
+            # Without a fleet file every simulated meter is unknown, and all of them start at once.
             "--max-unknown-meters",
             str(max(meters, 1)),
             "--unknown-meters-per-minute",
@@ -84,9 +119,10 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
         try:
             assert process.stderr is not None
             match = None
-            deadline = time.monotonic() + 20
+            # Start-up builds the gas models (CoolProp, a few seconds on a loaded machine).
+            deadline = time.monotonic() + 60
             while match is None and time.monotonic() < deadline:
-                line = await asyncio.wait_for(process.stderr.readline(), 20)
+                line = await asyncio.wait_for(process.stderr.readline(), 60)
                 assert line, "consumer did not start"
                 match = LISTENING.search(line)
             assert match, "consumer did not start"
@@ -95,7 +131,7 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
             latencies: list[float] = []
             started = time.perf_counter()
             acknowledged = await asyncio.wait_for(
-                asyncio.gather(*(meter(port, f"bench-{i:05d}", readings, latencies) for i in range(meters))),
+                asyncio.gather(*(meter(port, meter_id(i), readings, latencies) for i in range(meters))),
                 timeout_s,
             )
             elapsed = time.perf_counter() - started
@@ -110,6 +146,7 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
     cuts = statistics.quantiles(latencies, n=100)
     return {
         "meters": meters,
+        "fleet": "known" if known else "unknown",
         "readings_per_meter": readings,
         "group_window_ms": group_window_ms,
         "acknowledged": total,
@@ -129,8 +166,17 @@ def main() -> int:
     parser.add_argument("--readings", type=int, default=25, help="readings per meter")
     parser.add_argument("--group-window-ms", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    parser.add_argument("--unknown", action="store_true", help="meters missing from any fleet file (no physics)")
     arguments = parser.parse_args()
-    result = asyncio.run(run(arguments.meters, arguments.readings, arguments.timeout, arguments.group_window_ms))
+    result = asyncio.run(
+        run(
+            arguments.meters,
+            arguments.readings,
+            arguments.timeout,
+            arguments.group_window_ms,
+            known=not arguments.unknown,
+        )
+    )
     print(json.dumps(result, indent=2))
     # Every acknowledged reading must be in the store, or the numbers mean nothing.
     return 0 if result["stored"] == result["acknowledged"] == arguments.meters * arguments.readings else 1

@@ -24,7 +24,7 @@ from smartgas_consumer.alerts import (
     judge,
 )
 from smartgas_consumer.config import ConsumerConfig
-from smartgas_consumer.fleet import Fleet, FleetMeter, parse_fleet
+from smartgas_consumer.fleet import Fleet, FleetMeter, full_moles, ideal_fill_pct, parse_fleet
 from smartgas_consumer.intake import StoredEvent
 from smartgas_consumer.reading import Reading
 from smartgas_consumer.store import CommitResult, Enrichment, SequenceOutcome
@@ -83,7 +83,7 @@ def stored_event(
     reading = Reading(meter_id, seq, ts, pressure_bar, temperature_c, VOLUME_L)
     moles = physics.moles(pressure_bar, temperature_c, VOLUME_L)
     enrichment = (
-        Enrichment(meter.client_id, meter.site.site_id, meter.fill_pct(moles), True)
+        Enrichment(meter.client_id, meter.site.site_id, ideal_fill_pct(meter, moles), True)
         if meter is not None
         else Enrichment()
     )
@@ -163,7 +163,7 @@ def test_over_temperature_with_hysteresis() -> None:
 
 def test_low_content_with_hysteresis_and_only_for_known_meters() -> None:
     bench = Bench()
-    full = KNOWN.full_moles
+    full = full_moles(KNOWN)
     assert verdict(bench.read_moles(0.09 * full), Kind.LOW_CONTENT) is Verdict.TRIP
     assert verdict(bench.read_moles(0.11 * full), Kind.LOW_CONTENT) is None  # above 10 %, under 12 %
     assert verdict(bench.read_moles(0.125 * full), Kind.LOW_CONTENT) is Verdict.CLEAR
@@ -199,7 +199,7 @@ def test_normal_working_draw_never_looks_like_a_leak() -> None:
     """A day's draw at up to 1.2 × draw_mol_per_h with ±25 % noise per interval (as the publisher draws)."""
     rng = random.Random(7)
     bench = Bench()
-    moles = 0.9 * KNOWN.full_moles
+    moles = 0.9 * full_moles(KNOWN)
     for _ in range(6 * 60 * 3):  # three hours
         checks = bench.read_moles(moles)
         assert verdict(checks, Kind.LEAK) is not Verdict.TRIP
@@ -208,7 +208,7 @@ def test_normal_working_draw_never_looks_like_a_leak() -> None:
 
 def test_a_leak_while_working_trips_within_a_minute_and_clears_after_it_stops() -> None:
     bench = Bench()
-    moles = 0.9 * KNOWN.full_moles
+    moles = 0.9 * full_moles(KNOWN)
     leak = 10 * KNOWN.draw_mol_per_h  # what the publisher's leak fault adds
     results = drain(bench, moles, KNOWN.draw_mol_per_h + leak, 12)
     tripped = first_trip(results, Kind.LEAK)
@@ -257,12 +257,12 @@ def test_the_end_of_the_working_day_is_not_an_idle_leak() -> None:
 
 def test_a_swap_is_neither_a_leak_nor_a_fault_and_restarts_the_leak_window() -> None:
     bench = Bench()
-    moles = 0.06 * KNOWN.full_moles
+    moles = 0.06 * full_moles(KNOWN)
     drain(bench, moles, KNOWN.draw_mol_per_h, 10)
-    swap = bench.read_moles(KNOWN.full_moles)  # ~12 bar to ~200 bar in one reading
+    swap = bench.read_moles(full_moles(KNOWN))  # ~12 bar to ~200 bar in one reading
     assert verdict(swap, Kind.SENSOR_FAULT) is not Verdict.TRIP
     assert Kind.LEAK not in swap  # the window starts again from the new bottle
-    after = drain(bench, KNOWN.full_moles, KNOWN.draw_mol_per_h, LEAK_MIN_READINGS + 2)
+    after = drain(bench, full_moles(KNOWN), KNOWN.draw_mol_per_h, LEAK_MIN_READINGS + 2)
     assert all(Kind.LEAK not in checks for checks in after[: LEAK_MIN_READINGS - 2])
     assert verdict(after[-1], Kind.LEAK) is Verdict.CLEAR
     assert verdict(after[-1], Kind.LOW_CONTENT) is Verdict.CLEAR

@@ -124,6 +124,7 @@ async def test_open_update_resolve_is_persisted_and_survives_reopening(rig: Rig)
         "leak": 0,
         "sensor_fault": 0,
         "offline": 0,
+        "liquid_exhausted": 0,
     }
     (opened,) = await rig.engine.list_alerts()
     assert opened["state"] == "open"

@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import aiocoap
 import httpx
@@ -21,6 +21,9 @@ from aiocoap.numbers.codes import Code
 from webhook_receiver import Received, Receiver
 
 from conftest import reading_uri
+from smartgas_common.content import LiquidState as SharedLiquidState
+from smartgas_common.content import build_models
+from smartgas_consumer.api import LiquidState
 from smartgas_consumer.auth import digest
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.fleet import load_fleet
@@ -165,10 +168,22 @@ async def test_meter_shows_registry_latest_reading_and_fill(http: httpx.AsyncCli
         3,
     )
     assert meter["pressure_bar"] == 160.0
-    assert meter["fill_pct"] == pytest.approx(100 * meter["moles"] / fleet_meter.full_moles)
+    # Fill % is real content over a full bottle's, and the real-gas fields are the shared physics' own.
+    model = build_models([fleet_meter.gas])[fleet_meter.gas.name]
+    content = model.content(160.0, 17.0, fleet_meter.volume_l)
+    assert meter["fill_pct"] == pytest.approx(model.fill_percent(160.0, 17.0, fleet_meter.nominal_pressure_bar))
+    assert (meter["compressibility_z"], meter["real_moles"], meter["mass_kg"], meter["standard_volume_m3"]) == (
+        pytest.approx(content.compressibility),
+        pytest.approx(content.real_moles),
+        pytest.approx(content.mass_kg),
+        pytest.approx(content.standard_volume_m3),
+    )
+    assert (meter["gas_storage"], meter["liquid_state"]) == ("compressed", None)
+    series = (await http.get(f"/api/meters/{meter_id}/readings", headers=as_(client))).json()["readings"]
+    assert [point["real_moles"] for point in series][-1] == pytest.approx(content.real_moles)
     assert (meter["site_id"], meter["gas"], meter["latitude"]) == (
         fleet_meter.site.site_id,
-        fleet_meter.gas,
+        fleet_meter.gas.name,
         fleet_meter.site.latitude,
     )
     silent = next(m for m in FLEET.meters.values() if m.client_id == client and m.meter_id != meter_id)
@@ -230,6 +245,10 @@ async def test_reading_series_oldest_first_with_limit(http: httpx.AsyncClient) -
     assert [r["pressure_bar"] for r in series["readings"]] == [180.0, 170.0, 160.0]
     last_two = (await http.get(f"/api/meters/{meter}/readings", params={"limit": 2}, headers=as_(client))).json()
     assert [r["seq"] for r in last_two["readings"]] == [1, 2]
+
+
+def test_the_api_spells_the_liquid_states_of_the_shared_physics() -> None:
+    assert set(get_args(LiquidState)) == {state.value for state in SharedLiquidState}
 
 
 async def test_openapi_and_unauthenticated_health(http: httpx.AsyncClient) -> None:

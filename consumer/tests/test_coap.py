@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiocoap
 import cbor2
@@ -21,6 +22,7 @@ from smartgas_consumer.server import Consumer
 pytestmark = pytest.mark.integration
 
 INVALID = wire_example("invalid-readings.json")
+FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
 
 
 async def request(
@@ -34,14 +36,41 @@ async def put_json(context: aiocoap.Context, uri: str, body: object) -> aiocoap.
     return await request(context, Code.PUT, uri, json.dumps(body).encode(), content_format=50)
 
 
-async def test_put_stores_and_answers_moles(consumer: Consumer, coap: aiocoap.Context) -> None:
-    response = await put_json(coap, reading_uri(consumer), wire_example("reading-250bar.json"))
+@pytest.fixture
+async def fleet_consumer(consumer_config: ConsumerConfig) -> AsyncIterator[Consumer]:
+    """A consumer with the repository's fleet file: bottle-0001 is a 50 L oxygen bottle."""
+    running = Consumer(dataclasses.replace(consumer_config, fleet=FLEET_FILE))
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def test_put_stores_and_answers_moles_and_real_gas(fleet_consumer: Consumer, coap: aiocoap.Context) -> None:
+    response = await put_json(coap, reading_uri(fleet_consumer), wire_example("reading-250bar.json"))
     assert response.code == Code.CHANGED
     assert response.opt.content_format == 50
     answer = json.loads(response.payload)
     expected = wire_example("response-250bar.json")
     assert answer == pytest.approx(expected)
-    assert (await consumer.store.summary()).readings == 1
+    # Oxygen at 250 bar and 25 °C is denser than an ideal gas: 4 % more moles than n = PV/RT.
+    # (Within 1e-4, not exactly: the reference equation carries its own fitted gas constant R.)
+    assert answer["real_moles"] / answer["moles"] == pytest.approx(1 / answer["compressibility_z"], rel=1e-4)
+    assert (await fleet_consumer.store.summary()).readings == 1
+    # A re-send is answered with the stored copy's fields, real-gas ones included.
+    again = json.loads((await put_json(coap, reading_uri(fleet_consumer), wire_example("reading-250bar.json"))).payload)
+    assert again == pytest.approx({**expected, "stored": False})
+
+
+async def test_a_meter_missing_from_the_fleet_gets_moles_and_no_real_gas(
+    consumer: Consumer, coap: aiocoap.Context
+) -> None:
+    answer = json.loads((await put_json(coap, reading_uri(consumer), wire_example("reading-250bar.json"))).payload)
+    expected = wire_example("response-250bar.json")
+    assert answer["moles"] == pytest.approx(expected["moles"])
+    real_fields = ("compressibility_z", "real_moles", "mass_kg", "standard_volume_m3", "liquid_state")
+    assert {name: answer[name] for name in real_fields} == dict.fromkeys(real_fields)
 
 
 async def test_cbor_in_cbor_out(consumer: Consumer, coap: aiocoap.Context) -> None:

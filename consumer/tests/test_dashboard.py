@@ -35,7 +35,7 @@ from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import digest
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import PAGE_POLICY, build_dashboard_router
-from smartgas_consumer.fleet import load_fleet
+from smartgas_consumer.fleet import full_moles, load_fleet
 from smartgas_consumer.server import Consumer
 
 pytestmark = pytest.mark.integration
@@ -252,7 +252,7 @@ async def test_chart_window_and_its_bounds(http: httpx.AsyncClient) -> None:
 
 async def test_chart_axis_spans_the_bottle_unless_the_readings_are_asked_for(http: httpx.AsyncClient) -> None:
     meter = FLEET.meters[FED[0]]
-    for measure, full in (("moles", meter.full_moles), ("pressure_bar", meter.nominal_pressure_bar)):
+    for measure, full in (("moles", full_moles(meter)), ("pressure_bar", meter.nominal_pressure_bar)):
         bottle = ET.fromstring((await http.get(chart_path(FED[0]), params={"measure": measure}, headers=as_("*"))).text)
         ticks = [float(t.text or "nan") for t in bottle.iter(f"{SVG}text") if "value-tick" in (t.get("class") or "")]
         assert ticks[0] == 0 and ticks[-1] >= full, (measure, ticks)
@@ -495,9 +495,22 @@ def chart_points(measure: str) -> str:
 
 
 @needs_chromium
+async def test_a_liquefied_bottle_shows_its_liquid_state(dashboard: Dashboard, browser: Browser) -> None:
+    # bottle-0051 holds CO₂: 50.9 bar at 15 °C is its vapour pressure (liquid left), 20 bar is far below it.
+    await dashboard.feed("bottle-0051", 50.9, datetime.now(UTC))
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    assert await browser.wait_for(f"{cell('bottle-0051', 'fill-value')} === 'liquid'")
+    await dashboard.feed("bottle-0051", 20.0, datetime.now(UTC))
+    await browser.open(f"{dashboard.base_url}/dashboard/")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    assert await browser.wait_for(f"{cell('bottle-0051', 'fill-value')} === 'liquid gone'", timeout_s=10)
+
+
+@needs_chromium
 async def test_page_lists_the_whole_fleet(dashboard: Dashboard, browser: Browser, tmp_path: Path) -> None:
     await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
-    assert await browser.wait_for(f"{ROWS} === {len(FLEET.meters)} && {ROWS}") == 50
+    assert await browser.wait_for(f"{ROWS} === {len(FLEET.meters)} && {ROWS}") == 54
     assert await browser.evaluate("location.hash") == ""  # the key left the address bar
     assert await browser.evaluate("localStorage.getItem('smartgas.apiKey')") == ADMIN_KEY
     assert await browser.evaluate("document.querySelector('#who').textContent") == "administrator"
@@ -687,7 +700,7 @@ async def test_axes_over_a_flat_series_run_from_zero_to_the_full_bottle(
         return f"document.querySelector('.chart-box[data-measure=\"{measure}\"] polyline').getBBox().height"
 
     moles, pressure = await browser.evaluate(ticks("moles")), await browser.evaluate(ticks("pressure_bar"))
-    assert moles[0] == 0 and moles[-1] >= meter.full_moles
+    assert moles[0] == 0 and moles[-1] >= full_moles(meter)
     assert pressure[0] == 0 and pressure[-1] >= meter.nominal_pressure_bar
     assert await browser.evaluate(line_height("moles")) < 1
     assert await browser.evaluate(line_height("pressure_bar")) < 1

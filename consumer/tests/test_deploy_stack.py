@@ -297,7 +297,9 @@ def test_dockerfile_rules(package: str, env: dict[str, str]) -> None:
     assert re.search(r"^USER smartgas$", runtime, re.M)
     assert "HEALTHCHECK" in runtime
     assert f'ENTRYPOINT ["smartgas-{package}"]' in runtime
-    assert f"pip install -c /src/constraints.lock --no-build-isolation /src/{package}" in text  # the full lock
+    # The full lock; the shared package (fleet file, gas physics) from the repository, in the same call.
+    assert f"pip install -c /src/constraints.lock --no-build-isolation /src/common /src/{package}" in text
+    assert re.search(r"^COPY common/ /src/common/$", text, re.M)
     assert "constraints.txt" not in text.replace("\n#", "")
     test_stage = text.split("AS test", 1)[1].split("AS runtime", 1)[0]
     assert "python setup.py test" in test_stage

@@ -1,7 +1,7 @@
 """Every alert scenario end to end, driven by the publisher's fault injection over loopback.
 
 A real consumer (CoAP, SQLite, alert engine, webhook outbox, HTTP API) and the real publisher as a separate
-process simulating the 50 meters of fleet/fleet.yaml, six of them with an injected fault. Each injected
+process simulating the 54 meters of fleet/fleet.yaml, six of them with an injected fault. Each injected
 fault must raise exactly its alert, reach the webhook receiver, and show in the API; no healthy meter may
 raise any alert but a genuine low content before its bottle swap.
 """

@@ -7,6 +7,7 @@ index template that the data view's pattern selects, with a type that fits its u
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from datetime import datetime
@@ -33,9 +34,15 @@ READINGS_FIELDS = {
     "temperature_c": "double",
     "volume_l": "double",
     "moles": "double",
+    "compressibility_z": "double",
+    "real_moles": "double",
+    "mass_kg": "double",
+    "standard_volume_m3": "double",
+    "liquid_state": "keyword",
     "client_id": "keyword",
     "site": "keyword",
     "gas": "keyword",
+    "gas_storage": "keyword",
     "location": "geo_point",
     "fill_pct": "float",
     "meter_known": "boolean",
@@ -165,11 +172,18 @@ def test_shipper_documents_fit_the_readings_mapping() -> None:
         client_id="acme-welding",
         site_id="lyon-gerland",
         meter_known=True,
+        compressibility_z=0.9617,
+        real_moles=524.3,
+        mass_kg=16.78,
+        standard_volume_m3=12.39,
     )
-    document = to_document(reading, fleet)
+    # A liquefied bottle after its liquid is gone: the liquid state beside the content of what is left.
+    exhausted = dataclasses.replace(reading, meter_id="bottle-0051", liquid_state="liquid_exhausted")
+    documents = [to_document(reading, fleet), to_document(exhausted, fleet)]
     types = field_types(templates()["smartgas-readings"])
-    assert set(document) == set(types), f"unmapped: {set(document) - set(types)}, unused: {set(types) - set(document)}"
-    for field, value in document.items():
+    used = set().union(*documents)
+    assert used == set(types), f"unmapped: {used - set(types)}, unused: {set(types) - used}"
+    for field, value in (item for document in documents for item in document.items()):
         kind = types[field]
         if kind in DATE:
             # strict_date_optional_time takes up to nine fraction digits; `date` keeps milliseconds.

@@ -25,6 +25,8 @@ from conftest import wire_example
 
 pytestmark = pytest.mark.integration
 
+FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
+
 
 async def start_refused(*options: str, db: Path) -> str:
     """Run ``serve`` expecting a refusal; return its stderr after checking the exit code and form."""
@@ -117,6 +119,16 @@ async def test_bad_fleet_file(tmp_path: Path) -> None:
     fleet.write_text("clients: [unclosed\n")
     line = await start_refused("--fleet", str(fleet), db=tmp_path / "store.db")
     assert str(fleet) in line
+
+
+async def test_fleet_file_naming_an_unknown_gas(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    text = FLEET_FILE.read_text()
+    entry = "bottle-0003, site: lyon-gerland, gas: argon,"
+    assert entry in text
+    fleet.write_text(text.replace(entry, entry.replace("argon", "argn")))
+    line = await start_refused("--fleet", str(fleet), db=tmp_path / "store.db")
+    assert f"{fleet}: meters[2].gas: gas 'argn' is not known; known gases: argon, argon-co2," in line
 
 
 async def test_second_consumer_on_the_store_names_the_first(tmp_path: Path) -> None:

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 
 from smartgas_consumer.reading import Reading
+from smartgas_consumer.realgas import RealGas
 from smartgas_consumer.store import (
     CANONICAL_TIMESTAMP,
     MIGRATIONS,
+    REAL_GAS_COLUMNS,
     SCHEMA_VERSION,
     SEQ_JUMP_SLACK,
+    Enrichment,
     ReadingRefused,
     ReadingStore,
     SequenceOutcome,
@@ -42,7 +45,7 @@ async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 async def test_add_then_read_back(tmp_path: Path) -> None:
@@ -340,3 +343,24 @@ async def test_migration_repairs_unpadded_timestamps(tmp_path: Path) -> None:
 def test_migrations_are_ordered_and_end_at_the_schema_version() -> None:
     versions = [migration.version for migration in MIGRATIONS]
     assert versions == sorted(set(versions)) and versions[-1] == SCHEMA_VERSION
+
+
+async def test_migration_adds_the_real_gas_columns_and_keeps_older_readings(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.add(Reading("m1", 0, T0, 150.0, 20.0, 50.0), 307.7, T0)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:  # back to the version-2 table, as it was written
+        for column, _ in REAL_GAS_COLUMNS:
+            connection.execute(f"ALTER TABLE readings DROP COLUMN {column}")
+        connection.execute("PRAGMA user_version = 2")
+    reopened = await open_store(tmp_path / "s.db")
+    real = RealGas(1.01, 300.0, 9.6, 7.1, None, 75.0)
+    later = Reading("m1", 1, T0 + timedelta(seconds=10), 149.0, 20.0, 50.0)
+    await reopened.add(later, 305.6, T0, Enrichment(real=real))
+    query = "SELECT seq, moles, real_moles, liquid_state FROM readings ORDER BY seq"
+    rows = await reopened.read(lambda c: [tuple(row) for row in c.execute(query)])
+    await reopened.close()
+    # The older reading keeps its ideal moles and has no real-gas fields (not computed then); the new has them.
+    assert rows == [(0, 307.7, None, None), (1, 305.6, 300.0, None)]
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -121,7 +121,7 @@ async def test_fleet_file_and_injection_from_the_environment(consumer: FakeConsu
     monkeypatch.setenv("SMARTGAS_PUBLISHER_INJECT", "offline:bottle-0003,leak:bottle-0004")
     code, err = await run_publisher("--consumer", consumer.uri, "--count", "3", "--period", "0.1")
     assert code == 0, err
-    assert "fleet finished: meters=50 produced=149 sent=149 acked=149" in err
+    assert "fleet finished: meters=54 produced=161 sent=161 acked=161" in err
     assert "bottle-0004: injecting fault leak" in err
     assert "bottle-0003: offline fault: silent after 2 readings" in err
     assert consumer.acknowledged_seqs("bottle-0003") == [0, 1]
@@ -131,6 +131,18 @@ async def test_unknown_fault_exits_2_naming_it() -> None:
     code, err = await run_publisher("--fleet", str(FLEET_FILE), "--inject", "meltdown:bottle-0001")
     assert code == 2
     assert "unknown fault 'meltdown'" in err
+
+
+async def test_unknown_gas_in_the_fleet_file_exits_2_naming_it(tmp_path) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    text = FLEET_FILE.read_text()
+    entry = "bottle-0003, site: lyon-gerland, gas: argon,"
+    assert entry in text
+    fleet.write_text(text.replace(entry, entry.replace("argon", "argn")))
+    code, err = await run_publisher("--fleet", str(fleet))
+    assert code == 2
+    assert f"{fleet}: meters[2].gas: gas 'argn' is not known; known gases: argon, argon-co2," in err
+    assert "Traceback" not in err
 
 
 async def test_help_prints_usage_and_exits_0() -> None:

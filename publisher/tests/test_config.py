@@ -213,7 +213,7 @@ def test_unknown_flag_is_argparse_exit_2() -> None:
 def test_fleet_file_names_the_meters() -> None:
     config = load_config(["--fleet", str(FLEET_FILE)], environ={})
     assert config.fleet is not None
-    assert config.meter_ids() == [f"bottle-{n:04d}" for n in range(1, 51)]
+    assert config.meter_ids() == [f"bottle-{n:04d}" for n in range(1, 55)]
     assert load_config([], environ={"SMARTGAS_PUBLISHER_FLEET": str(FLEET_FILE)}).meter_ids() == config.meter_ids()
     assert config.fault("bottle-0003") is NO_FAULT
 
@@ -265,8 +265,8 @@ def test_injections_from_repeated_flags_or_a_comma_separated_variable() -> None:
 
 def test_injection_into_an_unknown_meter_or_twice_into_one_is_refused() -> None:
     fleet = ["--fleet", str(FLEET_FILE)]
-    with pytest.raises(ConfigError, match=r"leak:bottle-0051: meter 'bottle-0051' is not simulated \(not in the fleet"):
-        load_config([*fleet, "--inject", "leak:bottle-0051"], environ={})
+    with pytest.raises(ConfigError, match=r"leak:bottle-0099: meter 'bottle-0099' is not simulated \(not in the fleet"):
+        load_config([*fleet, "--inject", "leak:bottle-0099"], environ={})
     with pytest.raises(ConfigError, match="one fault per meter, and 'bottle-0001' already has one"):
         load_config([*fleet, "--inject", "leak:bottle-0001,offline:bottle-0001"], environ={})
     anonymous = load_config(["--meters", "3", "--inject", "over-pressure:sim-0003"], environ={})

@@ -117,7 +117,7 @@ async def test_fleet_file_meters_deliver_with_their_ids_and_bottles(
     config = fast_config(consumer.uri, fleet_path=str(FLEET_FILE), count=2, period_s=0.1)
     stats = await bounded(Fleet(config).run())
     assert_every_reading_accounted_for(stats)
-    assert (stats.meters, stats.produced, stats.acked) == (50, 100, 100)
+    assert (stats.meters, stats.produced, stats.acked) == (54, 108, 108)
     assert stats.all_acknowledged
     # Delivery is at least once: a reading whose acknowledgement came late may arrive twice (the consumer
     # keeps one copy), so the readings acknowledged are compared as a set, and the publisher counted each once.
@@ -137,7 +137,7 @@ async def test_offline_meter_stops_after_two_readings_and_counts_as_done(consume
     )
     stats = await bounded(Fleet(config).run())
     assert_every_reading_accounted_for(stats)
-    assert (stats.produced, stats.acked) == (49 * 4 + 2, 49 * 4 + 2)
+    assert (stats.produced, stats.acked) == (53 * 4 + 2, 53 * 4 + 2)
     assert stats.all_acknowledged
     assert consumer.acknowledged_seqs("bottle-0003") == [0, 1]
     assert consumer.acknowledged_seqs("bottle-0004") == [0, 1, 2, 3]

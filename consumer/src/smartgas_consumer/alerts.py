@@ -5,14 +5,19 @@ Rules (thresholds from ``ConsumerConfig``, everything else a named constant belo
 - ``over_pressure``: pressure above ``alert_overpressure_pct`` % of the bottle's nominal pressure (known
   meters) or above ``alert_max_pressure_bar`` (meters missing from the fleet file);
 - ``over_temperature``: temperature above ``alert_max_temperature_c``;
-- ``low_content``: fill % under ``alert_low_fill_pct`` (known meters: only they have a fill %);
+- ``low_content``: fill % under ``alert_low_fill_pct`` (known meters of a compressed gas: fill % is real
+  content, so it does not move with the temperature of a sealed bottle);
 - ``leak``: gas lost faster than ``alert_leak_factor`` × the meter's ``draw_mol_per_h``, or, while its
   site is idle, faster than ``alert_idle_draw_mol_per_h``. The rate is a least-squares fit over the last
   minutes of readings, and counts only when it beats the limit by ``LEAK_CONFIDENCE_SE`` standard errors:
-  one pair of readings ten seconds apart carries far more sensor noise than any leak threshold;
+  one pair of readings ten seconds apart carries far more sensor noise than any leak threshold. The
+  amount fitted is the real-gas content (``real_moles``) where the physics gives one, so a sealed bottle
+  cooling at night is not a leak; the ideal-gas ``moles`` otherwise (meters missing from the fleet file);
 - ``sensor_fault``: pressure or temperature jumping by more than ``alert_jump_bar``/``alert_jump_c``
   between consecutive readings, unless the step is a bottle swap;
-- ``offline``: no reading received for ``offline_after_periods`` × ``expected_period_s``.
+- ``offline``: no reading received for ``offline_after_periods`` × ``expected_period_s``;
+- ``liquid_exhausted``: a liquefied-gas bottle's pressure fell below its vapour pressure (the liquid is
+  gone: what is left is the gas phase); resolves once liquid is present again (a new bottle).
 
 Each rule gives a verdict per reading: *trip* (the condition holds), *clear* (it is gone, beyond the
 hysteresis) or nothing (cannot judge, or inside the hysteresis band). An alert opens on the first trip of
@@ -39,11 +44,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from smartgas_common.gas import Storage
 from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import Refusal, Shipment
-from smartgas_consumer.fleet import Fleet, FleetMeter
+from smartgas_consumer.fleet import Fleet, FleetMeter, ideal_fill_pct
 from smartgas_consumer.intake import StoredEvent
+from smartgas_consumer.realgas import LiquidState
 from smartgas_consumer.store import ReadingStore, ShipState, format_timestamp, parse_timestamp
 
 _LOG = logging.getLogger(__name__)
@@ -123,6 +130,7 @@ class Kind(enum.StrEnum):
     LEAK = "leak"
     SENSOR_FAULT = "sensor_fault"
     OFFLINE = "offline"
+    LIQUID_EXHAUSTED = "liquid_exhausted"
 
 
 #: Critical: gas may escape or a reading cannot be trusted. Warning: needs attention, not urgently.
@@ -133,6 +141,7 @@ SEVERITY: dict[Kind, str] = {
     Kind.OVER_TEMPERATURE: "warning",
     Kind.LOW_CONTENT: "warning",
     Kind.OFFLINE: "warning",
+    Kind.LIQUID_EXHAUSTED: "warning",
 }
 
 OPEN = "open"
@@ -164,20 +173,25 @@ class Sample:
     ts: datetime
     pressure_bar: float
     temperature_c: float
+    #: The content the rules judge: real moles where the physics gives them, else the ideal-gas moles.
     moles: float
     fill_pct: float | None
+    #: A liquefied gas's state (``realgas.py``); None for a compressed gas or an unknown meter.
+    liquid_state: str | None = None
 
     @classmethod
     def of(cls, event: StoredEvent) -> Sample:
         reading = event.reading
+        real_moles = event.enrichment.real.real_moles
         return cls(
             event.result.epoch,
             reading.seq,
             reading.ts,
             reading.pressure_bar,
             reading.temperature_c,
-            event.moles,
+            real_moles if real_moles is not None else event.moles,
             event.enrichment.fill_pct,
+            event.enrichment.real.liquid_state,
         )
 
 
@@ -207,14 +221,17 @@ class Step(enum.Enum):
 def is_swap(previous: Sample, current: Sample, meter: FleetMeter | None, config: ConsumerConfig) -> bool:
     """A bottle swap: the gas rose to what a new bottle holds.
 
-    Known meters: the amount rose by at least SWAP_MIN_RISE_PCT % of a full bottle, to a fill within
-    SWAP_FILL_PCT (temperature-compensated, unlike pressure). Unknown meters: the pressure rose by more
-    than ``alert_jump_bar`` and stayed within ``alert_max_pressure_bar``.
+    Known meters: the fill rose by at least SWAP_MIN_RISE_PCT points, to a fill within SWAP_FILL_PCT
+    (temperature-compensated, unlike pressure): the real fill % where both readings have one, else the
+    ideal-gas one. Unknown meters: the pressure rose by more than ``alert_jump_bar`` and stayed within
+    ``alert_max_pressure_bar``.
     """
     if meter is not None:
-        fill_pct = meter.fill_pct(current.moles)
-        rise_pct = 100.0 * (current.moles - previous.moles) / meter.full_moles
-        return rise_pct >= SWAP_MIN_RISE_PCT and SWAP_FILL_PCT[0] <= fill_pct <= SWAP_FILL_PCT[1]
+        if previous.fill_pct is not None and current.fill_pct is not None:
+            before_pct, fill_pct = previous.fill_pct, current.fill_pct
+        else:
+            before_pct, fill_pct = ideal_fill_pct(meter, previous.moles), ideal_fill_pct(meter, current.moles)
+        return fill_pct - before_pct >= SWAP_MIN_RISE_PCT and SWAP_FILL_PCT[0] <= fill_pct <= SWAP_FILL_PCT[1]
     rise_bar = current.pressure_bar - previous.pressure_bar
     return rise_bar > config.alert_jump_bar and current.pressure_bar <= config.alert_max_pressure_bar
 
@@ -368,6 +385,10 @@ def check_leak(observation: Observation) -> Check | None:
     meter, config, sample = observation.meter, observation.config, observation.sample
     if meter is None or not observation.window or observation.window[-1] is not sample:
         return None
+    if meter.gas.storage is Storage.LIQUEFIED:
+        # Its pressure is the vapour pressure, set by the temperature: it shows no loss of liquid, and
+        # the ideal moles of a cooling bottle would fall like a leak's.
+        return None
     working = meter.site.is_working(sample.ts.hour)
     limit = config.alert_leak_factor * meter.draw_mol_per_h
     if not working:
@@ -413,11 +434,24 @@ def check_sensor_fault(observation: Observation) -> Check | None:
     return None
 
 
+def check_liquid_exhausted(observation: Observation) -> Check | None:
+    """Liquid exhausted: a liquefied bottle's state says its liquid is gone; clears once liquid is present."""
+    state = observation.sample.liquid_state
+    if state == LiquidState.EXHAUSTED:
+        return Check(
+            Verdict.TRIP, observation.sample.pressure_bar, "pressure below the vapour pressure: no liquid left"
+        )
+    if state == LiquidState.PRESENT:
+        return Check(Verdict.CLEAR, observation.sample.pressure_bar, "liquid present again (a new bottle?)")
+    return None
+
+
 #: Every rule judged on each reading, by kind (offline is judged on the timer).
 RULES: tuple[tuple[Kind, Callable[[Observation], Check | None]], ...] = (
     *((threshold.kind, threshold.check) for threshold in THRESHOLDS),
     (Kind.LEAK, check_leak),
     (Kind.SENSOR_FAULT, check_sensor_fault),
+    (Kind.LIQUID_EXHAUSTED, check_liquid_exhausted),
 )
 
 
@@ -663,7 +697,8 @@ class AlertEngine:
     def _load_meter(connection: sqlite3.Connection, meter: sqlite3.Row) -> tuple[Any, ...]:
         since = format_timestamp(parse_timestamp(meter["last_ts"]) - LEAK_WINDOW)
         rows = connection.execute(
-            "SELECT epoch, seq, ts, pressure_bar, temperature_c, moles, fill_pct FROM readings"
+            "SELECT epoch, seq, ts, pressure_bar, temperature_c, coalesce(real_moles, moles) AS moles, fill_pct,"
+            " liquid_state FROM readings"
             " WHERE meter_id = ? AND epoch = ? AND ts >= ? ORDER BY seq DESC LIMIT ?",
             (meter["meter_id"], meter["epoch"], since, LEAK_MAX_READINGS),
         ).fetchall()
@@ -676,6 +711,7 @@ class AlertEngine:
                 row["temperature_c"],
                 row["moles"],
                 row["fill_pct"],
+                row["liquid_state"],
             )
             for row in reversed(rows)
         ]

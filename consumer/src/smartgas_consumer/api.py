@@ -77,6 +77,9 @@ class AlertsView(Protocol):
 
 # -- response models (they are the OpenAPI schema) -----------------------------------------------------
 
+#: A liquefied bottle's state (smartgas_common.content.LiquidState, spelled out: that module imports CoolProp).
+LiquidState = Literal["liquid_present", "liquid_exhausted", "over_pressure", "supercritical"]
+
 
 class Meter(BaseModel):
     """A meter as the registry and the fleet file know it, with its latest reading."""
@@ -91,6 +94,9 @@ class Meter(BaseModel):
     latitude: float | None
     longitude: float | None
     gas: str | None
+    gas_storage: Literal["compressed", "liquefied"] | None = Field(
+        description="how the bottle keeps its gas (docs/fleet.md): compressed, or liquid under its vapour pressure"
+    )
     volume_l: float | None
     nominal_pressure_bar: float | None
     first_seen: str | None
@@ -105,8 +111,16 @@ class Meter(BaseModel):
     last_ts: str | None
     pressure_bar: float | None
     temperature_c: float | None
-    moles: float | None
-    fill_pct: float | None
+    moles: float | None = Field(description="ideal-gas moles of the latest reading, n = PV/RT")
+    fill_pct: float | None = Field(
+        description="latest real content as % of a full bottle (nominal pressure at 15 °C); null for a"
+        " liquefied gas, outside the physics envelope and for a meter missing from the fleet file"
+    )
+    compressibility_z: float | None
+    real_moles: float | None
+    mass_kg: float | None
+    standard_volume_m3: float | None = Field(description="m³ at ISO 13443 standard conditions (15 °C, 1.01325 bar)")
+    liquid_state: LiquidState | None
     open_alerts: int
     retired_at: str | None = Field(
         description="when an administrator retired it (RFC 3339, UTC); null: in service. A reading received"
@@ -121,7 +135,7 @@ class MeterList(BaseModel):
 
 
 class ReadingPoint(BaseModel):
-    """One stored reading: the meter's values, its moles and fill %."""
+    """One stored reading: the meter's values, its moles (ideal gas), real-gas fields and fill %."""
 
     epoch: int
     seq: int
@@ -132,6 +146,11 @@ class ReadingPoint(BaseModel):
     volume_l: float
     moles: float
     fill_pct: float | None
+    compressibility_z: float | None
+    real_moles: float | None
+    mass_kg: float | None
+    standard_volume_m3: float | None
+    liquid_state: LiquidState | None
 
 
 class ReadingSeries(BaseModel):

@@ -27,7 +27,7 @@ from fastapi.responses import RedirectResponse, Response
 from smartgas_consumer.api import caller_dependency, window_dependency
 from smartgas_consumer.auth import ApiKeys, Principal
 from smartgas_consumer.chart import render_line_chart
-from smartgas_consumer.fleet import FleetMeter
+from smartgas_consumer.fleet import FleetMeter, full_moles
 from smartgas_consumer.queries import FleetQueries, Window
 from smartgas_consumer.store import parse_timestamp
 
@@ -69,7 +69,7 @@ class Measure:
 
 
 MEASURES: tuple[Measure, ...] = (
-    Measure("moles", "Gas left", "mol", lambda meter: (0.0, meter.full_moles if meter else 0.0)),
+    Measure("moles", "Gas left", "mol", lambda meter: (0.0, full_moles(meter) if meter else 0.0)),
     Measure("pressure_bar", "Pressure", "bar", lambda meter: (0.0, meter.nominal_pressure_bar if meter else 0.0)),
     Measure("fill_pct", "Fill", "%", lambda _meter: (0.0, 100.0)),
     Measure("temperature_c", "Temperature", "°C", None),

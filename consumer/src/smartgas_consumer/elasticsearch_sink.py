@@ -98,9 +98,19 @@ def to_document(reading: StoredReading, fleet: Fleet | None = None) -> dict[str,
         document["site"] = reading.site_id
     if reading.fill_pct is not None:
         document["fill_pct"] = reading.fill_pct
+    # Real-gas fields, only where computed (a missing field, not a null, as for fill_pct).
+    real_gas = {
+        "compressibility_z": reading.compressibility_z,
+        "real_moles": reading.real_moles,
+        "mass_kg": reading.mass_kg,
+        "standard_volume_m3": reading.standard_volume_m3,
+        "liquid_state": reading.liquid_state,
+    }
+    document.update({name: value for name, value in real_gas.items() if value is not None})
     meter = fleet.meter(reading.meter_id) if fleet is not None else None
     if meter is not None:
-        document["gas"] = meter.gas
+        document["gas"] = meter.gas.name
+        document["gas_storage"] = meter.gas.storage.value
         document["location"] = {"lat": meter.site.latitude, "lon": meter.site.longitude}
     return document
 

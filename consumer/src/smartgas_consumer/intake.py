@@ -1,4 +1,4 @@
-"""The ingest pipeline, free of CoAP: body → validate → transform (moles) → durable store → answer.
+"""The ingest pipeline, free of CoAP: body → validate → transform (moles, real gas) → durable store → answer.
 
 ``ReadingIntake.accept`` is what a PUT on ``/meters/{id}/reading`` does; the CoAP resource only
 translates. Counters here feed the status log (and later the metrics endpoint).
@@ -21,6 +21,7 @@ from smartgas_consumer.error import ImplausibleReading, StoreUnavailable
 from smartgas_consumer.fleet import Fleet, FleetMeter
 from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.reading import Reading, TimeWindow, check_meter_id, decode_body, parse_reading
+from smartgas_consumer.realgas import RealGas, RealGasPhysics
 from smartgas_consumer.store import (
     CommitResult,
     Enrichment,
@@ -53,9 +54,16 @@ class Accepted:
     seq: int
     moles: float
     stored: bool
+    real: RealGas
 
     def as_dict(self) -> dict[str, Any]:
-        return {"meter_id": self.meter_id, "seq": self.seq, "moles": self.moles, "stored": self.stored}
+        return {
+            "meter_id": self.meter_id,
+            "seq": self.seq,
+            "moles": self.moles,
+            **self.real.answer_fields(),
+            "stored": self.stored,
+        }
 
 
 @dataclass(slots=True)
@@ -92,6 +100,7 @@ class ReadingIntake:
         store: ReadingStore,
         *,
         fleet: Fleet | None = None,
+        gas_physics: RealGasPhysics | None = None,
         log_readings: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
@@ -103,6 +112,8 @@ class ReadingIntake:
         # The cap and rate limit on meters missing from the fleet file; None takes every meter (tests).
         self.unknown_meters = unknown_meters
         self.fleet = fleet or Fleet()
+        # Built by the caller once, at start (CoolProp); without it, readings get no real-gas fields.
+        self.gas_physics = gas_physics or RealGasPhysics.empty()
         self.counters = IntakeCounters()
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self._log_readings = log_readings
@@ -137,18 +148,19 @@ class ReadingIntake:
         self.metrics.reading_rejected(reason)
         _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
 
-    def enrich(self, reading: Reading, moles: float) -> tuple[Enrichment, FleetMeter | None]:
-        """Client, site and fill % from the fleet file; an unknown meter gets none of them."""
+    def enrich(self, reading: Reading) -> tuple[Enrichment, FleetMeter | None]:
+        """Client, site, real-gas fields and fill % from the fleet file; an unknown meter gets none of them."""
         meter = self.fleet.meter(reading.meter_id)
         if meter is None:
             return Enrichment(), None
-        return Enrichment(meter.client_id, meter.site.site_id, meter.fill_pct(moles), True), meter
+        real = self.gas_physics.evaluate(meter, reading.pressure_bar, reading.temperature_c, reading.volume_l)
+        return Enrichment(meter.client_id, meter.site.site_id, real.fill_pct, True, real), meter
 
     async def _store(self, reading: Reading) -> Accepted:
         moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)
         if not physics.plausible_moles(moles):  # the bounds on its inputs keep it so; this keeps it honest
             raise ImplausibleReading(f"moles: {moles!r} computed from this reading is beyond {physics.MAX_MOLES:g}")
-        enrichment, meter = self.enrich(reading, moles)
+        enrichment, meter = self.enrich(reading)
         if meter is None and self.unknown_meters is not None:
             self.unknown_meters.admit(reading.meter_id)  # 4.03 beyond the cap, 4.29 beyond the rate
         received_at = self._clock()
@@ -178,4 +190,4 @@ class ReadingIntake:
                 reading.temperature_c,
                 result.moles,
             )
-        return Accepted(reading.meter_id, reading.seq, result.moles, result.stored)
+        return Accepted(reading.meter_id, reading.seq, result.moles, result.stored, result.real)

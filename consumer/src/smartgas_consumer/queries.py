@@ -21,7 +21,11 @@ from smartgas_consumer.store import ReadingStore, format_timestamp
 
 #: Measurements with statistics, as named in the readings table and the API.
 MEASUREMENTS = ("pressure_bar", "temperature_c", "moles", "fill_pct")
-_SERIES_COLUMNS = "epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l, moles, fill_pct"
+#: The real-gas fields of a reading (realgas.py), as the API shows them beside ``moles``.
+REAL_GAS_FIELDS = ("compressibility_z", "real_moles", "mass_kg", "standard_volume_m3", "liquid_state")
+_SERIES_COLUMNS = "epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l, moles, fill_pct, " + ", ".join(
+    REAL_GAS_FIELDS
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +115,8 @@ class FleetQueries:
                     "site_name": meter.site.name if meter else None,
                     "latitude": meter.site.latitude if meter else None,
                     "longitude": meter.site.longitude if meter else None,
-                    "gas": meter.gas if meter else None,
+                    "gas": meter.gas.name if meter else None,
+                    "gas_storage": meter.gas.storage.value if meter else None,
                     "volume_l": meter.volume_l if meter else (row["volume_l"] if row else None),
                     "nominal_pressure_bar": meter.nominal_pressure_bar if meter else None,
                     "first_seen": row["first_seen"] if row else None,
@@ -128,6 +133,7 @@ class FleetQueries:
                     "temperature_c": row["temperature_c"] if row else None,
                     "moles": row["moles"] if row else None,
                     "fill_pct": row["fill_pct"] if row else None,
+                    **{name: row[name] if row else None for name in REAL_GAS_FIELDS},
                     "open_alerts": open_alerts.get(meter_id, 0),
                     "retired_at": retired_at,
                 }
@@ -187,8 +193,9 @@ def _registry_rows(connection: sqlite3.Connection, meter_id: str | None) -> list
     where, parameters = ("WHERE m.meter_id = ?", [meter_id]) if meter_id is not None else ("", [])
     return connection.execute(
         "SELECT m.meter_id, m.client_id, m.site_id, m.first_seen, m.last_seen, m.epoch, m.last_seq, m.readings,"
-        " m.gaps, m.replays, m.reboots, r.ts, r.pressure_bar, r.temperature_c, r.volume_l, r.moles, r.fill_pct"
-        f" FROM meters m LEFT JOIN readings r ON r.id = m.last_reading_id {where} ORDER BY m.meter_id",
+        " m.gaps, m.replays, m.reboots, r.ts, r.pressure_bar, r.temperature_c, r.volume_l, r.moles, r.fill_pct, "
+        + ", ".join(f"r.{name}" for name in REAL_GAS_FIELDS)
+        + f" FROM meters m LEFT JOIN readings r ON r.id = m.last_reading_id {where} ORDER BY m.meter_id",
         parameters,
     ).fetchall()
 

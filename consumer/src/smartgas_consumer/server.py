@@ -36,12 +36,13 @@ from smartgas_consumer.dashboard import build_dashboard_router
 from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_error_handler
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
-from smartgas_consumer.fleet import Fleet, load_fleet
+from smartgas_consumer.fleet import Fleet, FleetFileError, load_fleet
 from smartgas_consumer.health import StoreHealth
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.provision import prepare_data_stream
 from smartgas_consumer.queries import FleetQueries
+from smartgas_consumer.realgas import RealGasPhysics
 from smartgas_consumer.resource import Health, MeterReading
 from smartgas_consumer.status import build_report, describe_lag, snapshot_path, write_snapshot
 from smartgas_consumer.store import ReadingStore, StoreLock, StoreSummary, format_timestamp
@@ -92,6 +93,11 @@ class Consumer:
         self.store_lock = StoreLock(config.db)
         # The fleet and keys files are read here, before any socket opens: a broken file stops the start.
         self.fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
+        # The real-gas models of the fleet's gases, built once (CoolProp's import and a table per gas).
+        try:
+            self.gas_physics = RealGasPhysics.build(self.fleet)
+        except ValueError as err:  # EquationOfStateError: CoolProp cannot model a gas the file defines
+            raise FleetFileError(f"{config.fleet}: {err}") from err
         self.api_keys = ApiKeys.load(config.api_keys, FailedKeyThrottle.per_minute(config.wrong_keys_per_minute))
         self.api_keys = self.api_keys.with_admin_key(config.admin_key)
         self.metrics = Metrics(alert_kinds=[str(kind) for kind in Kind])
@@ -110,6 +116,7 @@ class Consumer:
         self.intake = ReadingIntake(
             self.store,
             fleet=self.fleet,
+            gas_physics=self.gas_physics,
             log_readings=config.log_readings,
             metrics=self.metrics,
             unknown_meters=self.unknown_meters,

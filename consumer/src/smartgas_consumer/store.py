@@ -8,7 +8,8 @@ piggybacked on the ACK.
 
 Tables (schema version in ``PRAGMA user_version``):
 
-- ``readings``: one row per (meter_id, epoch, seq), with the meter's fields, the computed moles and fill %,
+- ``readings``: one row per (meter_id, epoch, seq), with the meter's fields, the computed moles (ideal gas)
+  and real-gas fields (``realgas.py``: Z, real moles, kg, standard m³, a liquefied gas's state) and fill %,
   the client and site it belongs to, the meter's timestamp and the receive time. ``id`` is the commit
   order, the cursor that sinks ship from.
 - ``meters``: the meter registry; a meter is created on first sight, with first/last seen, its epoch,
@@ -81,6 +82,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from smartgas_consumer.reading import Reading
+from smartgas_consumer.realgas import NO_REAL_GAS, RealGas
 
 _LOG = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -89,6 +91,14 @@ _T = TypeVar("_T")
 SEQ_JUMP_SLACK = 1000
 #: ...plus one for every this many seconds since that reading was received (the fastest a meter may send).
 MIN_READING_PERIOD_S = 0.1
+#: The real-gas columns of ``readings`` and their SQLite types, in table order (migration 3 adds them).
+REAL_GAS_COLUMNS = (
+    ("compressibility_z", "REAL"),
+    ("real_moles", "REAL"),
+    ("mass_kg", "REAL"),
+    ("standard_volume_m3", "REAL"),
+    ("liquid_state", "TEXT"),
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
     id            INTEGER PRIMARY KEY,
@@ -102,6 +112,13 @@ CREATE TABLE IF NOT EXISTS readings (
     volume_l      REAL    NOT NULL,
     moles         REAL    NOT NULL,
     fill_pct      REAL,               -- NULL for a meter missing from the fleet file
+    -- Real-gas fields (realgas.py): NULL for an unknown meter, outside the physics envelope, and (but for
+    -- liquid_state) for a liquefied gas while liquid is left.
+    compressibility_z  REAL,
+    real_moles         REAL,
+    mass_kg            REAL,
+    standard_volume_m3 REAL,
+    liquid_state       TEXT,
     client_id     TEXT,
     site_id       TEXT,
     meter_known   INTEGER NOT NULL,
@@ -206,6 +223,14 @@ def _repair_timestamps(connection: sqlite3.Connection) -> None:
         _LOG.warning("store migration: rewrote %d timestamp(s) into the canonical zero-padded form", repaired)
 
 
+def _add_real_gas_columns(connection: sqlite3.Connection) -> None:
+    """Migration 2 → 3: the real-gas columns; readings stored before have none (NULL: not computed then)."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(readings)")}
+    for column, kind in REAL_GAS_COLUMNS:
+        if column not in present:
+            connection.execute(f"ALTER TABLE readings ADD COLUMN {column} {kind}")
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One step of the schema: applied, in one transaction, to a store whose version is below ``version``."""
@@ -219,6 +244,7 @@ class Migration:
 #: the latest version directly (``_SCHEMA`` is always the current schema).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "timestamps zero-padded to a four-digit year (sortable as text)", _repair_timestamps),
+    Migration(3, "real-gas columns on readings (Z, real moles, kg, standard m³, liquid state)", _add_real_gas_columns),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -337,6 +363,11 @@ class StoredReading:
     client_id: str | None
     site_id: str | None
     meter_known: bool
+    compressibility_z: float | None = None
+    real_moles: float | None = None
+    mass_kg: float | None = None
+    standard_volume_m3: float | None = None
+    liquid_state: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -348,6 +379,11 @@ class StoredReading:
             "temperature_c": self.temperature_c,
             "volume_l": self.volume_l,
             "moles": self.moles,
+            "compressibility_z": self.compressibility_z,
+            "real_moles": self.real_moles,
+            "mass_kg": self.mass_kg,
+            "standard_volume_m3": self.standard_volume_m3,
+            "liquid_state": self.liquid_state,
             "fill_pct": self.fill_pct,
             "client_id": self.client_id,
             "site_id": self.site_id,
@@ -379,6 +415,7 @@ class Enrichment:
     site_id: str | None = None
     fill_pct: float | None = None
     known: bool = False
+    real: RealGas = NO_REAL_GAS
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +426,8 @@ class CommitResult:
     moles: float
     epoch: int
     missing: int = 0  # readings skipped before this one (a gap)
+    #: The real-gas fields of the reading, or of the stored copy for a re-send (like ``moles``).
+    real: RealGas = NO_REAL_GAS
 
     @property
     def stored(self) -> bool:
@@ -438,7 +477,8 @@ class _PendingReading:
 
 _READING_COLUMNS = (
     "id, meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l, moles,"
-    " fill_pct, client_id, site_id, meter_known"
+    " fill_pct, client_id, site_id, meter_known, compressibility_z, real_moles, mass_kg, standard_volume_m3,"
+    " liquid_state"
 )
 
 
@@ -665,13 +705,21 @@ class ReadingStore:
         ).fetchone()
         missing = 0
         copy = connection.execute(
-            "SELECT moles FROM readings WHERE meter_id = ? AND seq = ? AND ts = ? ORDER BY epoch DESC LIMIT 1",
+            "SELECT moles, compressibility_z, real_moles, mass_kg, standard_volume_m3, liquid_state FROM readings"
+            " WHERE meter_id = ? AND seq = ? AND ts = ? ORDER BY epoch DESC LIMIT 1",
             (reading.meter_id, reading.seq, ts),
         ).fetchone()
         if copy is not None and meter is not None:
-            # A re-send: the first copy stays, and its moles are the answer.
+            # A re-send: the first copy stays, and its moles and real-gas fields are the answer.
             connection.execute("UPDATE meters SET replays = replays + 1 WHERE meter_id = ?", (reading.meter_id,))
-            return CommitResult(SequenceOutcome.DUPLICATE, float(copy["moles"]), meter["epoch"])
+            real = RealGas(
+                copy["compressibility_z"],
+                copy["real_moles"],
+                copy["mass_kg"],
+                copy["standard_volume_m3"],
+                copy["liquid_state"],
+            )
+            return CommitResult(SequenceOutcome.DUPLICATE, float(copy["moles"]), meter["epoch"], real=real)
         if meter is None:
             outcome, epoch = SequenceOutcome.FIRST, 0
         elif (
@@ -710,7 +758,7 @@ class ReadingStore:
                 int(outcome is SequenceOutcome.REBOOT),
             ),
         )
-        return CommitResult(outcome, pending.moles, epoch, missing)
+        return CommitResult(outcome, pending.moles, epoch, missing, extra.real)
 
     # -- access for other stages ----------------------------------------------------------------------
 
@@ -824,7 +872,8 @@ def _insert_reading(
     reading, extra = pending.reading, pending.enrichment
     return connection.execute(
         "INSERT INTO readings (meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l,"
-        " moles, fill_pct, client_id, site_id, meter_known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " moles, fill_pct, client_id, site_id, meter_known, compressibility_z, real_moles, mass_kg,"
+        " standard_volume_m3, liquid_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             reading.meter_id,
             epoch,
@@ -839,6 +888,11 @@ def _insert_reading(
             extra.client_id,
             extra.site_id,
             int(extra.known),
+            extra.real.compressibility_z,
+            extra.real.real_moles,
+            extra.real.mass_kg,
+            extra.real.standard_volume_m3,
+            extra.real.liquid_state,
         ),
     )
 
@@ -861,7 +915,7 @@ def _insert_late(
         "UPDATE meters SET last_seen = ?, readings = readings + 1, gaps = max(gaps - 1, 0) WHERE meter_id = ?",
         (received_at, pending.reading.meter_id),
     )
-    return CommitResult(SequenceOutcome.LATE, pending.moles, epoch)
+    return CommitResult(SequenceOutcome.LATE, pending.moles, epoch, real=pending.enrichment.real)
 
 
 def _allowed_jump(last_seen: str, received_at: datetime) -> int:

@@ -15,11 +15,16 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from smartgas_publisher.fault import FAULT_BY_KIND, NO_FAULT, Fault, Injection, parse_injection
-from smartgas_publisher.fleetfile import FleetFile, FleetFileError, load_fleet_file
+from smartgas_publisher.fleetfile import FleetFile, load_fleet_file
+from smartgas_publisher.model import Bottle
+
+if TYPE_CHECKING:
+    from smartgas_common.content import GasModel
 
 ENV_PREFIX = "SMARTGAS_PUBLISHER_"
 
@@ -60,6 +65,8 @@ class PublisherConfig:
     inject: tuple[Injection, ...] = ()
     #: The fleet file's content, read from ``fleet_path`` on construction; None without one.
     fleet: FleetFile | None = field(default=None, init=False)
+    #: The real-gas physics of each gas the fleet file's meters hold, built with it (CoolProp, seconds).
+    gas_models: "Mapping[str, GasModel]" = field(default_factory=lambda: MappingProxyType({}), init=False)
 
     def __post_init__(self) -> None:
         # Accept any spelling of the consumer URI that the flag accepts, and keep its normal form.
@@ -80,9 +87,14 @@ class PublisherConfig:
                     f" characters, {longest_id!r} is {len(longest_id)}"
                 )
         if not problems and self.fleet_path is not None:
+            # CoolProp is imported here, with a fleet file only: anonymous meters and --help start at once.
+            from smartgas_common.content import build_models
+
             try:
-                object.__setattr__(self, "fleet", load_fleet_file(Path(self.fleet_path)))
-            except FleetFileError as err:
+                fleet = load_fleet_file(Path(self.fleet_path))
+                object.__setattr__(self, "fleet", fleet)
+                object.__setattr__(self, "gas_models", build_models(fleet.gases_in_use()))
+            except ValueError as err:  # FleetFileError, or EquationOfStateError: a gas CoolProp cannot model
                 problems.append(f"{_OPTION_BY_FIELD['fleet_path'].label}: {err}")
         if not problems:
             simulated = set(self.meter_ids())
@@ -104,6 +116,13 @@ class PublisherConfig:
         if self.fleet is not None:
             return self.fleet.meter_ids()
         return [self.meter_id(number) for number in range(1, self.meters + 1)]
+
+    def bottle(self, meter_id: str) -> Bottle | None:
+        """The bottle a fleet-file meter watches, with its gas's physics; None for an anonymous meter."""
+        fleet_meter = self.fleet.meter(meter_id) if self.fleet is not None else None
+        if fleet_meter is None:
+            return None
+        return Bottle.of(fleet_meter, self.gas_models.get(fleet_meter.gas.name))
 
     def fault(self, meter_id: str) -> Fault:
         """The fault meter ``meter_id`` simulates (``NO_FAULT`` when none is injected)."""

@@ -68,20 +68,23 @@ FAULTS: tuple[Fault, ...] = (
     Fault(
         kind="over-pressure",
         alert="over_pressure",
-        effect="over-filled bottle, 125 % of nominal (at least 360 bar) at 15 °C, not drawn from",
-        # 125 % stays above 110 % down to -36 °C. 360 bar at 15 °C stays above the consumer's absolute
-        # 330 bar for meters it does not know down to -9 °C; the coldest daily cycle is +4 °C.
-        start_fill_fraction=(1.25, 1.25),
+        effect="over-filled bottle, 360 bar at 15 °C (113-180 % of nominal content), not drawn from",
+        # 360 bar at 15 °C stays above 110 % of a 300 bar bottle and above the consumer's absolute 330 bar
+        # for meters it does not know down to -9 °C (the coldest daily cycle is +4 °C), and under the
+        # physics envelope's 400 bar up to the warmest (about +27 °C), so the consumer computes its content.
+        start_fill_fraction=(1.0, 1.0),
         start_min_pressure_bar=360.0,
         draws=False,
     ),
     Fault(
         kind="over-temperature",
         alert="over_temperature",
-        effect="gas held at 70 °C; the pressure follows the gas law",
-        temperature_c=70.0,
-        # At 70 °C a bottle above 92 % full is over-pressure too (P grows with T); starting at most 80 %
-        # full keeps that second alert away until the bottle is swapped for a full one.
+        effect="gas held at 65 °C; the pressure follows the gas's physics",
+        # 65 °C: well above the consumer's 55 °C limit, and inside the physics envelope (up to 70 °C with
+        # the 0.2 °C noise), so the consumer still computes the bottle's real content.
+        temperature_c=65.0,
+        # At 65 °C a bottle above about 95 % full is over-pressure too (P grows with T); starting at most
+        # 80 % full keeps that second alert away until the bottle is swapped for a full one.
         start_fill_fraction=(0.3, 0.8),
     ),
     Fault(

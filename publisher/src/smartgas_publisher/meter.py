@@ -47,7 +47,7 @@ from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.contentformat import ContentFormat
 
 from smartgas_publisher.config import PublisherConfig
-from smartgas_publisher.model import Bottle, BottleModel, Reading
+from smartgas_publisher.model import BottleModel, Reading
 from smartgas_publisher.stats import FleetStats
 
 #: Answers that refuse the reading itself; any other 4.xx says the endpoint is wrong, and is retried.
@@ -112,9 +112,7 @@ class Meter:
 
     def __init__(self, meter_id: str, config: PublisherConfig, stats: FleetStats, clock: Clock = utc_now) -> None:
         self.meter_id = meter_id
-        fleet_meter = config.fleet.meter(meter_id) if config.fleet is not None else None
-        bottle = Bottle.of(fleet_meter) if fleet_meter is not None else None
-        self.model = BottleModel(meter_id, config.seed, bottle, config.fault(meter_id))
+        self.model = BottleModel(meter_id, config.seed, config.bottle(meter_id), config.fault(meter_id))
         self._uri = config.reading_uri(meter_id)
         self._period_s = config.period_s
         self._count = config.count

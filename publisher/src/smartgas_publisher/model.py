@@ -4,27 +4,44 @@ Each meter watches one bottle of a fixed internal volume with a nominal fill pre
 drawn by a daily profile of UTC hours, with noise: a fleet-file meter draws about its ``draw_mol_per_h``
 in its site's working hours (a gentle hump, lowest at the edges) and nothing outside them; an anonymous
 meter follows a household-like profile (mornings and evenings, nothing at night). The gas temperature
-follows a daily cycle by the meter's clock (UTC). The meter reports the pressure the ideal gas law
-gives, P = n·R·T / V. A bottle starts 30-100 % full; below 5 % it is swapped for a full one of the
-same size. A fault (``fault.py``) may bend each of these steps.
+follows a daily cycle by the meter's clock (UTC). A fleet-file meter's bottle holds a real amount of its
+gas, and the meter reports the pressure that amount has at the temperature by the gas's real-gas
+physics (``GasModel.pressure_bar``, the shared package's, the very tables the consumer reads), so a
+sealed bottle's pressure follows the temperature as a real one does and its real content stays put. An
+anonymous meter's gas is unknown to the consumer too: its bottle follows the ideal gas law,
+P = n·R·T / V. A bottle starts 30-100 % full (of its real content at its nominal pressure and 15 °C);
+below 5 % it is swapped for a full one of the same size. A fault (``fault.py``) may bend each of these
+steps.
 
 The pressure is computed from the temperature as reported (rounded) and reported to 1e-6 bar, without
-sensor noise: the consumer computes the gas content n = P·V / (R·T) of every reading and judges leaks
-by how fast it falls between consecutive readings, so an idle bottle must come out constant (to about
-1e-6 mol), and a drawn one must fall by what was drawn.
+sensor noise: the consumer computes the gas content of every reading and judges leaks by how fast it
+falls between consecutive readings, so an idle bottle must come out constant (to about 1e-6 mol), and a
+drawn one must fall by what was drawn. Outside the physics envelope (above 400 bar or 70 °C, where the
+consumer computes no real content either) the pressure is the envelope edge's, scaled by the ideal law.
 
 All randomness comes from one ``random.Random`` per meter, seeded from ``f"{seed}:{meter_id}"`` (the
 site's temperature offset from ``f"{seed}:site:{site_id}"``, so the meters of a site agree), so the same
 seed, meter and sequence of clock times give the same readings on every run and machine.
 """
 
+from __future__ import annotations
+
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
+from smartgas_common.const import (
+    ENVELOPE_MAX_PRESSURE_BAR,
+    ENVELOPE_MAX_TEMPERATURE_C,
+    ENVELOPE_MIN_TEMPERATURE_C,
+)
 from smartgas_publisher.fault import NO_FAULT, Fault
 from smartgas_publisher.fleetfile import FleetMeter
+
+if TYPE_CHECKING:
+    from smartgas_common.content import GasModel  # imports CoolProp: built by config.py, only with a fleet file
 
 #: Molar gas constant, J/(mol·K) (exact since the 2019 SI redefinition).
 GAS_CONSTANT_J_PER_MOL_K = 8.314462618
@@ -32,6 +49,11 @@ GAS_CONSTANT_J_PER_MOL_K = 8.314462618
 ZERO_CELSIUS_K = 273.15
 PASCAL_PER_BAR = 1e5
 CUBIC_METRE_PER_LITRE = 1e-3
+
+#: Liquefied gases are filled by mass, not pressure: at most this many kg per litre of the bottle's volume
+#: (ADR packing instruction P200: CO2 0.75 kg/L for a 250 bar test pressure; propane 0.42 kg/L). A full
+#: liquefied bottle holds this, whatever its ``nominal_pressure_bar`` (its service pressure).
+FILLING_RATIO_KG_PER_L = {"co2": 0.75, "propane": 0.42}
 
 #: Internal (water) volumes of common gas bottles, litres.
 BOTTLE_VOLUMES_L = (10.0, 13.4, 26.8, 50.0)
@@ -159,22 +181,55 @@ class Bottle:
     hourly_draw_weights: tuple[float, ...]
     #: Meters of one site share its temperature offset; None for an anonymous meter.
     site_id: str | None = None
+    #: The real-gas physics of the bottle's gas; None: an ideal gas (an anonymous meter).
+    gas_model: GasModel | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, meter: FleetMeter) -> "Bottle":
-        """The bottle a fleet-file meter describes, drawn in its site's working hours."""
+    def of(cls, meter: FleetMeter, gas_model: GasModel | None = None) -> Bottle:
+        """The bottle a fleet-file meter describes, drawn in its site's working hours, of ``gas_model``'s gas."""
         return cls(
             volume_l=meter.volume_l,
             fill_pressure_bar=meter.nominal_pressure_bar,
             draw_mol_per_h=meter.draw_mol_per_h,
             hourly_draw_weights=working_hours_weights(*meter.site.working_hours_utc),
             site_id=meter.site.site_id,
+            gas_model=gas_model,
         )
 
     @property
+    def liquefied(self) -> bool:
+        return self.gas_model is not None and self.gas_model.gas.storage.value == "liquefied"
+
+    @property
     def full_amount_mol(self) -> float:
-        """Moles in the bottle filled to its nominal pressure at 15 °C (the consumer's 100 % fill)."""
-        return amount_mol(self.fill_pressure_bar, FILL_TEMPERATURE_C, self.volume_l)
+        """Moles in the full bottle: compressed, at its nominal pressure and 15 °C (the consumer's 100 %
+        fill); liquefied, its gas's filling ratio (FILLING_RATIO_KG_PER_L)."""
+        if self.gas_model is not None and self.liquefied:
+            (fluid, _), *_ = self.gas_model.gas.components
+            mass_kg = FILLING_RATIO_KG_PER_L[fluid.name] * self.volume_l
+            return mass_kg / self.gas_model.molar_mass_kg_per_mol
+        return self.amount_at(self.fill_pressure_bar, FILL_TEMPERATURE_C)
+
+    def amount_at(self, pressure_bar: float, temperature_c: float) -> float:
+        """The real amount of the bottle's gas at ``pressure_bar`` and ``temperature_c`` (ideal if unknown);
+        for a liquefied gas, whose pressure says nothing of its amount, none (0)."""
+        if self.gas_model is None:
+            return amount_mol(pressure_bar, temperature_c, self.volume_l)
+        if self.liquefied:
+            return 0.0
+        return self.gas_model.content(pressure_bar, temperature_c, self.volume_l).real_moles
+
+    def pressure_at(self, amount: float, temperature_c: float) -> float:
+        """The pressure ``amount`` moles of the bottle's gas have at ``temperature_c``."""
+        if self.gas_model is None:
+            return pressure_bar(amount, temperature_c, self.volume_l)
+        inside_c = min(max(temperature_c, ENVELOPE_MIN_TEMPERATURE_C), ENVELOPE_MAX_TEMPERATURE_C)
+        try:
+            inside_bar = self.gas_model.pressure_bar(amount, self.volume_l, inside_c)
+        except ValueError:  # OutsideEnvelopeError: beyond 400 bar; the ideal law from the envelope's Z
+            edge_z = self.gas_model.compressibility(ENVELOPE_MAX_PRESSURE_BAR, inside_c)
+            inside_bar = pressure_bar(amount, inside_c, self.volume_l) * edge_z
+        return inside_bar * (temperature_c + ZERO_CELSIUS_K) / (inside_c + ZERO_CELSIUS_K)
 
 
 def random_bottle(rng: random.Random) -> Bottle:
@@ -205,7 +260,7 @@ class BottleModel:
         start_fill = rng.uniform(*(fault.start_fill_fraction or INITIAL_FILL_FRACTION))
         self._amount_mol = max(
             self.full_amount_mol * start_fill,
-            amount_mol(fault.start_min_pressure_bar, FILL_TEMPERATURE_C, self.volume_l),
+            self.bottle.amount_at(fault.start_min_pressure_bar, FILL_TEMPERATURE_C),
         )
         self._next_seq = 0
         self._last_measured: datetime | None = None
@@ -257,7 +312,7 @@ class BottleModel:
         reading = Reading(
             seq=self._next_seq,
             ts=format_timestamp(now),
-            pressure_bar=round(pressure_bar(self._amount_mol, temperature_c, self.volume_l), PRESSURE_DECIMALS),
+            pressure_bar=round(self.bottle.pressure_at(self._amount_mol, temperature_c), PRESSURE_DECIMALS),
             temperature_c=temperature_c,
             volume_l=self.volume_l,
         )

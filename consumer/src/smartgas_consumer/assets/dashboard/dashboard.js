@@ -17,6 +17,13 @@
   const DEFAULT_POLL_S = 5;
   const MIN_POLL_S = 1;
   const CHART_MEASURES = ["moles", "pressure_bar", "fill_pct"];
+  // How the fleet table's fill column names a liquefied bottle's state (the API's liquid_state).
+  const LIQUID_STATES = {
+    liquid_present: "liquid",
+    liquid_exhausted: "liquid gone",
+    over_pressure: "over-pressure",
+    supercritical: "supercritical",
+  };
   const NARROW = window.matchMedia("(max-width: 1200px)"); // the width at which the layout becomes one column
   const RETIRE_CONFIRM_MS = 5000;
 
@@ -212,7 +219,9 @@
     }
     bar.append(level);
     bar.hidden = meter.fill_pct === null;
-    box.append(bar, element("span", "fill-value", meter.fill_pct === null ? "–" : `${number(meter.fill_pct, 0)} %`));
+    // A liquefied gas has no fill % from pressure: its liquid state instead (docs/physics.md).
+    const fillText = meter.fill_pct !== null ? `${number(meter.fill_pct, 0)} %` : LIQUID_STATES[meter.liquid_state] || "–";
+    box.append(bar, element("span", "fill-value", fillText));
     fill.append(box);
     row.append(fill);
 
