@@ -67,7 +67,7 @@ run: venv
 	@key=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
 	url="http://127.0.0.1:$(RUN_HTTP_PORT)/dashboard/#key=$$key"; \
 	stop_requested=""; trap 'stop_requested=1' INT TERM; \
-	echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT) (store $(RUN_DIR)/smartgas.db), the 50 meters of"; \
+	echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT) (store $(RUN_DIR)/smartgas.db), the meters of"; \
 	echo "fleet/fleet.yaml every $(RUN_PERIOD) s. Ctrl-C stops both. Dashboard:"; \
 	echo "    $$url"; \
 	SMARTGAS_CONSUMER_ADMIN_KEY=$$key setsid $(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 \
