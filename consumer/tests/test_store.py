@@ -15,6 +15,7 @@ from smartgas_consumer.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SEQ_JUMP_SLACK,
+    Enrichment,
     ReadingRefused,
     ReadingStore,
     SequenceOutcome,
@@ -42,7 +43,7 @@ async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 async def test_add_then_read_back(tmp_path: Path) -> None:
@@ -334,6 +335,21 @@ async def test_migration_repairs_unpadded_timestamps(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("SELECT ts FROM readings").fetchone()[0] == "0999-06-01T00:00:00.000000Z"
         assert connection.execute("SELECT last_ts FROM meters").fetchone()[0] == "0999-06-01T00:00:00.000000Z"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_migration_adds_the_authenticated_column_to_a_version_2_store(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.add(reading(), 1.0, T0)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:  # as version 2 wrote it: no such column
+        connection.execute("ALTER TABLE readings DROP COLUMN authenticated")
+        connection.execute("PRAGMA user_version = 2")
+    reopened = await open_store(tmp_path / "s.db")
+    await reopened.add(reading(seq=1), 1.0, T0, Enrichment(authenticated=True))
+    await reopened.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("SELECT seq, authenticated FROM readings ORDER BY seq").fetchall() == [(0, 0), (1, 1)]
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 

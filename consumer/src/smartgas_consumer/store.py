@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS readings (
     client_id     TEXT,
     site_id       TEXT,
     meter_known   INTEGER NOT NULL,
+    authenticated INTEGER NOT NULL DEFAULT 0,  -- 1: protected by the meter's own OSCORE context
     ship_state    INTEGER NOT NULL DEFAULT 0,  -- 0 pending, 1 shipped, 2 dead-lettered
     shipped_at    TEXT,
     UNIQUE (meter_id, epoch, seq)
@@ -206,6 +207,13 @@ def _repair_timestamps(connection: sqlite3.Connection) -> None:
         _LOG.warning("store migration: rewrote %d timestamp(s) into the canonical zero-padded form", repaired)
 
 
+def _add_authenticated(connection: sqlite3.Connection) -> None:
+    """Migration 2 → 3: readings record whether the meter's own OSCORE context protected them."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(readings)")}
+    if "authenticated" not in columns:
+        connection.execute("ALTER TABLE readings ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0")
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One step of the schema: applied, in one transaction, to a store whose version is below ``version``."""
@@ -219,6 +227,7 @@ class Migration:
 #: the latest version directly (``_SCHEMA`` is always the current schema).
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "timestamps zero-padded to a four-digit year (sortable as text)", _repair_timestamps),
+    Migration(3, "readings record whether OSCORE authenticated them (--device-auth)", _add_authenticated),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -379,6 +388,7 @@ class Enrichment:
     site_id: str | None = None
     fill_pct: float | None = None
     known: bool = False
+    authenticated: bool = False  # protected by the meter's own OSCORE context (device_auth.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -824,7 +834,8 @@ def _insert_reading(
     reading, extra = pending.reading, pending.enrichment
     return connection.execute(
         "INSERT INTO readings (meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l,"
-        " moles, fill_pct, client_id, site_id, meter_known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " moles, fill_pct, client_id, site_id, meter_known, authenticated)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             reading.meter_id,
             epoch,
@@ -839,6 +850,7 @@ def _insert_reading(
             extra.client_id,
             extra.site_id,
             int(extra.known),
+            int(extra.authenticated),
         ),
     )
 
