@@ -26,6 +26,9 @@ from smartgas_consumer import cli, device_auth
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.fleet import load_fleet
 from smartgas_consumer.server import Consumer, StartupError
+from smartgas_publisher.config import PublisherConfig
+from smartgas_publisher.fleet import Fleet as PublisherFleet
+from smartgas_publisher.stats import FleetStats
 
 pytestmark = pytest.mark.integration
 
@@ -276,3 +279,56 @@ async def test_replayed_protected_request_is_refused_and_not_stored(
     answer = await asyncio.to_thread(replay, captured, oscore_consumer.port)
     assert answer.code == Code.UNAUTHORIZED and answer.payload == b"Replay detected"
     assert await stored(oscore_consumer) == [("bottle-a", 1)]
+
+
+async def run_protected_fleet(
+    consumer_config: ConsumerConfig, tmp_path: Path, meters: int, *, provision: int | None = None, drain_s: float = 120
+) -> tuple[FleetStats, list[tuple[str, int]], Consumer]:
+    """Provision ``provision`` (default all) of ``meters`` simulated meters, run the real publisher fleet
+    with --credentials against a consumer with --device-auth oscore; its stats and what was stored."""
+    credentials, meter_credentials = tmp_path / "device-credentials", tmp_path / "meter-credentials"
+    ids = [f"sim-{number:04d}" for number in range(1, meters + 1)]
+    for meter_id in ids[: provision if provision is not None else meters]:
+        device_auth.provision_meter(credentials, meter_credentials, meter_id)
+    config = dataclasses.replace(
+        consumer_config, device_auth="oscore", device_credentials=credentials, max_unknown_meters=meters
+    )
+    running = Consumer(config)
+    await running.start()
+    try:
+        publisher = PublisherConfig(
+            consumer=f"coap://127.0.0.1:{running.port}",
+            meters=meters,
+            count=2,
+            period_s=0.5,
+            status_interval_s=3600,
+            drain_timeout_s=drain_s,
+            ack_timeout_s=5,
+            credentials_path=str(meter_credentials),
+        )
+        stats = await asyncio.wait_for(PublisherFleet(publisher).run(), timeout=600)
+        return stats, await stored(running), running
+    finally:
+        await running.stop()
+
+
+async def test_protected_fleet_every_reading_accounted_for(consumer_config: ConsumerConfig, tmp_path: Path) -> None:
+    stats, rows, _ = await run_protected_fleet(consumer_config, tmp_path, 20)
+    assert stats.produced == stats.acked == 40 and stats.failed == stats.dropped == 0
+    assert len(rows) == 40 and all(authenticated == 1 for _, authenticated in rows)
+
+
+async def test_meter_whose_context_is_refused_keeps_its_readings_buffered(
+    consumer_config: ConsumerConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stats, rows, _ = await run_protected_fleet(consumer_config, tmp_path, 3, provision=2, drain_s=3)
+    assert stats.produced == 6 and stats.acked == 4
+    assert stats.buffered == 2 and stats.dropped == 0  # sim-0003's two readings wait, not lost
+    assert {meter for meter, _ in rows} == {"sim-0001", "sim-0002"}
+    assert "sim-0003" in caplog.text and "4.01" in caplog.text
+
+
+async def test_a_thousand_provisioned_meters(consumer_config: ConsumerConfig, tmp_path: Path) -> None:
+    stats, rows, _ = await run_protected_fleet(consumer_config, tmp_path, 1000)
+    assert stats.produced == stats.acked == 2000 and stats.failed == stats.dropped == 0
+    assert len(rows) == 2000 and len({meter for meter, _ in rows}) == 1000
