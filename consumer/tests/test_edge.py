@@ -30,6 +30,7 @@ from conftest import reading_uri
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.reading import MAX_PAYLOAD_BYTES
 from smartgas_consumer.server import Consumer
+from smartgas_consumer.store import SCHEMA_VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -231,7 +232,7 @@ async def test_a_store_with_a_year_999_reading_starts_repairs_and_serves(config:
     try:
         assert restarted.alerts.skipped_at_start == 0
         with sqlite3.connect(config.db) as connection:
-            assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             assert [row[0] for row in connection.execute("SELECT ts FROM readings ORDER BY ts")] == [
                 "0999-06-01T00:00:00.000000Z",
                 "0999-06-01T00:00:10.000000Z",

@@ -290,6 +290,11 @@ class Consumer:
             len(self.api_keys.principals),
         )
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
+        if self.config.device_auth == "none":
+            _LOG.warning(
+                "--device-auth none: readings are taken from anyone on the network, unauthenticated and in"
+                " clear (the original lab's plain CoAP); use --device-auth oscore outside a lab"
+            )
         if self.meter_contexts is not None:
             self._refresh_task = asyncio.create_task(self._refresh_meter_contexts(), name="device-credentials")
         self._started = True
@@ -298,11 +303,7 @@ class Consumer:
         """``--device-auth oscore``: load every meter's context before the socket opens; else warn."""
         credentials = self.config.device_credentials
         if self.config.device_auth == "none":
-            _LOG.warning(
-                "--device-auth none: readings are taken from anyone on the network, unauthenticated and in"
-                " clear (the original lab's plain CoAP); use --device-auth oscore outside a lab"
-            )
-            return
+            return  # warned about once the start succeeded (a refused start says one line only)
         if not credentials.is_dir():
             raise StartupError(
                 f"--device-credentials {credentials}: no such directory; provision the meters first"
