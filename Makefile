@@ -153,8 +153,8 @@ e2e: venv
 
 # Ingest throughput and acknowledgement latency of a real consumer process (see docs/benchmarks.md).
 bench: venv
-	$(BIN)/python consumer/bench/bench_ingest.py --meters 200 --readings 25
-	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5
+	$(BIN)/python consumer/bench/bench_ingest.py --meters 200 --readings 25 --device-auth both
+	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5 --device-auth both
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info

@@ -4,8 +4,10 @@ Starts a real consumer process (``smartgas-consumer serve``) on a loopback ephem
 SQLite store, then drives it with M simulated meters, each its own aiocoap client endpoint, each sending
 K readings back to back (CON PUT, waiting for every answer). Reports acknowledged readings per second,
 acknowledgement latency percentiles, and checks that the store holds exactly what was acknowledged.
-Bounded in count (M x K) and in time (--timeout). Run: ``make bench`` or
-``python consumer/bench/bench_ingest.py --meters 200 --readings 25``.
+Bounded in count (M x K) and in time (--timeout). ``--device-auth oscore`` provisions every meter an
+OSCORE context first and protects every request with it (the consumer runs ``--device-auth oscore``);
+``both`` (what ``make bench`` runs) measures plain CoAP and OSCORE one after the other and prints them
+side by side. Run: ``make bench`` or ``python consumer/bench/bench_ingest.py --meters 200 --readings 25``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiocoap
+from aiocoap import oscore
 from aiocoap.numbers.codes import Code
+
+from smartgas_consumer import device_auth
 
 LISTENING = re.compile(rb"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 
 
-async def meter(port: int, meter_id: str, readings: int, latencies: list[float]) -> int:
-    context = await aiocoap.Context.create_client_context(transports=["udp6"])
+async def meter(port: int, meter_id: str, readings: int, latencies: list[float], credentials: Path | None) -> int:
+    security = None
+    if credentials is None:
+        context = await aiocoap.Context.create_client_context(transports=["udp6"])
+    else:
+        context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+        security = oscore.FilesystemSecurityContext(str(credentials / meter_id))
+        context.client_credentials[f"coap://127.0.0.1:{port}/*"] = security
     acknowledged = 0
     try:
         for seq in range(readings):
@@ -52,12 +63,24 @@ async def meter(port: int, meter_id: str, readings: int, latencies: list[float])
             acknowledged += response.code == Code.CHANGED
     finally:
         await context.shutdown()
+        if security is not None:
+            security._destroy()
     return acknowledged
 
 
-async def run(meters: int, readings: int, timeout_s: float, group_window_ms: float) -> dict[str, float]:
+async def run(
+    meters: int, readings: int, timeout_s: float, group_window_ms: float, device_auth_mode: str
+) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as scratch:
         db = Path(scratch) / "bench.db"
+        meter_ids = [f"bench-{i:05d}" for i in range(meters)]
+        auth_options: list[str] = ["--device-auth", device_auth_mode]
+        meter_credentials: Path | None = None
+        if device_auth_mode == "oscore":
+            consumer_credentials, meter_credentials = Path(scratch) / "device", Path(scratch) / "meters"
+            for meter_id in meter_ids:  # provisioning is not measured
+                device_auth.provision_meter(consumer_credentials, meter_credentials, meter_id)
+            auth_options += ["--device-credentials", str(consumer_credentials)]
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -78,6 +101,7 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
             str(max(meters, 1)),
             "--unknown-meters-per-minute",
             str(max(meters, 1)),
+            *auth_options,
             stderr=asyncio.subprocess.PIPE,
         )
         drain: asyncio.Task[bytes] | None = None
@@ -95,7 +119,9 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
             latencies: list[float] = []
             started = time.perf_counter()
             acknowledged = await asyncio.wait_for(
-                asyncio.gather(*(meter(port, f"bench-{i:05d}", readings, latencies) for i in range(meters))),
+                asyncio.gather(
+                    *(meter(port, meter_id, readings, latencies, meter_credentials) for meter_id in meter_ids)
+                ),
                 timeout_s,
             )
             elapsed = time.perf_counter() - started
@@ -109,6 +135,7 @@ async def run(meters: int, readings: int, timeout_s: float, group_window_ms: flo
     total = sum(acknowledged)
     cuts = statistics.quantiles(latencies, n=100)
     return {
+        "device_auth": device_auth_mode,
         "meters": meters,
         "readings_per_meter": readings,
         "group_window_ms": group_window_ms,
@@ -129,11 +156,25 @@ def main() -> int:
     parser.add_argument("--readings", type=int, default=25, help="readings per meter")
     parser.add_argument("--group-window-ms", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--device-auth", choices=["none", "oscore", "both"], default="none", help="plain CoAP, OSCORE, or both"
+    )
     arguments = parser.parse_args()
-    result = asyncio.run(run(arguments.meters, arguments.readings, arguments.timeout, arguments.group_window_ms))
-    print(json.dumps(result, indent=2))
+    modes = ["none", "oscore"] if arguments.device_auth == "both" else [arguments.device_auth]
+    results = [
+        asyncio.run(run(arguments.meters, arguments.readings, arguments.timeout, arguments.group_window_ms, mode))
+        for mode in modes
+    ]
+    if len(results) == 1:
+        print(json.dumps(results[0], indent=2))
+    else:  # side by side: one row per measure, one column per mode
+        print(f"{'':22}" + "".join(f"{result['device_auth']!s:>12}" for result in results))
+        for name in results[0]:
+            if name != "device_auth":
+                print(f"{name:22}" + "".join(f"{result[name]!s:>12}" for result in results))
     # Every acknowledged reading must be in the store, or the numbers mean nothing.
-    return 0 if result["stored"] == result["acknowledged"] == arguments.meters * arguments.readings else 1
+    expected = arguments.meters * arguments.readings
+    return 0 if all(result["stored"] == result["acknowledged"] == expected for result in results) else 1
 
 
 if __name__ == "__main__":

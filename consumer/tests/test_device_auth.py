@@ -332,3 +332,20 @@ async def test_a_thousand_provisioned_meters(consumer_config: ConsumerConfig, tm
     stats, rows, _ = await run_protected_fleet(consumer_config, tmp_path, 1000)
     assert stats.produced == stats.acked == 2000 and stats.failed == stats.dropped == 0
     assert len(rows) == 2000 and len({meter for meter, _ in rows}) == 1000
+
+
+def test_contexts_held_by_another_holder_are_skipped_and_logged(
+    provisioned: Provisioned, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiocoap locks each context directory: a second consumer on the same credentials loads none of them."""
+    first = device_auth.MeterContexts(provisioned.credentials)
+    second = device_auth.MeterContexts(provisioned.credentials)
+    try:
+        assert first.refresh() == (2, 0)
+        assert second.refresh() == (0, 0) and len(second) == 0
+        assert caplog.text.count("device credentials: cannot load") == 2
+        first.close()
+        assert second.refresh() == (2, 0)  # let go by the first: the second takes them
+    finally:
+        first.close()
+        second.close()
