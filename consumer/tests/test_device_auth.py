@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import socket
 import stat
 from collections.abc import AsyncIterator
@@ -349,3 +350,36 @@ def test_contexts_held_by_another_holder_are_skipped_and_logged(
     finally:
         first.close()
         second.close()
+
+
+async def test_garbled_oscore_requests_get_4xx_never_5xx(oscore_consumer: Consumer, provisioned: Provisioned) -> None:
+    """Hostile OSCORE options and ciphertexts, for unknown kids and for a real meter's kid: every answer is a
+    4.xx, nothing is stored, and the real meter is served afterwards. Before GuardedOscoreSite, an option
+    aiocoap's parser choked on (``09``, ``1901``, ``ffffff``) was a 5.00 with a traceback."""
+    (kid_dir,) = (provisioned.credentials / "bottle-a").iterdir()
+    real_kid = bytes.fromhex(kid_dir.name)
+    rng = random.Random(11)
+    options = [b"", b"\x09", b"\x19\x01", b"\xff\xff\xff", b"\x08\x01\x02", b"\x09\x00" + real_kid]
+    options += [bytes([0x09, 0x00, len(real_kid)]) + real_kid, bytes([0x0E]) + real_kid]
+    options += [rng.randbytes(rng.randrange(0, 16)) for _ in range(60)]
+    options += [bytes([0x09]) + rng.randbytes(1) + real_kid for _ in range(20)]
+    context = await aiocoap.Context.create_client_context(transports=["udp6"])
+    codes = []
+    try:
+        for value in options:
+            for code in (Code.POST, Code.PUT, Code.FETCH):
+                message = aiocoap.Message(
+                    code=code, uri=f"coap://127.0.0.1:{oscore_consumer.port}/", payload=rng.randbytes(rng.randrange(30))
+                )
+                message.opt.oscore = value
+                response = await asyncio.wait_for(context.request(message).response, timeout=20)
+                codes.append((value.hex(), str(response.code)))
+                assert response.code.class_ == 4, (value.hex(), code, response.code, response.payload)
+    finally:
+        await context.shutdown()
+    assert await stored(oscore_consumer) == []
+    meter = await MeterClient.open(provisioned.meters / "bottle-a", oscore_consumer)
+    try:
+        assert (await meter.put(reading_uri(oscore_consumer, "bottle-a"))).code == Code.CHANGED
+    finally:
+        await meter.close()

@@ -25,7 +25,6 @@ from typing import Any
 
 import aiocoap
 from aiocoap import resource
-from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from elasticsearch import AsyncElasticsearch
 
 from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER, UnknownMeters
@@ -34,7 +33,7 @@ from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
-from smartgas_consumer.device_auth import MeterContexts
+from smartgas_consumer.device_auth import GuardedOscoreSite, MeterContexts
 from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_error_handler
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
@@ -65,7 +64,7 @@ def build_site(
     store_fault: Callable[[], Awaitable[str | None]],
     reading_get: bool = False,
     meter_contexts: MeterContexts | None = None,
-) -> resource.Site | OscoreSiteWrapper:
+) -> resource.Site | GuardedOscoreSite:
     """The CoAP resource tree: /.well-known/core, /health, /meters/{meter_id}/reading (PUT; GET if enabled).
 
     ``GET /meters`` (the list of meters) is not served: it would tell anyone on the network the fleet.
@@ -81,7 +80,7 @@ def build_site(
     )
     if meter_contexts is None:
         return root
-    return OscoreSiteWrapper(root, meter_contexts)
+    return GuardedOscoreSite(root, meter_contexts)
 
 
 def udp_socket(context: aiocoap.Context) -> socket.socket:
