@@ -279,6 +279,7 @@ def test_cli_exits_2_naming_a_bad_injection(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_credentials_must_be_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--credentials \(SMARTGAS_PUBLISHER_CREDENTIALS\): must be a directory \(smartgas-consumer provision-meters"):
+    expected = r"--credentials \(SMARTGAS_PUBLISHER_CREDENTIALS\): must be a directory \(smartgas-consumer provision"
+    with pytest.raises(ConfigError, match=expected):
         PublisherConfig(credentials_path=str(tmp_path / "missing"))
     assert PublisherConfig(credentials_path=str(tmp_path)).credentials_path == str(tmp_path)
