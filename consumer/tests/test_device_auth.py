@@ -289,8 +289,7 @@ async def run_protected_fleet(
     with --credentials against a consumer with --device-auth oscore; its stats and what was stored."""
     credentials, meter_credentials = tmp_path / "device-credentials", tmp_path / "meter-credentials"
     ids = [f"sim-{number:04d}" for number in range(1, meters + 1)]
-    for meter_id in ids[: provision if provision is not None else meters]:
-        device_auth.provision_meter(credentials, meter_credentials, meter_id)
+    device_auth.provision_meters(credentials, meter_credentials, ids[: provision if provision is not None else meters])
     config = dataclasses.replace(
         consumer_config, device_auth="oscore", device_credentials=credentials, max_unknown_meters=meters
     )

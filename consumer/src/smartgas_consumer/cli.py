@@ -148,8 +148,10 @@ def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int
             return 2
         meter_ids = sorted(load_fleet(config.fleet).meters)
     created = 0
-    for meter_id in meter_ids:
-        done = device_auth.provision_meter(credentials, arguments.meter_credentials, meter_id, rotate=arguments.rotate)
+    provisioned = device_auth.provision_meters(
+        credentials, arguments.meter_credentials, meter_ids, rotate=arguments.rotate
+    )
+    for done in provisioned:
         created += done.created
         if arguments.command == "provision-meter" or done.created:
             print(done.describe())

@@ -113,15 +113,31 @@ def context_dirs(credentials: Path) -> Iterable[tuple[str, Path]]:
                 yield meter_dir.name, context_dir
 
 
-def provision_meter(credentials: Path, meter_credentials: Path, meter_id: str, *, rotate: bool = False) -> Provisioned:
-    """Create a meter's context (both sides); with ``rotate``, replace the one it has."""
-    existing = [context for owner, context in context_dirs(credentials) if owner == meter_id]
+def _meter_contexts(credentials: Path, meter_id: str) -> list[Path]:
+    meter_dir = credentials / meter_id
+    if not meter_dir.is_dir():
+        return []
+    return sorted(
+        context
+        for context in meter_dir.iterdir()
+        if not context.name.startswith(".") and (context / SETTINGS_FILE).is_file()
+    )
+
+
+def provision_meter(
+    credentials: Path, meter_credentials: Path, meter_id: str, *, rotate: bool = False, used: set[str] | None = None
+) -> Provisioned:
+    """Create a meter's context (both sides); with ``rotate``, replace the one it has. ``used``: the kids
+    (hex) already in ``credentials``, when the caller provisions many meters (found here otherwise)."""
+    existing = _meter_contexts(credentials, meter_id)
     if existing and not rotate:
         return Provisioned(meter_id, existing[-1].name, created=False)
-    used = {context.name for _, context in context_dirs(credentials)}
+    if used is None:
+        used = {context.name for _, context in context_dirs(credentials)}
     kid = secrets.token_bytes(KID_BYTES)
     while kid.hex() in used:  # 2^48 ids: a collision is unlikely, and never accepted
         kid = secrets.token_bytes(KID_BYTES)
+    used.add(kid.hex())
     secret, salt = secrets.token_bytes(MASTER_SECRET_BYTES), secrets.token_bytes(MASTER_SALT_BYTES)
     _private_dir(credentials)
     _private_dir(meter_credentials)
@@ -136,6 +152,16 @@ def provision_meter(credentials: Path, meter_credentials: Path, meter_id: str, *
     for old in existing:
         _remove_tree(old)
     return Provisioned(meter_id, kid.hex(), created=True)
+
+
+def provision_meters(
+    credentials: Path, meter_credentials: Path, meter_ids: Iterable[str], *, rotate: bool = False
+) -> list[Provisioned]:
+    """``provision_meter`` for many meters, reading the directory's kids once."""
+    used = {context.name for _, context in context_dirs(credentials)}
+    return [
+        provision_meter(credentials, meter_credentials, meter_id, rotate=rotate, used=used) for meter_id in meter_ids
+    ]
 
 
 def revoke_meter(credentials: Path, meter_id: str) -> bool:
