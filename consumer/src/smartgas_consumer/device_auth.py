@@ -194,6 +194,11 @@ class MeterContext(oscore.FilesystemSecurityContext):  # type: ignore[misc]
         except FileNotFoundError:
             return
 
+    def claim_window(self) -> None:
+        """Mark the persisted replay window as in use ("unknown" until a clean release writes it back), now
+        rather than at this meter's first request: aiocoap does it then, with an fsync on the event loop."""
+        self._replay_window_changed()
+
     def release(self) -> None:
         """Persist the sequence number and replay window (if the context still exists) and unlock it."""
         lock: Any = self.__dict__.get("lockfile")  # aiocoap's filelock.FileLock, None once released
@@ -255,6 +260,7 @@ class MeterContexts(CredentialsMap):  # type: ignore[misc]
                 context.release()
                 _LOG.warning("device credentials: %s holds another kid than its name; skipped", context_dir)
                 continue
+            context.claim_window()
             self._by_kid[kid] = context
             loaded += 1
         return loaded, dropped
