@@ -283,13 +283,22 @@ async def test_replayed_protected_request_is_refused_and_not_stored(
 
 
 async def run_protected_fleet(
-    consumer_config: ConsumerConfig, tmp_path: Path, meters: int, *, provision: int | None = None, drain_s: float = 120
+    consumer_config: ConsumerConfig,
+    tmp_path: Path,
+    meters: int,
+    *,
+    provision: int | None = None,
+    revoke: tuple[str, ...] = (),
+    drain_s: float = 120,
 ) -> tuple[FleetStats, list[tuple[str, int]], Consumer]:
-    """Provision ``provision`` (default all) of ``meters`` simulated meters, run the real publisher fleet
-    with --credentials against a consumer with --device-auth oscore; its stats and what was stored."""
+    """Provision ``provision`` (default all) of ``meters`` simulated meters and revoke ``revoke`` on the
+    consumer's side, run the real publisher fleet with --credentials against a consumer with --device-auth
+    oscore; its stats and what was stored."""
     credentials, meter_credentials = tmp_path / "device-credentials", tmp_path / "meter-credentials"
     ids = [f"sim-{number:04d}" for number in range(1, meters + 1)]
     device_auth.provision_meters(credentials, meter_credentials, ids[: provision if provision is not None else meters])
+    for meter_id in revoke:
+        device_auth.revoke_meter(credentials, meter_id)
     config = dataclasses.replace(
         consumer_config, device_auth="oscore", device_credentials=credentials, max_unknown_meters=meters
     )
@@ -326,6 +335,18 @@ async def test_meter_whose_context_is_refused_keeps_its_readings_buffered(
     assert stats.buffered == 2 and stats.dropped == 0  # sim-0003's two readings wait, not lost
     assert {meter for meter, _ in rows} == {"sim-0001", "sim-0002"}
     assert "sim-0003" in caplog.text and "4.01" in caplog.text
+
+
+async def test_meter_with_a_revoked_context_keeps_its_readings_buffered(
+    consumer_config: ConsumerConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The meter protects its readings with a context the consumer no longer holds: a plain 4.01, which
+    aiocoap's client raises as NotAProtectedMessage and the publisher logs and retries."""
+    stats, rows, _ = await run_protected_fleet(consumer_config, tmp_path, 2, revoke=("sim-0002",), drain_s=3)
+    assert stats.produced == 4 and stats.acked == 2
+    assert stats.buffered == 2 and stats.dropped == stats.failed == 0
+    assert {meter for meter, _ in rows} == {"sim-0001"}
+    assert "sim-0002" in caplog.text and "Security context not found" in caplog.text
 
 
 async def test_a_thousand_provisioned_meters(consumer_config: ConsumerConfig, tmp_path: Path) -> None:
