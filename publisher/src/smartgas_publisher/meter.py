@@ -27,6 +27,11 @@ reading is dropped, counted ``dropped`` and logged (never silently).
 
 Each meter has its own aiocoap context, hence its own UDP socket: aiocoap numbers messages per pair of
 endpoints, and one shared socket runs out of message ids at around 250 requests a second.
+
+With ``--credentials``, a meter protects every request with its own OSCORE context (RFC 8613,
+docs/security.md) through aiocoap's OSCORE transport; a consumer that refuses the context answers a plain
+4.01 (aiocoap raises it as ``NotAProtectedMessage``), which is logged with its diagnostic and, like any
+other 4.01, keeps the reading buffered and retried.
 """
 
 import asyncio
