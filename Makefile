@@ -67,8 +67,8 @@ venv: $(VENV)/.installed
 # A fresh administrator key is made for each run and handed to the dashboard in the URL's fragment.
 run: venv
 	@mkdir -p $(RUN_DIR)
-	@$(BIN)/smartgas-consumer provision-meters --fleet fleet/fleet.yaml --device-credentials $(RUN_DIR)/device-credentials \
-	    --meter-credentials $(RUN_DIR)/meter-credentials | tail -n 1
+	@set -o pipefail; $(BIN)/smartgas-consumer provision-meters --fleet fleet/fleet.yaml \
+	    --device-credentials $(RUN_DIR)/device-credentials --meter-credentials $(RUN_DIR)/meter-credentials | tail -n 1
 	@key=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
 	url="http://127.0.0.1:$(RUN_HTTP_PORT)/dashboard/#key=$$key"; \
 	stop_requested=""; trap 'stop_requested=1' INT TERM; \
