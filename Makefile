@@ -24,6 +24,9 @@ RUN_PERIOD ?= 2
 RUN_LOG_READINGS ?= true
 # How long `make run` waits for the consumer to answer before it gives up.
 RUN_WAIT_S ?= 60
+# oscore: every meter authenticated with its own OSCORE context, provisioned into RUN_DIR on first run
+# (docs/security.md); none: plain CoAP from anyone (the original lab's protocol).
+RUN_DEVICE_AUTH ?= oscore
 # e.g. RUN_INJECT='--inject leak:bottle-0007 --inject offline:bottle-0012'
 RUN_INJECT ?=
 
@@ -64,6 +67,8 @@ venv: $(VENV)/.installed
 # A fresh administrator key is made for each run and handed to the dashboard in the URL's fragment.
 run: venv
 	@mkdir -p $(RUN_DIR)
+	@set -o pipefail; $(BIN)/smartgas-consumer provision-meters --fleet fleet/fleet.yaml \
+	    --device-credentials $(RUN_DIR)/device-credentials --meter-credentials $(RUN_DIR)/meter-credentials | tail -n 1
 	@key=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
 	url="http://127.0.0.1:$(RUN_HTTP_PORT)/dashboard/#key=$$key"; \
 	stop_requested=""; trap 'stop_requested=1' INT TERM; \
@@ -72,7 +77,8 @@ run: venv
 	echo "    $$url"; \
 	SMARTGAS_CONSUMER_ADMIN_KEY=$$key setsid $(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 \
 	    --coap-port $(RUN_PORT) --http-port $(RUN_HTTP_PORT) --db $(RUN_DIR)/smartgas.db --fleet fleet/fleet.yaml \
-	    --expected-period $(RUN_PERIOD) --log-readings $(RUN_LOG_READINGS) & consumer=$$!; \
+	    --expected-period $(RUN_PERIOD) --log-readings $(RUN_LOG_READINGS) --device-auth $(RUN_DEVICE_AUTH) \
+	    --device-credentials $(RUN_DIR)/device-credentials & consumer=$$!; \
 	deadline=$$(( $$(date +%s) + $(RUN_WAIT_S) )); \
 	until $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
 	    "http://127.0.0.1:$(RUN_HTTP_PORT)/healthz" >/dev/null 2>&1; do \
@@ -86,7 +92,8 @@ run: venv
 	  sleep 0.2; \
 	done; \
 	setsid $(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --fleet fleet/fleet.yaml \
-	    --period $(RUN_PERIOD) $(RUN_INJECT) & publisher=$$!; \
+	    --period $(RUN_PERIOD) $(RUN_INJECT) $(if $(filter oscore,$(RUN_DEVICE_AUTH)),--credentials $(RUN_DIR)/meter-credentials) \
+	    & publisher=$$!; \
 	if [ -n "$$DISPLAY" ] && command -v xdg-open >/dev/null; then xdg-open "$$url" >/dev/null 2>&1 || true; fi; \
 	asked=""; \
 	while kill -0 $$publisher 2>/dev/null; do \
@@ -146,8 +153,8 @@ e2e: venv
 
 # Ingest throughput and acknowledgement latency of a real consumer process (see docs/benchmarks.md).
 bench: venv
-	$(BIN)/python consumer/bench/bench_ingest.py --meters 200 --readings 25
-	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5
+	$(BIN)/python consumer/bench/bench_ingest.py --meters 200 --readings 25 --device-auth both
+	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5 --device-auth both
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info

@@ -39,7 +39,16 @@ def subcommands() -> list[str]:
 
 
 def test_the_parser_has_the_documented_subcommands() -> None:
-    assert subcommands() == ["hash-key", "healthcheck", "serve", "setup", "status"]
+    assert subcommands() == [
+        "hash-key",
+        "healthcheck",
+        "provision-meter",
+        "provision-meters",
+        "revoke-meter",
+        "serve",
+        "setup",
+        "status",
+    ]
 
 
 @pytest.mark.parametrize("command", [[], *[[name] for name in subcommands()]], ids=lambda c: " ".join(c) or "top")

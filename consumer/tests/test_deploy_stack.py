@@ -111,6 +111,7 @@ def test_no_version_key_and_only_known_services(compose: dict[str, Any]) -> None
         "kibana",
         "setup",
         "kibana-setup",
+        "provision",
         "consumer",
         "publisher",
         "prometheus",
@@ -124,7 +125,7 @@ def test_no_version_key_and_only_known_services(compose: dict[str, Any]) -> None
 
 def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
     short_lived = one_shots(compose)
-    assert short_lived == {"setup"}
+    assert short_lived == {"setup", "provision"}
     for name, service in compose["services"].items():
         check = service.get("healthcheck") or {}
         if name in short_lived:
@@ -207,7 +208,12 @@ def test_start_order_is_acyclic_and_waits_on_health(compose: dict[str, Any]) -> 
         "kibana": {"elasticsearch": "service_healthy"},
         "setup": {"elasticsearch": "service_healthy"},
         "kibana-setup": {"setup": "service_completed_successfully"},  # and nothing depends on it
-        "consumer": {"setup": "service_completed_successfully", "elasticsearch": "service_healthy"},
+        "provision": {},  # the meters' OSCORE contexts, before the consumer loads them
+        "consumer": {
+            "setup": "service_completed_successfully",
+            "provision": "service_completed_successfully",
+            "elasticsearch": "service_healthy",
+        },
         "publisher": {"consumer": "service_healthy"},
         "prometheus": {},  # scrapes the consumer when it is there; `up` says when it is not
         "grafana": {"prometheus": "service_healthy"},
@@ -240,7 +246,18 @@ def test_state_lives_in_named_volumes(compose: dict[str, Any]) -> None:
                 continue
             assert source in declared, f"{name}: {mount} is not a named volume"
             used.add(source)
-    assert used == declared == {"esdata", "kibanadata", "consumerdata", "prometheusdata", "grafanadata"}
+    assert (
+        used
+        == declared
+        == {
+            "esdata",
+            "kibanadata",
+            "consumerdata",
+            "meterdata",
+            "prometheusdata",
+            "grafanadata",
+        }
+    )
 
 
 def test_single_node_security_on_http_without_tls(compose: dict[str, Any]) -> None:
@@ -275,6 +292,7 @@ def test_compose_commands_are_ones_the_cli_accepts(compose: dict[str, Any], env:
     assert "SMARTGAS_CONSUMER_KIBANA_URL" not in services["setup"]["environment"]  # Kibana gates nothing
     assert "SMARTGAS_CONSUMER_KIBANA_URL" in services["kibana-setup"]["environment"]
     parser.parse_args(services["consumer"]["command"])
+    assert parser.parse_args(services["provision"]["command"]).command == "provision-meters"
     test = services["consumer"]["healthcheck"]["test"]
     assert test[:2] == ["CMD", "smartgas-consumer"]
     assert parser.parse_args(test[2:]).command == "healthcheck"
@@ -334,6 +352,7 @@ def test_one_image_build_for_consumer_setup_and_kibana_setup(compose: dict[str, 
     consumer_image = services["consumer"]["image"]
     assert builders[consumer_image] == ["consumer"]
     assert services["setup"]["image"] == services["kibana-setup"]["image"] == consumer_image
+    assert services["provision"]["image"] == consumer_image
 
 
 def test_kibana_keeps_sessions_across_restarts(compose: dict[str, Any]) -> None:

@@ -340,6 +340,21 @@ async def test_migration_repairs_unpadded_timestamps(tmp_path: Path) -> None:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+async def test_migration_adds_the_authenticated_column_to_a_version_2_store(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.add(reading(), 1.0, T0)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:  # as version 2 wrote it: no such column
+        connection.execute("ALTER TABLE readings DROP COLUMN authenticated")
+        connection.execute("PRAGMA user_version = 2")
+    reopened = await open_store(tmp_path / "s.db")
+    await reopened.add(reading(seq=1), 1.0, T0, Enrichment(authenticated=True))
+    await reopened.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("SELECT seq, authenticated FROM readings ORDER BY seq").fetchall() == [(0, 0), (1, 1)]
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_migrations_are_ordered_and_end_at_the_schema_version() -> None:
     versions = [migration.version for migration in MIGRATIONS]
     assert versions == sorted(set(versions)) and versions[-1] == SCHEMA_VERSION

@@ -276,3 +276,10 @@ def test_injection_into_an_unknown_meter_or_twice_into_one_is_refused() -> None:
 def test_cli_exits_2_naming_a_bad_injection(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--fleet", str(FLEET_FILE), "--inject", "leak:bottle-9999"]) == 2
     assert "--inject (SMARTGAS_PUBLISHER_INJECT): leak:bottle-9999: meter 'bottle-9999'" in capsys.readouterr().err
+
+
+def test_credentials_must_be_a_directory(tmp_path: Path) -> None:
+    expected = r"--credentials \(SMARTGAS_PUBLISHER_CREDENTIALS\): must be a directory \(smartgas-consumer provision"
+    with pytest.raises(ConfigError, match=expected):
+        PublisherConfig(credentials_path=str(tmp_path / "missing"))
+    assert PublisherConfig(credentials_path=str(tmp_path)).credentials_path == str(tmp_path)

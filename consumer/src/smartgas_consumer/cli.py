@@ -1,4 +1,5 @@
-"""Command line: ``smartgas-consumer serve`` runs the consumer; ``status`` reports on a store.
+"""Command line: ``smartgas-consumer serve`` runs the consumer; ``status`` reports on a store;
+``provision-meter``, ``provision-meters`` and ``revoke-meter`` manage the meters' OSCORE contexts.
 
 Exit codes (docs/operations.md): 0 success; 2 the consumer refused to start, with one line on stderr naming
 the setting or path and the fix (a bad setting, fleet or keys file, a store that is damaged, read-only or
@@ -17,13 +18,15 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from smartgas_consumer import config as config_module
-from smartgas_consumer import health, provision
+from smartgas_consumer import device_auth, health, provision
 from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
-from smartgas_consumer.fleet import FleetFileError
+from smartgas_consumer.fleet import FleetFileError, load_fleet
+from smartgas_consumer.reading import METER_ID_PATTERN
 from smartgas_consumer.server import Consumer, StartupError
 from smartgas_consumer.status import build_report, read_snapshot, snapshot_path
 from smartgas_consumer.store import NotAStoreError, ReadingStore, StoreLock, StoreUnusable, check_existing_store
@@ -67,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_module.add_arguments(healthcheck)
     healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)
+    for name, text in (
+        ("provision-meter", "create a meter's OSCORE context (consumer side and meter side); --rotate replaces it"),
+        ("provision-meters", "create an OSCORE context for every meter of the fleet file (--fleet) that has none"),
+        ("revoke-meter", "remove a meter's OSCORE context: the running consumer refuses it from then on (4.01)"),
+    ):
+        device = commands.add_parser(name, help=text)
+        config_module.add_arguments(device)
+        if name != "provision-meters":
+            device.add_argument("meter_id", metavar="METER_ID")
+        if name != "revoke-meter":
+            device.add_argument(
+                "--meter-credentials",
+                metavar="DIR",
+                type=Path,
+                required=True,
+                help="directory for the meters' side of their contexts (the publisher's --credentials)",
+            )
+            device.add_argument("--rotate", action="store_true", help="replace existing contexts with new keys")
     hash_key = commands.add_parser(
         "hash-key", help="make a new API key for a client (or hash one given on stdin) and print its keys-file line"
     )
@@ -88,7 +109,16 @@ def print_key_line(client: str, from_stdin: bool) -> int:
 
 
 #: Options of single subcommands, not settings of the consumer.
-_COMMAND_OPTIONS = {"command", "kibana_system_password_env", "wait_timeout", "timeout", "kibana_only"}
+_COMMAND_OPTIONS = {
+    "command",
+    "kibana_system_password_env",
+    "wait_timeout",
+    "timeout",
+    "kibana_only",
+    "meter_id",
+    "meter_credentials",
+    "rotate",
+}
 
 
 def configure_logging(level: str) -> None:
@@ -98,6 +128,42 @@ def configure_logging(level: str) -> None:
         logging.getLogger("smartgas_consumer.coap").setLevel(logging.WARNING)
         # The Elasticsearch transport logs every HTTP request at INFO.
         logging.getLogger("elastic_transport").setLevel(logging.WARNING)
+
+
+def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int:
+    """provision-meter, provision-meters, revoke-meter: print one line per meter (never a secret)."""
+    credentials = config.device_credentials
+    if arguments.command == "revoke-meter":
+        meter_id = check_meter_id_text(arguments.meter_id)
+        if not device_auth.revoke_meter(credentials, meter_id):
+            print(f"smartgas-consumer: meter {meter_id!r} has no context in {credentials}", file=sys.stderr)
+            return 1
+        print(f"{meter_id}: revoked (its context is removed from {credentials})")
+        return 0
+    if arguments.command == "provision-meter":
+        meter_ids = [check_meter_id_text(arguments.meter_id)]
+    else:
+        if config.fleet is None:
+            print("smartgas-consumer: provision-meters needs the fleet file (--fleet FILE)", file=sys.stderr)
+            return 2
+        meter_ids = sorted(load_fleet(config.fleet).meters)
+    created = 0
+    provisioned = device_auth.provision_meters(
+        credentials, arguments.meter_credentials, meter_ids, rotate=arguments.rotate
+    )
+    for done in provisioned:
+        created += done.created
+        if arguments.command == "provision-meter" or done.created:
+            print(done.describe())
+    print(f"{created} context(s) created, {len(meter_ids) - created} kept; consumer side in {credentials}")
+    return 0
+
+
+def check_meter_id_text(meter_id: str) -> str:
+    """A meter id given on the command line, checked as the CoAP edge checks one."""
+    if not METER_ID_PATTERN.fullmatch(meter_id):
+        raise device_auth.CredentialsError(f"meter id {meter_id[:80]!r} is invalid: use 1 to 64 of A-Z a-z 0-9 _ . -")
+    return meter_id
 
 
 async def serve(config: ConsumerConfig) -> int:
@@ -169,6 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smartgas-consumer: configuration error: {err}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    if arguments.command in {"provision-meter", "provision-meters", "revoke-meter"}:
+        try:
+            return device_command(arguments, config)
+        except (FleetFileError, device_auth.CredentialsError, OSError) as err:
+            print(f"smartgas-consumer: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
     runner: Coroutine[Any, Any, int]
     if arguments.command == "setup":
         runner = provision.main_setup(

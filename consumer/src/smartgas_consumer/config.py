@@ -19,6 +19,8 @@ ENV_PREFIX = "SMARTGAS_CONSUMER_"
 #: The administrator key's rule (docs/security.md): long, printable ASCII, varied, and not a placeholder.
 ADMIN_KEY_MIN_LENGTH = 32
 ADMIN_KEY_MIN_DISTINCT = 8
+#: --device-auth: OSCORE-protected readings only, or plain CoAP from anyone (the original lab's protocol).
+DEVICE_AUTH_MODES = ("oscore", "none")
 MAKE_A_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
@@ -36,6 +38,10 @@ class ConsumerConfig:
     coap_reuse_port: bool = False
     # CoAP GET /meters/{id}/reading: off, as anyone on the network could read it (docs/security.md).
     coap_reading_get: bool = False
+    # Device identity (docs/security.md): "oscore" takes only OSCORE-protected readings, "none" plain CoAP.
+    device_auth: str = "none"
+    device_credentials: Path = Path("var/device-credentials")
+    device_credentials_refresh_s: float = 5.0
     # Meters missing from the fleet file: how many the consumer keeps, and how fast new ones may appear.
     max_unknown_meters: int = 2000
     unknown_meters_per_minute: float = 600.0
@@ -196,6 +202,13 @@ def _admin_key(text: str) -> str:
     )
 
 
+def _device_auth(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in DEVICE_AUTH_MODES:
+        raise ValueError(f"must be one of {', '.join(DEVICE_AUTH_MODES)}")
+    return mode
+
+
 def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -234,6 +247,25 @@ SETTINGS: tuple[Setting, ...] = (
         "--coap-reading-get",
         _boolean,
         "answer CoAP GET /meters/{id}/reading with the latest reading, without client or site (anyone can ask)",
+    ),
+    Setting(
+        "device_auth",
+        "--device-auth",
+        _device_auth,
+        "oscore: a reading must be OSCORE-protected by its own meter's context (else 4.01/4.03); none: plain "
+        "CoAP from anyone, with a warning at start (docs/security.md)",
+    ),
+    Setting(
+        "device_credentials",
+        "--device-credentials",
+        Path,
+        "directory of the meters' OSCORE contexts, one per meter (`smartgas-consumer provision-meters`)",
+    ),
+    Setting(
+        "device_credentials_refresh_s",
+        "--device-credentials-refresh-s",
+        _positive_float,
+        "seconds between re-reads of --device-credentials (new, rotated and revoked meters take effect)",
     ),
     Setting(
         "max_unknown_meters",

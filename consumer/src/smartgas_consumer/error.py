@@ -79,3 +79,15 @@ class NewMeterRateLimited(coap_error.ConstructionRenderableError):
         response = super().to_message()
         response.opt.max_age = self.max_age_s
         return response
+
+
+class NotAuthenticated(coap_error.ConstructionRenderableError):
+    """``--device-auth oscore``: a request not OSCORE-protected by a context the consumer holds: 4.01."""
+
+    code = Code.UNAUTHORIZED
+
+
+class WrongMeter(coap_error.ConstructionRenderableError):
+    """A request protected by one meter's context on another meter's resource: 4.03."""
+
+    code = Code.FORBIDDEN

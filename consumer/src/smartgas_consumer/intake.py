@@ -6,6 +6,7 @@ translates. Counters here feed the status log (and later the metrics endpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -123,14 +124,18 @@ class ReadingIntake:
         # Called after each newly stored reading (sinks wake up to ship it, alerts evaluate it).
         self.on_stored: list[Callable[[StoredEvent], None]] = []
 
-    async def accept(self, meter_id: str, payload: bytes, content_format: int | None) -> Accepted:
-        """Validate, compute and durably store one reading; raise a CoAP-coded error if it is refused."""
+    async def accept(
+        self, meter_id: str, payload: bytes, content_format: int | None, *, authenticated: bool = False
+    ) -> Accepted:
+        """Validate, compute and durably store one reading; raise a CoAP-coded error if it is refused.
+
+        ``authenticated``: the meter's own OSCORE context protected it (stored with the reading)."""
         self.counters.received += 1
         self.metrics.reading_received()
         try:
             window = TimeWindow(self._clock(), self._max_reading_age_s, self._max_clock_skew_s)
             reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format), window)
-            return await self._store(reading)
+            return await self._store(reading, authenticated)
         except ConstructionRenderableError as err:
             self._count_refusal(meter_id, err)
             raise
@@ -156,11 +161,12 @@ class ReadingIntake:
         real = self.gas_physics.evaluate(meter, reading.pressure_bar, reading.temperature_c, reading.volume_l)
         return Enrichment(meter.client_id, meter.site.site_id, real.fill_pct, True, real), meter
 
-    async def _store(self, reading: Reading) -> Accepted:
+    async def _store(self, reading: Reading, authenticated: bool = False) -> Accepted:
         moles = physics.moles(reading.pressure_bar, reading.temperature_c, reading.volume_l)
         if not physics.plausible_moles(moles):  # the bounds on its inputs keep it so; this keeps it honest
             raise ImplausibleReading(f"moles: {moles!r} computed from this reading is beyond {physics.MAX_MOLES:g}")
         enrichment, meter = self.enrich(reading)
+        enrichment = dataclasses.replace(enrichment, authenticated=authenticated)
         if meter is None and self.unknown_meters is not None:
             self.unknown_meters.admit(reading.meter_id)  # 4.03 beyond the cap, 4.29 beyond the rate
         received_at = self._clock()

@@ -31,7 +31,8 @@ from aiocoap.numbers.codes import Code
 from aiocoap.resource import PathCapable, Resource
 from aiocoap.util.linkformat import LinkFormat
 
-from smartgas_consumer.error import MeterNotFound, PayloadTooLarge, StoreUnavailable
+from smartgas_consumer.device_auth import MeterContext
+from smartgas_consumer.error import MeterNotFound, NotAuthenticated, PayloadTooLarge, StoreUnavailable, WrongMeter
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, MAX_PAYLOAD_BYTES, check_meter_id
 
@@ -118,10 +119,18 @@ def encode(document: dict[str, Any], content_format: int) -> Message:
 class MeterReading(Resource, PathCapable):
     """``/meters/{meter_id}/reading``: PUT stores a reading; GET returns the latest one if ``reading_get``."""
 
-    def __init__(self, intake: ReadingIntake, refusals: RefusalLog | None = None, *, reading_get: bool = False) -> None:
+    def __init__(
+        self,
+        intake: ReadingIntake,
+        refusals: RefusalLog | None = None,
+        *,
+        reading_get: bool = False,
+        require_oscore: bool = False,
+    ) -> None:
         super().__init__()
         self._intake = intake
         self._reading_get = reading_get
+        self._require_oscore = require_oscore
         self._refusals = refusals if refusals is not None else RefusalLog()
         # aiocoap's Resource keeps its Block1 spool here (interfaces.Resource.__init__).
         self._block1 = _GuardedBlock1Spool()
@@ -163,16 +172,46 @@ class MeterReading(Resource, PathCapable):
             return await self._put(path[0], request, started)
         if request.code != Code.GET:
             raise error.UnallowedMethod()
+        if self._require_oscore:
+            # A meter reads its own latest reading over OSCORE; nobody else reads readings over CoAP.
+            self._authenticated(path[0], request)
+            return await self._get(check_meter_id(path[0]), request)
         if not self._reading_get:
             # The same answer for every meter, known or not: the refusal tells nothing about the fleet.
             raise error.UnallowedMethod("GET of readings is off on this consumer (--coap-reading-get)")
         return await self._get(check_meter_id(path[0]), request)
 
+    def _authenticated(self, meter_id: str, request: Message) -> bool:
+        """Whether ``meter_id``'s own OSCORE context protected the request; 4.01 or 4.03 if it must be and
+        was not. aiocoap's OscoreSiteWrapper verified and decrypted it, and names the context in ``remote``."""
+        context = getattr(request.remote, "security_context", None)
+        if not isinstance(context, MeterContext):
+            if self._require_oscore:
+                raise NotAuthenticated(
+                    "this consumer takes only OSCORE-protected requests (RFC 8613): provision the meter "
+                    "(smartgas-consumer provision-meter) and protect the request with its context"
+                )
+            return False
+        if context.revoked:
+            raise NotAuthenticated("this meter's OSCORE context was revoked or rotated: provision it again")
+        if context.meter_id != meter_id:
+            raise WrongMeter(f"this OSCORE context belongs to another meter, not to {meter_id[:80]!r}")
+        return True
+
     async def _put(self, meter_id: str, request: Message, started: float) -> Message:
         content_format = request.opt.content_format
         try:
+            authenticated = self._authenticated(meter_id, request)
+        except error.ConstructionRenderableError as err:
+            self._intake.refused_early(meter_id, err)
+            self._refusals.refused(_peer(request), meter_id, err)
+            raise
+        try:
             accepted = await self._intake.accept(
-                meter_id, request.payload, None if content_format is None else int(content_format)
+                meter_id,
+                request.payload,
+                None if content_format is None else int(content_format),
+                authenticated=authenticated,
             )
         except error.ConstructionRenderableError as err:
             if err.code.class_ == 4:  # the peer's fault; 5.03 is ours and logged where it happens

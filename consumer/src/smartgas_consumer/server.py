@@ -33,6 +33,7 @@ from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
+from smartgas_consumer.device_auth import GuardedOscoreSite, MeterContexts
 from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_error_handler
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
@@ -60,17 +61,28 @@ class StartupError(Exception):
 
 
 def build_site(
-    intake: ReadingIntake, *, store_fault: Callable[[], Awaitable[str | None]], reading_get: bool = False
-) -> resource.Site:
+    intake: ReadingIntake,
+    *,
+    store_fault: Callable[[], Awaitable[str | None]],
+    reading_get: bool = False,
+    meter_contexts: MeterContexts | None = None,
+) -> resource.Site | GuardedOscoreSite:
     """The CoAP resource tree: /.well-known/core, /health, /meters/{meter_id}/reading (PUT; GET if enabled).
 
     ``GET /meters`` (the list of meters) is not served: it would tell anyone on the network the fleet.
+    With ``meter_contexts`` (``--device-auth oscore``) the tree sits behind aiocoap's OSCORE wrapper,
+    which verifies and decrypts protected requests; the meters resource then requires its own meter's
+    context, while /health and /.well-known/core stay plain CoAP.
     """
     root = resource.Site()
     root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
     root.add_resource(["health"], Health(store_fault))
-    root.add_resource(["meters"], MeterReading(intake, reading_get=reading_get))
-    return root
+    root.add_resource(
+        ["meters"], MeterReading(intake, reading_get=reading_get, require_oscore=meter_contexts is not None)
+    )
+    if meter_contexts is None:
+        return root
+    return GuardedOscoreSite(root, meter_contexts)
 
 
 def udp_socket(context: aiocoap.Context) -> socket.socket:
@@ -156,6 +168,8 @@ class Consumer:
             config.http_port,
         )
         self._context: aiocoap.Context | None = None
+        self.meter_contexts: MeterContexts | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
         # What peers can make aiocoap log, bounded (edgelog.py); installed while the socket is open.
         self._coap_log = logging.getLogger(COAP_LOGGER)
         self._noise_filter = PeerNoiseFilter()
@@ -214,13 +228,19 @@ class Consumer:
         await self.alerts.start()
         if self.webhooks is not None:
             await self.webhooks.start()
+        self._load_meter_contexts()
         self._coap_log.addFilter(self._noise_filter)
         asyncio.get_running_loop().set_exception_handler(datagram_error_handler(self._coap_log))
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
         os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
         try:
             self._context = await aiocoap.Context.create_server_context(
-                build_site(self.intake, store_fault=self.store_health.fault, reading_get=self.config.coap_reading_get),
+                build_site(
+                    self.intake,
+                    store_fault=self.store_health.fault,
+                    reading_get=self.config.coap_reading_get,
+                    meter_contexts=self.meter_contexts,
+                ),
                 bind=(self.config.coap_host, self.config.coap_port),
                 transports=["udp6"],
                 loggername=COAP_LOGGER,
@@ -270,7 +290,41 @@ class Consumer:
             len(self.api_keys.principals),
         )
         self._status_task = asyncio.create_task(self._log_status(), name="status-log")
+        if self.config.device_auth == "none":
+            _LOG.warning(
+                "--device-auth none: readings are taken from anyone on the network, unauthenticated and in"
+                " clear (the original lab's plain CoAP); use --device-auth oscore outside a lab"
+            )
+        if self.meter_contexts is not None:
+            self._refresh_task = asyncio.create_task(self._refresh_meter_contexts(), name="device-credentials")
         self._started = True
+
+    def _load_meter_contexts(self) -> None:
+        """``--device-auth oscore``: load every meter's context before the socket opens; else warn."""
+        credentials = self.config.device_credentials
+        if self.config.device_auth == "none":
+            return  # warned about once the start succeeded (a refused start says one line only)
+        if not credentials.is_dir():
+            raise StartupError(
+                f"--device-credentials {credentials}: no such directory; provision the meters first"
+                " (smartgas-consumer provision-meters --fleet FILE) or run with --device-auth none"
+            )
+        self.meter_contexts = MeterContexts(credentials)
+        loaded, _ = self.meter_contexts.refresh()
+        _LOG.info("device auth: OSCORE, %d meter context(s) from %s", loaded, credentials)
+
+    async def _refresh_meter_contexts(self) -> None:
+        assert self.meter_contexts is not None
+        while True:
+            await asyncio.sleep(self.config.device_credentials_refresh_s)
+            try:
+                # On the loop, not a thread: requests use the contexts meanwhile (a few ms for 1,000 meters).
+                loaded, dropped = self.meter_contexts.refresh()
+            except OSError as err:  # the directory vanished or became unreadable: keep what is loaded
+                _LOG.warning("device credentials: cannot re-read %s: %s", self.config.device_credentials, err)
+                continue
+            if loaded or dropped:
+                _LOG.info("device credentials: %d context(s) loaded, %d let go", loaded, dropped)
 
     def _recent_unknown_meters(self, connection: sqlite3.Connection) -> list[str]:
         """Meters of the store missing from the fleet file and heard within FORGET_UNKNOWN_AFTER."""
@@ -334,15 +388,19 @@ class Consumer:
         self.metrics.set_unknown_meters_held(self.unknown_meters.held)
 
     async def stop(self) -> None:
-        if self._status_task is not None:
-            self._status_task.cancel()
-            await asyncio.gather(self._status_task, return_exceptions=True)
-            self._status_task = None
+        for task in (self._status_task, self._refresh_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._status_task = self._refresh_task = None
         await self.http.stop()
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
             asyncio.get_running_loop().set_exception_handler(None)
+        if self.meter_contexts is not None:
+            self.meter_contexts.close()  # sequence numbers and replay windows persisted: no Echo round next start
+            self.meter_contexts = None
         self._coap_log.removeFilter(self._noise_filter)
         await self.alerts.stop()  # judges what is still queued
         if self.webhooks is not None:

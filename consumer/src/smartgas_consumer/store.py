@@ -122,6 +122,7 @@ CREATE TABLE IF NOT EXISTS readings (
     client_id     TEXT,
     site_id       TEXT,
     meter_known   INTEGER NOT NULL,
+    authenticated INTEGER NOT NULL DEFAULT 0,  -- 1: protected by the meter's own OSCORE context
     ship_state    INTEGER NOT NULL DEFAULT 0,  -- 0 pending, 1 shipped, 2 dead-lettered
     shipped_at    TEXT,
     UNIQUE (meter_id, epoch, seq)
@@ -231,6 +232,13 @@ def _add_real_gas_columns(connection: sqlite3.Connection) -> None:
             connection.execute(f"ALTER TABLE readings ADD COLUMN {column} {kind}")
 
 
+def _add_authenticated(connection: sqlite3.Connection) -> None:
+    """Migration 3 → 4: readings record whether the meter's own OSCORE context protected them."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(readings)")}
+    if "authenticated" not in columns:
+        connection.execute("ALTER TABLE readings ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0")
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One step of the schema: applied, in one transaction, to a store whose version is below ``version``."""
@@ -245,6 +253,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "timestamps zero-padded to a four-digit year (sortable as text)", _repair_timestamps),
     Migration(3, "real-gas columns on readings (Z, real moles, kg, standard m³, liquid state)", _add_real_gas_columns),
+    Migration(4, "readings record whether OSCORE authenticated them (--device-auth)", _add_authenticated),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -416,6 +425,7 @@ class Enrichment:
     fill_pct: float | None = None
     known: bool = False
     real: RealGas = NO_REAL_GAS
+    authenticated: bool = False  # protected by the meter's own OSCORE context (device_auth.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -873,7 +883,8 @@ def _insert_reading(
     return connection.execute(
         "INSERT INTO readings (meter_id, epoch, seq, ts, received_at, pressure_bar, temperature_c, volume_l,"
         " moles, fill_pct, client_id, site_id, meter_known, compressibility_z, real_moles, mass_kg,"
-        " standard_volume_m3, liquid_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " standard_volume_m3, liquid_state, authenticated)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             reading.meter_id,
             epoch,
@@ -893,6 +904,7 @@ def _insert_reading(
             extra.real.mass_kg,
             extra.real.standard_volume_m3,
             extra.real.liquid_state,
+            int(extra.authenticated),
         ),
     )
 

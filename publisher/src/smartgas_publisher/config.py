@@ -62,6 +62,8 @@ class PublisherConfig:
     max_retransmit: int = 4
     drain_timeout_s: float | None = None
     fleet_path: str | None = None
+    #: Directory of the meters' OSCORE contexts, one subdirectory per meter id (docs/security.md).
+    credentials_path: str | None = None
     inject: tuple[Injection, ...] = ()
     #: The fleet file's content, read from ``fleet_path`` on construction; None without one.
     fleet: FleetFile | None = field(default=None, init=False)
@@ -272,6 +274,14 @@ def _optional_path(value: Any) -> str | None:
     return None
 
 
+def _optional_directory(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not Path(value).is_dir():
+        return f"must be a directory (smartgas-consumer provision-meters --meter-credentials DIR), got {value!r}"
+    return None
+
+
 def _valid_injections(value: Any) -> str | None:
     if not isinstance(value, tuple) or not all(isinstance(item, Injection) for item in value):
         return f"must be KIND:METER_ID faults, got {value!r}"
@@ -427,6 +437,16 @@ OPTIONS: tuple[Option, ...] = (
         "--id-prefix (default: --meters anonymous meters)",
         convert=_to_text,
         check=_optional_path,
+    ),
+    Option(
+        field="credentials_path",
+        flag="--credentials",
+        env="CREDENTIALS",
+        metavar="PATH",
+        help="directory of the meters' OSCORE contexts (one subdirectory per meter id, as provisioned); every "
+        "request of a meter with a context is protected with it (default: plain CoAP)",
+        convert=_to_text,
+        check=_optional_directory,
     ),
     Option(
         field="inject",

@@ -27,6 +27,11 @@ reading is dropped, counted ``dropped`` and logged (never silently).
 
 Each meter has its own aiocoap context, hence its own UDP socket: aiocoap numbers messages per pair of
 endpoints, and one shared socket runs out of message ids at around 250 requests a second.
+
+With ``--credentials``, a meter protects every request with its own OSCORE context (RFC 8613,
+docs/security.md) through aiocoap's OSCORE transport; a consumer that refuses the context answers a plain
+4.01 (aiocoap raises it as ``NotAProtectedMessage``), which is logged with its diagnostic and, like any
+other 4.01, keeps the reading buffered and retried.
 """
 
 import asyncio
@@ -37,11 +42,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
+from pathlib import Path
 from random import Random
 from typing import Any
 
 import aiocoap
 from aiocoap import error as coap_error
+from aiocoap import oscore
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.contentformat import ContentFormat
@@ -124,6 +131,8 @@ class Meter:
         self._stats = stats
         self._clock = clock
         self._context: Any = None
+        self._credentials = Path(config.credentials_path) / meter_id if config.credentials_path else None
+        self._security: Any = None  # the meter's OSCORE context, when it has one
         self._waiting: deque[Reading] = deque()
         self._in_flight: Reading | None = None
         self._failing = False
@@ -135,13 +144,33 @@ class Meter:
     # ---- lifecycle
 
     async def open(self) -> None:
-        """Create the meter's own client context (one UDP socket)."""
-        self._context = await aiocoap.Context.create_client_context(transports=["udp6"])
+        """Create the meter's own client context (one UDP socket), protecting its requests with its OSCORE
+        context when ``--credentials`` holds one; without one, its readings go out plain (and a consumer
+        that requires OSCORE refuses them with 4.01, which keeps them buffered)."""
+        if self._credentials is None:
+            self._context = await aiocoap.Context.create_client_context(transports=["udp6"])
+            return
+        self._context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+        if not (self._credentials / "settings.json").is_file():
+            log.warning("%s: no OSCORE context in %s: sending unprotected", self.meter_id, self._credentials)
+            return
+        try:
+            self._security = oscore.FilesystemSecurityContext(str(self._credentials))
+        except Exception as err:  # missing, damaged or held by another process: say which, send plain
+            log.warning(
+                "%s: no usable OSCORE context in %s (%s): sending unprotected", self.meter_id, self._credentials, err
+            )
+            return
+        # The request URI's scheme, host and port, as aiocoap matches credentials against it.
+        self._context.client_credentials[self._uri.split("/meters/", 1)[0] + "/*"] = self._security
 
     async def close(self) -> None:
         if self._context is not None:
             context, self._context = self._context, None
             await context.shutdown()
+        if self._security is not None:
+            security, self._security = self._security, None
+            security._destroy()  # persists the sequence number and unlocks the context directory
 
     def stop_producing(self) -> None:
         """Take no more readings; the send loop carries on with what is buffered."""
@@ -260,6 +289,9 @@ class Meter:
         try:
             async with asyncio.timeout(self._deadline_s):
                 response = await self._context.request(request).response
+        except oscore.NotAProtectedMessage as err:
+            # The consumer refused the meter's context (unknown, revoked, replay) with a plain 4.01.
+            response = err.plain_message
         except coap_error.Error as err:
             cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
             return Attempt(Outcome.RETRY, f"{err}{cause}")
