@@ -45,7 +45,7 @@ async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 async def test_add_then_read_back(tmp_path: Path) -> None:
