@@ -33,6 +33,7 @@ from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
+from smartgas_consumer.dedup import DedupLimits, bounded_dedup_context
 from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_error_handler
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
@@ -219,7 +220,9 @@ class Consumer:
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
         os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
         try:
-            self._context = await aiocoap.Context.create_server_context(
+            # aiocoap's Context with duplicate detection bounded in entries and time (dedup.py).
+            limits = DedupLimits(self.config.coap_dedup_entries, self.config.coap_dedup_lifetime_s)
+            self._context = await bounded_dedup_context(limits).create_server_context(
                 build_site(self.intake, store_fault=self.store_health.fault, reading_get=self.config.coap_reading_get),
                 bind=(self.config.coap_host, self.config.coap_port),
                 transports=["udp6"],
