@@ -14,6 +14,7 @@ import json
 import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -280,3 +281,10 @@ async def test_aiocoap_client_con_and_non_through_the_bounded_layer(consumer: Co
         assert response.code == Code.CHANGED and json.loads(response.payload)["stored"] is True
     assert (await consumer.store.summary()).readings == 2
     assert len(message_manager(consumer).recent_requests) <= CACHED
+
+
+def test_operations_doc_states_the_defaults() -> None:
+    operations = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    defaults = ConsumerConfig()
+    assert f"`--coap-dedup-entries` ({defaults.coap_dedup_entries:,}: " in operations
+    assert f"`--coap-dedup-lifetime` ({defaults.coap_dedup_lifetime_s:.0f} s)" in operations
