@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import shutil
 import socket
@@ -28,7 +29,7 @@ from aiocoap.optiontypes import BlockOption
 from conftest import reading_uri, wire_example
 from smartgas_consumer.config import ConfigError, ConsumerConfig, load
 from smartgas_consumer.dedup import NOT_ANSWERED, BoundedDedupMessageManager, DedupLimits, RecentRequests
-from smartgas_consumer.server import Consumer
+from smartgas_consumer.server import SERVING_GC_THRESHOLDS, Consumer
 
 CACHED = 4
 ANSWER_TIMEOUT_S = 15.0
@@ -288,3 +289,26 @@ def test_operations_doc_states_the_defaults() -> None:
     defaults = ConsumerConfig()
     assert f"`--coap-dedup-entries` ({defaults.coap_dedup_entries:,}: " in operations
     assert f"`--coap-dedup-lifetime` ({defaults.coap_dedup_lifetime_s:.0f} s)" in operations
+
+
+@pytest.mark.integration
+async def test_serving_freezes_the_start_up_heap_and_restores_the_collector(
+    consumer_config: ConsumerConfig, peer: socket.socket
+) -> None:
+    before = gc.get_threshold()
+    consumer = Consumer(consumer_config)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(consumer.serve_until(stop))
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while consumer.port is None or gc.get_freeze_count() == 0:  # the heap is frozen once start-up is done
+            assert not serving.done(), serving
+            assert asyncio.get_running_loop().time() < deadline, "serving, but the start-up heap not frozen"
+            await asyncio.sleep(0.01)
+        assert gc.get_threshold() == SERVING_GC_THRESHOLDS
+        answer = Message.decode(await exchange(peer, consumer.port, put(Type.CON, 700, seq=1)))
+        assert answer.code == Code.CHANGED  # serving as usual with the collector tuned
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, timeout=30)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
