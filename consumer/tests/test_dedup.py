@@ -272,6 +272,22 @@ async def test_libcoap_block_wise_put_and_a_repeat_over_a_full_cache(consumer: C
 
 
 @pytest.mark.integration
+@pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls not installed (Debian libcoap3-bin)")
+async def test_libcoap_non_put_is_answered(consumer: Consumer) -> None:
+    assert COAP_CLIENT is not None
+    body = json.dumps(wire_example("reading-250bar.json"))
+    process = await asyncio.create_subprocess_exec(
+        COAP_CLIENT, "-B", "5", "-N", "-m", "put", "-t", "50", "-e", body, reading_uri(consumer),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=15)
+    assert stdout, stderr
+    assert json.loads(stdout)["stored"] is True
+    assert (await consumer.store.summary()).readings == 1
+
+
+@pytest.mark.integration
 async def test_aiocoap_client_con_and_non_through_the_bounded_layer(consumer: Consumer, coap: aiocoap.Context) -> None:
     for n, tuning in enumerate((aiocoap.Reliable, aiocoap.Unreliable)):
         body = json.dumps(dict(wire_example("reading-250bar.json"), seq=n)).encode()
