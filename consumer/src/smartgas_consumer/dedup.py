@@ -3,7 +3,7 @@
 RFC 7252 §4.5 asks a server to recognise a retransmitted confirmable request by (peer, message id) and
 answer it with the answer it already gave. aiocoap 0.4 does this by keeping every request, with its whole
 answer (which references the request), for EXCHANGE_LIFETIME (247 s), each with its own loop timer: about
-3.5 KB per request, so one peer sending 2,000 requests a second holds ~1.6 GB. §4.5 also allows a server
+3 KB per request, so one peer sending 2,000 requests a second holds ~1.5 GB. §4.5 also allows a server
 to re-process a request whose processing is idempotent instead; a PUT of a reading is (the store keeps a
 reading once per (meter, epoch, seq) and answers a repeat ``stored: false``). So the consumer keeps less:
 
