@@ -42,6 +42,11 @@ class ConsumerConfig:
     device_auth: str = "none"
     device_credentials: Path = Path("var/device-credentials")
     device_credentials_refresh_s: float = 5.0
+    # CoAP duplicate detection (dedup.py, docs/operations.md "Memory"): how many requests' answers are kept
+    # for retransmissions, and how long. 20,000 answers hold about 10 MB; 60 s covers a CON's 45 s of
+    # retransmissions (RFC 7252 MAX_TRANSMIT_SPAN); a repeat after that is processed again, safely.
+    coap_dedup_entries: int = 20_000
+    coap_dedup_lifetime_s: float = 60.0
     # Meters missing from the fleet file: how many the consumer keeps, and how fast new ones may appear.
     max_unknown_meters: int = 2000
     unknown_meters_per_minute: float = 600.0
@@ -266,6 +271,18 @@ SETTINGS: tuple[Setting, ...] = (
         "--device-credentials-refresh-s",
         _positive_float,
         "seconds between re-reads of --device-credentials (new, rotated and revoked meters take effect)",
+    ),
+    Setting(
+        "coap_dedup_entries",
+        "--coap-dedup-entries",
+        _positive_int,
+        "CoAP requests whose answer is kept to answer a retransmission identically (oldest dropped first)",
+    ),
+    Setting(
+        "coap_dedup_lifetime_s",
+        "--coap-dedup-lifetime",
+        _positive_float,
+        "seconds a CoAP request's answer is kept for retransmissions; later repeats are processed again",
     ),
     Setting(
         "max_unknown_meters",
