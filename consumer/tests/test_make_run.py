@@ -50,6 +50,12 @@ def free_port(kind: socket.SocketKind) -> int:
     return port
 
 
+def default_interrupt_signals() -> None:
+    """In the child, before make starts: SIGINT and SIGQUIT back to their default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def make_run(run_dir: Path, coap_port: int, http_port: int) -> subprocess.Popen[str]:
     """``make run`` with the README's documented variables, in a new session (its own process group)."""
     assert MAKE is not None
@@ -73,6 +79,9 @@ def make_run(run_dir: Path, coap_port: int, http_port: int) -> subprocess.Popen[
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # As a terminal's make: Ctrl-C not ignored. A suite started in the background by a non-interactive
+        # shell (as CI may) inherits SIGINT ignored, and a shell cannot trap a signal ignored on entry.
+        preexec_fn=default_interrupt_signals,
         text=True,
         start_new_session=True,
     )
@@ -113,6 +122,16 @@ def dashboard_answers(http_port: int) -> bool:
         return False
 
 
+def stop_output(process: subprocess.Popen[str], bound_s: float) -> str:
+    """What make run printed until it ended, at most ``bound_s`` after the stop; on overrun, fail with it."""
+    try:
+        output, _ = process.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired as late:
+        printed = late.output.decode(errors="replace") if isinstance(late.output, bytes) else (late.output or "")
+        pytest.fail(f"make run did not stop within {bound_s} s; it printed, last:\n{printed[-4000:]}")
+    return output
+
+
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], what: str) -> None:
     """Wait until ``condition()`` holds, at most START_BOUND_S; the caller's ``finally`` cleans up."""
     deadline = time.monotonic() + START_BOUND_S
@@ -137,7 +156,7 @@ def test_make_run_serves_the_dashboard_stores_readings_and_stops_each_service_on
         # Every meter of the fleet file has sent at least once (one reading a second each).
         wait_for(lambda: stored_per_metrics(http_port) >= FLEET_METERS + 10, process, "readings")
         os.killpg(process.pid, signum)
-        output, _ = process.communicate(timeout=STOP_BOUND_S)
+        output = stop_output(process, STOP_BOUND_S)
     finally:
         if process.poll() is None or service_pids(tmp_path):
             stop_everything(process, tmp_path)
@@ -184,7 +203,7 @@ def test_make_run_stops_the_publisher_when_the_consumer_dies(tmp_path: Path) -> 
         wait_for(lambda: stored_per_metrics(http_port) >= 10, process, "readings")
         (consumer,) = service_pids(tmp_path, "smartgas-consumer")
         os.kill(consumer, signal.SIGKILL)  # a crash: nothing the consumer could answer or log
-        output, _ = process.communicate(timeout=STOP_BOUND_S)
+        output = stop_output(process, STOP_BOUND_S)
     finally:
         if process.poll() is None or service_pids(tmp_path):
             stop_everything(process, tmp_path)
