@@ -383,11 +383,7 @@ def build_app(
             summary="Acknowledge an open alert: it stays open; webhooks hear of it again only when it ends",
         )
         async def acknowledge_alert(alert_id: str, who: Who) -> dict[str, Any]:
-            try:
-                found = await engine.acknowledge(alert_id, client_id=who.client_id, by=_actor(who))
-            except AlertNotOpen as err:
-                raise HTTPException(status_code=409, detail=str(err)) from err
-            return _found(found, f"alert {alert_id}")
+            return await _alert_handled(engine.acknowledge(alert_id, client_id=who.client_id, by=_actor(who)), alert_id)
 
         @api.post(
             "/alerts/{alert_id}/close",
@@ -396,11 +392,7 @@ def build_app(
             summary="Close an open alert by hand (resolved; a condition that still holds opens a new one)",
         )
         async def close_alert(alert_id: str, who: Who) -> dict[str, Any]:
-            try:
-                found = await engine.close(alert_id, client_id=who.client_id, by=_actor(who))
-            except AlertNotOpen as err:
-                raise HTTPException(status_code=409, detail=str(err)) from err
-            return _found(found, f"alert {alert_id}")
+            return await _alert_handled(engine.close(alert_id, client_id=who.client_id, by=_actor(who)), alert_id)
 
         @api.post(
             "/meters/{meter_id}/retire",
@@ -474,6 +466,15 @@ def _moment(name: str, moment: datetime) -> datetime:
 def _actor(who: Principal) -> str:
     """Who did it, as alerts record it: "admin" or the client id."""
     return who.client_id if who.client_id is not None else "admin"
+
+
+async def _alert_handled(change: Awaitable[dict[str, Any] | None], alert_id: str) -> dict[str, Any]:
+    """A person's change to an alert: 409 if it is no longer open, 404 if it is missing or not theirs."""
+    try:
+        found = await change
+    except AlertNotOpen as err:
+        raise HTTPException(status_code=409, detail=str(err)) from err
+    return _found(found, f"alert {alert_id}")
 
 
 def _found(value: _T | None, what: str) -> _T:
