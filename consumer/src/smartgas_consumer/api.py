@@ -28,7 +28,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from smartgas_consumer.alerts import AlertNotOpen
+from smartgas_consumer.alert_records import AlertNotOpen
 from smartgas_consumer.auth import ApiKeys, Principal
 from smartgas_consumer.queries import FleetQueries, Window
 

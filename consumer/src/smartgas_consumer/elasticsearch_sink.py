@@ -1,7 +1,7 @@
 """The Elasticsearch sink: ships every committed record from the durable store, and never loses one.
 
 The store is the buffer; a ``ShipSource`` says what to ship from it (readings here, alerts in
-``alerts.py``). The sink takes the oldest pending records, sends them with the bulk helper and reads the
+``alert_shipping.py``). The sink takes the oldest pending records, sends them with the bulk helper and reads the
 result item by item:
 
 - 2xx: the record is marked shipped (only now, when Elasticsearch confirmed that very item);

@@ -29,7 +29,10 @@ from aiocoap import resource
 from elasticsearch import AsyncElasticsearch
 
 from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER, UnknownMeters
-from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine, AlertSource, Kind
+from smartgas_consumer.alert_records import ALERT_SCHEMA
+from smartgas_consumer.alert_rules import Kind
+from smartgas_consumer.alert_shipping import AlertSource
+from smartgas_consumer.alerts import AlertEngine
 from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
 from smartgas_consumer.config import ConsumerConfig
