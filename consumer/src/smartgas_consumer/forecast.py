@@ -120,6 +120,9 @@ class ContentSeries:
     last_ts: datetime | None = None
     #: Points closer than this on the working clock to the previous one are not kept.
     spacing_h: float = 0.0
+    #: The fit of the points as they are (None: not computed since the last change).
+    _fit: ConsumptionFit | None = None
+    _fitted: bool = False
 
     def add(self, site: Site, ts: datetime, content_mol: float) -> None:
         """Take a reading in time order (an older one than the last is ignored); idle hours add no point."""
@@ -134,6 +137,7 @@ class ContentSeries:
             return
         self.working_h.append(self.clock_h)
         self.content_mol.append(content_mol)
+        self._fitted = False
         if len(self.working_h) > MAX_POINTS:
             self.working_h, self.content_mol = self.working_h[::2], self.content_mol[::2]
             self.spacing_h = (self.working_h[-1] - self.working_h[0]) / (len(self.working_h) - 1)
@@ -143,9 +147,16 @@ class ContentSeries:
         self.working_h.clear()
         self.content_mol.clear()
         self.spacing_h = 0.0
+        self._fitted = False
 
     def fit(self) -> ConsumptionFit | None:
-        return fit_consumption(np.asarray(self.working_h, dtype=float), np.asarray(self.content_mol, dtype=float))
+        """The fit of the points kept, computed once per change (the fleet table asks for every meter)."""
+        if not self._fitted:
+            self._fit = fit_consumption(
+                np.asarray(self.working_h, dtype=float), np.asarray(self.content_mol, dtype=float)
+            )
+            self._fitted = True
+        return self._fit
 
 
 @dataclass(frozen=True, slots=True)
