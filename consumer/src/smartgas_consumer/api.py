@@ -81,6 +81,44 @@ class AlertsView(Protocol):
 LiquidState = Literal["liquid_present", "liquid_exhausted", "over_pressure", "supercritical"]
 
 
+class Forecast(BaseModel):
+    """How fast the bottle's gas goes and when it reaches the reserve (docs/physics.md#forecast)."""
+
+    basis: Literal["measured", "declared"] | None = Field(
+        description="measured: fitted to the readings since the last swap; declared: the fleet file's draw_mol_per_h"
+        " while the fit is not yet confident; null: no figure (see note)"
+    )
+    consumption_mol_per_day: float | None = Field(description="gas drawn per day (real-gas moles)")
+    days_to_empty: float | None = Field(
+        description="days until the fill reaches reserve_fill_pct at that draw; null for a liquefied gas (its"
+        " pressure gives the liquid state, not the content), a meter missing from the fleet file, or no reading yet"
+    )
+    empty_at: str | None = Field(description="when the reserve is reached at that draw (RFC 3339, UTC)")
+    reserve_fill_pct: float = Field(description="the fill % counted down to (--forecast-reserve-fill-pct)")
+    measured_points: int = Field(description="points of the fit since the last swap")
+    note: str = Field(description="where the figure comes from, or why there is none")
+    last_refill_at: str | None = Field(description="the last bottle swap recorded (RFC 3339, UTC)")
+
+
+class Refill(BaseModel):
+    """A bottle swap: the content stepped up to what a new bottle holds."""
+
+    meter_id: str
+    ts: str = Field(description="the new bottle's first reading (RFC 3339, UTC)")
+    seq: int
+    fill_before_pct: float | None
+    fill_after_pct: float | None
+    content_before_mol: float = Field(description="real-gas moles before the swap")
+    content_after_mol: float = Field(description="real-gas moles after the swap")
+
+
+class RefillList(BaseModel):
+    """A meter's recorded refills, oldest first."""
+
+    meter_id: str
+    refills: list[Refill]
+
+
 class Meter(BaseModel):
     """A meter as the registry and the fleet file know it, with its latest reading."""
 
@@ -126,6 +164,7 @@ class Meter(BaseModel):
         description="when an administrator retired it (RFC 3339, UTC); null: in service. A reading received"
         " later brings it back"
     )
+    forecast: Forecast | None = None
 
 
 class MeterList(BaseModel):
@@ -341,6 +380,13 @@ def build_app(
         series = _found(await queries.readings(who.client_id, meter_id, span, limit), f"meter {meter_id}")
         since, until = span.bounds()
         return {"meter_id": meter_id, "since": since, "until": until, "readings": series}
+
+    @api.get(
+        "/meters/{meter_id}/refills", response_model=RefillList, responses=NOT_FOUND, summary="Bottle swaps recorded"
+    )
+    async def refills(meter_id: str, who: Who) -> dict[str, Any]:
+        found = _found(await queries.refills(who.client_id, meter_id), f"meter {meter_id}")
+        return {"meter_id": meter_id, "refills": found}
 
     @api.get(
         "/meters/{meter_id}/stats",

@@ -93,6 +93,8 @@ class ConsumerConfig:
     alert_idle_draw_mol_per_h: float = 0.5
     alert_jump_bar: float = 50.0
     alert_jump_c: float = 25.0
+    # Forecast (docs/physics.md#forecast): days to empty count down to this fill %
+    forecast_reserve_fill_pct: float = 10.0
     webhook_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -173,6 +175,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise ValueError("must be a number, 0 or more")
+    return value
+
+
+def _reserve_pct(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 100:
+        raise ValueError("must be a fill %, from 0 up to (not including) 100")
     return value
 
 
@@ -467,6 +476,12 @@ SETTINGS: tuple[Setting, ...] = (
         "--alert-jump-c",
         _positive_float,
         "sensor fault when temperature jumps by more than this between two readings",
+    ),
+    Setting(
+        "forecast_reserve_fill_pct",
+        "--forecast-reserve-fill-pct",
+        _reserve_pct,
+        "days to empty count down to this fill % (the reserve kept for the swap)",
     ),
     Setting("webhook_urls", "--webhook-urls", _url_list, "comma-separated URLs that receive alerts as JSON POSTs"),
 )

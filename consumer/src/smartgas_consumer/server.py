@@ -43,6 +43,7 @@ from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_err
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
 from smartgas_consumer.fleet import Fleet, FleetFileError, load_fleet
+from smartgas_consumer.forecaster import Forecaster
 from smartgas_consumer.health import StoreHealth
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.metrics import Metrics
@@ -168,6 +169,8 @@ class Consumer:
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
         self.unknown_meters.on_forget.append(self.alerts.forget)
         self.intake.on_stored.append(self.alerts.on_stored)
+        self.forecaster = Forecaster(self.store, config, self.fleet)
+        self.intake.on_stored.append(self.forecaster.on_stored)
         self.webhooks: WebhookDispatcher | None = None
         if config.webhook_urls:
             self.webhooks = webhooks = WebhookDispatcher(self.store, config.webhook_urls)
@@ -182,6 +185,7 @@ class Consumer:
             self.fleet,
             offline_after=timedelta(seconds=config.expected_period_s * config.offline_after_periods),
             open_alerts_by_meter=self.alerts.open_by_meter,
+            forecaster=self.forecaster,
         )
         dashboard = build_dashboard_router(self.queries, self.api_keys, expected_period_s=config.expected_period_s)
         self.http = HttpServer(
@@ -215,6 +219,7 @@ class Consumer:
             index=config.elasticsearch_index,
             fleet=self.fleet,
             retention=timedelta(hours=config.retention_hours),
+            forecaster=self.forecaster,
         )
         alerts = AlertSource(self.store, index=config.elasticsearch_alerts_index)
         sources: tuple[tuple[ShipSource, list[Any]], ...] = (
@@ -255,6 +260,7 @@ class Consumer:
         self.unknown_meters.load(await self.store.read(self._recent_unknown_meters))
         # Alerts load their open alerts and recent readings before any new reading can arrive.
         await self.alerts.start()
+        await self.forecaster.start()
         if self.webhooks is not None:
             await self.webhooks.start()
         self._load_meter_contexts()
@@ -434,6 +440,7 @@ class Consumer:
             self.meter_contexts = None
         self._coap_log.removeFilter(self._noise_filter)
         await self.alerts.stop()  # judges what is still queued
+        await self.forecaster.stop()  # records the refills still queued
         if self.webhooks is not None:
             await self.webhooks.stop()
         for sink in self.sinks:
