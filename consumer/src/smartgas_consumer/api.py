@@ -339,8 +339,10 @@ def build_app(
     metrics: Callable[[str | None], tuple[bytes, str]] | None = None,
     dashboard: APIRouter | None = None,
     store_fault: Callable[[], Awaitable[str | None]] | None = None,
+    mqtt_fault: Callable[[], str | None] | None = None,
 ) -> FastAPI:
-    """The whole HTTP surface, assembled in one place."""
+    """The whole HTTP surface, assembled in one place. ``mqtt_fault``: why the MQTT ingest is down, or None
+    while it is connected (given only when MQTT is on)."""
     app = FastAPI(
         title="SmartGas consumer API",
         version="1",
@@ -463,7 +465,14 @@ def build_app(
         if fault is not None:
             response.status_code = 503
             return {"status": "unavailable", "reason": f"store {fault}"}
-        return {"status": "ok"}
+        if mqtt_fault is None:
+            return {"status": "ok"}
+        # A broker that is away makes the consumer degraded, not unavailable: it reconnects by itself,
+        # keeps serving CoAP, and a restart would bring no broker back.
+        down = mqtt_fault()
+        if down is not None:
+            return {"status": "degraded", "mqtt": f"down: {down}"}
+        return {"status": "ok", "mqtt": "connected"}
 
     if metrics is not None:
         render = metrics
