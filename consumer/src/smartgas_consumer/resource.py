@@ -223,7 +223,7 @@ class MeterReading(Resource, PathCapable):
         return response
 
     async def _get(self, meter_id: str, request: Message) -> Message:
-        latest = await self._intake.store.latest(meter_id)
+        latest = await self._intake.latest(meter_id)
         if latest is None:
             raise MeterNotFound(f"no reading stored for meter {meter_id}")
         accept = request.opt.accept

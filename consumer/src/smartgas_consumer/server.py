@@ -50,6 +50,7 @@ from smartgas_consumer.resource import Health, MeterReading
 from smartgas_consumer.status import build_report, describe_lag, snapshot_path, write_snapshot
 from smartgas_consumer.store import ReadingStore, StoreLock, StoreSummary, format_timestamp
 from smartgas_consumer.webhook import WEBHOOK_SCHEMA, WebhookDispatcher
+from smartgas_consumer.workers import WorkerPool
 
 _LOG = logging.getLogger(__name__)
 #: Linux's SO_RCVBUFFORCE (not exported by Python's socket module).
@@ -194,6 +195,8 @@ class Consumer:
             config.http_port,
         )
         self._context: aiocoap.Context | None = None
+        # --workers above 1: worker processes take the CoAP traffic and commit through this one (workers.py).
+        self.workers = WorkerPool(config, self.intake, self.store_health.fault) if config.workers > 1 else None
         self.meter_contexts: MeterContexts | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         # What peers can make aiocoap log, bounded (edgelog.py); installed while the socket is open.
@@ -257,32 +260,41 @@ class Consumer:
         self._load_meter_contexts()
         self._coap_log.addFilter(self._noise_filter)
         asyncio.get_running_loop().set_exception_handler(datagram_error_handler(self._coap_log))
-        # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
-        os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
-        try:
-            # aiocoap's Context with duplicate detection bounded in entries and time (dedup.py).
-            limits = DedupLimits(self.config.coap_dedup_entries, self.config.coap_dedup_lifetime_s)
-            self._context = await bounded_dedup_context(limits).create_server_context(
-                build_site(
-                    self.intake,
-                    store_fault=self.store_health.fault,
-                    reading_get=self.config.coap_reading_get,
-                    meter_contexts=self.meter_contexts,
-                ),
-                bind=(self.config.coap_host, self.config.coap_port),
-                transports=["udp6"],
-                loggername=COAP_LOGGER,
-            )
-        except OSError as err:
-            raise StartupError(
-                f"--coap-port {self.config.coap_port} on --coap-host {self.config.coap_host!r}: {err.strerror or err}"
-                " (another consumer or program holds it?); stop it or choose another port"
-            ) from err
-        sock = udp_socket(self._context)
-        if bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) != self.config.coap_reuse_port:
-            raise StartupError("the CoAP socket's SO_REUSEPORT differs from --coap-reuse-port (aiocoap changed?)")
-        self._raise_receive_buffer(sock)
-        self.port = sock.getsockname()[1]
+        if self.workers is not None:
+            try:
+                self.port = await self.workers.start()
+            except OSError as err:
+                raise StartupError(
+                    f"--workers {self.config.workers} on --coap-port {self.config.coap_port}: {err}; "
+                    "check the port and the workers' error above"
+                ) from err
+        else:
+            # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
+            os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
+            try:
+                # aiocoap's Context with duplicate detection bounded in entries and time (dedup.py).
+                limits = DedupLimits(self.config.coap_dedup_entries, self.config.coap_dedup_lifetime_s)
+                self._context = await bounded_dedup_context(limits).create_server_context(
+                    build_site(
+                        self.intake,
+                        store_fault=self.store_health.fault,
+                        reading_get=self.config.coap_reading_get,
+                        meter_contexts=self.meter_contexts,
+                    ),
+                    bind=(self.config.coap_host, self.config.coap_port),
+                    transports=["udp6"],
+                    loggername=COAP_LOGGER,
+                )
+            except OSError as err:
+                raise StartupError(
+                    f"--coap-port {self.config.coap_port} on --coap-host {self.config.coap_host!r}: "
+                    f"{err.strerror or err} (another consumer or program holds it?); stop it or choose another port"
+                ) from err
+            sock = udp_socket(self._context)
+            if bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) != self.config.coap_reuse_port:
+                raise StartupError("the CoAP socket's SO_REUSEPORT differs from --coap-reuse-port (aiocoap changed?)")
+            self._raise_receive_buffer(sock)
+            self.port = sock.getsockname()[1]
         # Both ports are bound before anything says "listening": a port in use fails the start first.
         try:
             await self.http.start()
@@ -422,6 +434,8 @@ class Consumer:
                 await asyncio.gather(task, return_exceptions=True)
         self._status_task = self._refresh_task = None
         await self.http.stop()
+        if self.workers is not None:
+            await self.workers.stop()  # each answers what it holds: the store is still open
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
