@@ -8,7 +8,8 @@
  * most --outstanding in flight, a send that finds none free waits and is counted late) and closed
  * (--rate 0: --outstanding requests always in flight, the next sent when one is answered).
  * Meter i always sends from socket i % sockets (a meter is one source address and port, as a real one
- * is); its readings carry seq 0, 1, 2 ... and the wall-clock time. A request unanswered after
+ * is); its readings carry seq 0, 1, 2 ... and the wall-clock time, and a steady pressure (a bottle at rest:
+ * a falling one would be judged a leak, and every reading would then update its open alert). A request unanswered after
  * --timeout-ms is counted timed out and never re-sent (no CoAP retransmission: a loss shows as a loss).
  * A separate response (an empty ACK first, the answer later as a CON) is matched by token and ACKed.
  *
@@ -101,9 +102,9 @@ static size_t build_put(uint8_t *out, uint16_t mid, uint32_t token, const char *
     char ts[40];
     strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &utc);
     n += (size_t)sprintf((char *)&out[n],
-                         "{\"seq\": %ld, \"ts\": \"%s.%06ldZ\", \"pressure_bar\": %.2f, \"temperature_c\": 15.0, "
+                         "{\"seq\": %ld, \"ts\": \"%s.%06ldZ\", \"pressure_bar\": 180.25, \"temperature_c\": 15.0, "
                          "\"volume_l\": 50.0}",
-                         seq, ts, wall.tv_nsec / 1000, 200.0 - (seq % 10000) * 0.01);
+                         seq, ts, wall.tv_nsec / 1000);
     return n;
 }
 
