@@ -46,7 +46,7 @@ from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.provision import prepare_data_stream
 from smartgas_consumer.queries import FleetQueries
 from smartgas_consumer.realgas import RealGasPhysics
-from smartgas_consumer.resource import Health, MeterReading
+from smartgas_consumer.resource import Health, MeterReading, ReadingSite
 from smartgas_consumer.status import build_report, describe_lag, snapshot_path, write_snapshot
 from smartgas_consumer.store import ReadingStore, StoreLock, StoreSummary, format_timestamp
 from smartgas_consumer.webhook import WEBHOOK_SCHEMA, WebhookDispatcher
@@ -82,12 +82,9 @@ def build_site(
     which verifies and decrypts protected requests; the meters resource then requires its own meter's
     context, while /health and /.well-known/core stay plain CoAP.
     """
-    root = resource.Site()
+    root = ReadingSite(MeterReading(intake, reading_get=reading_get, require_oscore=meter_contexts is not None))
     root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
     root.add_resource(["health"], Health(store_fault))
-    root.add_resource(
-        ["meters"], MeterReading(intake, reading_get=reading_get, require_oscore=meter_contexts is not None)
-    )
     if meter_contexts is None:
         return root
     return GuardedOscoreSite(root, meter_contexts)
