@@ -53,7 +53,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python constraints.lock common/pyproject.toml consumer/pyproject.toml publisher/pyproject.toml
-	$(BIN)/pip install -q -c constraints.lock -e 'common[test]' -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
+	$(BIN)/pip install -q -c constraints.lock -e 'common[test]' -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML py-spy
 	touch $@
 
 venv: $(VENV)/.installed
