@@ -349,7 +349,7 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meters", type=int, default=1000)
-    parser.add_argument("--sockets", type=int, default=16)
+    parser.add_argument("--sockets", type=int, default=64, help="client sockets (source ports) the meters send from")
     parser.add_argument("--outstanding", type=int, default=64, help="requests in flight at saturation")
     parser.add_argument("--saturation-count", type=int, default=30000, help="requests of a saturation run")
     parser.add_argument("--phase-s", type=float, default=20.0, help="longest a saturation or half-rate run lasts")
@@ -360,7 +360,7 @@ def main() -> int:
     parser.add_argument("--half-rate", type=float, help="the open loop's rate (default: half of (a)'s saturation)")
     parser.add_argument("--workers", type=int, default=1, help="also run the consumer with --workers N (N > 1)")
     parser.add_argument("--oscore-meters", type=int, default=200)
-    parser.add_argument("--oscore-readings", type=int, default=10)
+    parser.add_argument("--oscore-readings", type=int, default=25)
     parser.add_argument("--skip", action="append", default=[], choices=["bare", "consumer", "oscore", "workers"])
     parser.add_argument("--consumer-arg", action="append", default=[], help="one more flag for every consumer")
     parser.add_argument("--generator", type=Path, default=BENCH_DIR.parents[1] / ".venv" / "bin" / "coapload")
