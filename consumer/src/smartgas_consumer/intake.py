@@ -225,12 +225,14 @@ class ReadingIntake:
         """``commit`` for a reading a worker process validated and computed (``--workers``): counted here
         as received, and as rejected if the commit refuses it, so the consumer's counters cover it."""
         self.counters.received += 1
-        self.metrics.reading_received()
+        self.metrics.reading_received("coap")  # the workers take CoAP only; MQTT stays in this process
         try:
-            return await self.commit(reading, moles, enrichment, self.fleet.meter(reading.meter_id))
+            result = await self.commit(reading, moles, enrichment, self.fleet.meter(reading.meter_id))
         except ConstructionRenderableError as err:
-            self._count_refusal(reading.meter_id, err)
+            self._count_refusal(reading.meter_id, err, "coap")
             raise
+        self.metrics.reading_accepted("coap")
+        return result
 
     async def latest(self, meter_id: str) -> StoredReading | None:
         """The meter's latest stored reading (CoAP GET)."""
