@@ -64,6 +64,8 @@ class PublisherConfig:
     fleet_path: str | None = None
     #: Directory of the meters' OSCORE contexts, one subdirectory per meter id (docs/security.md).
     credentials_path: str | None = None
+    #: Most CoAP client sockets the fleet's meters share; made only while every one is busy.
+    coap_endpoints: int = 1000
     inject: tuple[Injection, ...] = ()
     #: The fleet file's content, read from ``fleet_path`` on construction; None without one.
     fleet: FleetFile | None = field(default=None, init=False)
@@ -447,6 +449,16 @@ OPTIONS: tuple[Option, ...] = (
         "request of a meter with a context is protected with it (default: plain CoAP)",
         convert=_to_text,
         check=_optional_directory,
+    ),
+    Option(
+        field="coap_endpoints",
+        flag="--coap-endpoints",
+        env="COAP_ENDPOINTS",
+        metavar="N",
+        help="most CoAP client sockets the meters share, each carrying one request at a time; made only "
+        "when all are busy (default 1000)",
+        convert=_to_int,
+        check=_int_at_least(1),
     ),
     Option(
         field="inject",

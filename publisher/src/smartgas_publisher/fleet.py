@@ -7,8 +7,11 @@ A run has three phases. *Production*: every meter produces its readings (``--cou
 a stop is requested) while its send loop delivers them; a status line is logged every
 ``--status-interval``. *Drain*: production is over and the fleet waits until every buffer is empty, for
 at most the drain budget (``--drain-timeout``; after a stop request, at most ``SHUTDOWN_DRAIN_S``).
-*Shutdown*: the loops are cancelled, every aiocoap context is shut down, and a summary line is logged in
-which anything still buffered is reported as ``unsent``.
+*Shutdown*: the loops are cancelled, the uplink's sockets and credentials are released, and a summary line
+is logged in which anything still buffered is reported as ``unsent``.
+
+All meters share one uplink (``coap.py`` by default: a small pool of CoAP client sockets), so one process
+drives ten thousand meters and more (docs/benchmarks.md).
 
 ``request_stop`` is what SIGTERM/SIGINT call: the first stops production and shortens the drain, a
 second one ends the drain at once.
@@ -21,16 +24,18 @@ import resource
 from collections.abc import Coroutine
 from typing import Any
 
+from smartgas_publisher.coap import CoapUplink
 from smartgas_publisher.config import PublisherConfig
 from smartgas_publisher.meter import Clock, Meter, utc_now
 from smartgas_publisher.stats import FleetStats
+from smartgas_publisher.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
 #: After a stop request, how long the fleet still tries to deliver what is buffered. Short enough that
 #: the whole shutdown fits in the 10 s a container runtime waits between SIGTERM and SIGKILL.
 SHUTDOWN_DRAIN_S = 5.0
-#: Open files beyond one socket per meter: standard streams, the event loop's own, log files.
+#: Open files beyond the uplink's: standard streams, the event loop's own, log files.
 SPARE_FILE_DESCRIPTORS = 64
 
 
@@ -45,7 +50,8 @@ class Fleet:
         self._config = config
         meter_ids = config.meter_ids()
         self.stats = FleetStats(meters=len(meter_ids))
-        self.meters = [Meter(meter_id, config, self.stats, clock) for meter_id in meter_ids]
+        self.uplink: Uplink = make_uplink(config, meter_ids)
+        self.meters = [Meter(meter_id, config, self.stats, self.uplink, clock) for meter_id in meter_ids]
         self._stopping = False
         self._drain_deadline = math.inf
         self._deadline_moved = asyncio.Event()
@@ -69,7 +75,7 @@ class Fleet:
 
     async def run(self) -> FleetStats:
         """Run the fleet to the end and return the final counts (``buffered`` is then what is unsent)."""
-        ensure_file_descriptors(len(self.meters) + SPARE_FILE_DESCRIPTORS)
+        ensure_file_descriptors(self.uplink.files_needed + SPARE_FILE_DESCRIPTORS)
         log.info(
             "fleet starting: meters=%d (%s) consumer=%s period=%gs count=%s seed=%d",
             len(self.meters),
@@ -87,12 +93,9 @@ class Fleet:
                 injection.fault.effect,
                 injection.fault.alert,
             )
-        opened: list[Meter] = []
         tasks: list[asyncio.Task[None]] = []
         try:
-            for meter in self.meters:
-                await meter.open()
-                opened.append(meter)
+            await self.uplink.open()
             producers = [self._start(meter.produce(), f"produce {meter.meter_id}") for meter in self.meters]
             tasks += producers
             tasks += [self._start(meter.send(), f"send {meter.meter_id}") for meter in self.meters]
@@ -103,7 +106,7 @@ class Fleet:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(*(meter.close() for meter in opened))
+            await self.uplink.close()
             level = logging.INFO if self.stats.all_acknowledged else logging.WARNING
             log.log(level, "%s", self.stats.summary_line())
         if self._crash is not None:
@@ -161,18 +164,23 @@ class Fleet:
             log.info("%s", self.stats.status_line())
 
 
+def make_uplink(config: PublisherConfig, meter_ids: list[str]) -> Uplink:
+    """The transport the configuration names, shared by all meters."""
+    return CoapUplink(config, meter_ids)
+
+
 def ensure_file_descriptors(needed: int) -> None:
     """Raise the soft open-file limit to ``needed`` if the hard limit allows; FleetError if it does not.
 
-    Every meter holds one UDP socket, and the usual soft limit of 1024 would stop a large fleet half-way
-    through starting.
+    The uplink's sockets and each meter's OSCORE lock file are open files, and the usual soft limit of
+    1024 would stop a large fleet half-way through starting.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
     if hard != resource.RLIM_INFINITY and hard < needed:
         raise FleetError(
-            f"the fleet needs about {needed} open files (one UDP socket per meter) but this process may"
+            f"the fleet needs about {needed} open files (sockets, OSCORE context locks) but this process may"
             f" open at most {hard}; raise the limit (ulimit -n, or ulimits in compose) or run fewer meters"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
