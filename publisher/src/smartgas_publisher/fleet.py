@@ -10,14 +10,17 @@ at most the drain budget (``--drain-timeout``; after a stop request, at most ``S
 *Shutdown*: the loops are cancelled, the uplink's sockets and credentials are released, and a summary line
 is logged in which anything still buffered is reported as ``unsent``.
 
-All meters share one uplink (``coap.py`` by default: a small pool of CoAP client sockets), so one process
-drives ten thousand meters and more (docs/benchmarks.md).
+One scheduler takes every meter's readings when they are due (a heap of due times, one task, instead of
+a task and a timer per meter), and each meter has one task that delivers its buffer. All meters share one
+uplink (``coap.py`` by default: a small pool of CoAP client sockets), so one process drives ten thousand
+meters and more (docs/benchmarks.md).
 
 ``request_stop`` is what SIGTERM/SIGINT call: the first stops production and shortens the drain, a
 second one ends the drain at once.
 """
 
 import asyncio
+import heapq
 import logging
 import math
 import resource
@@ -53,6 +56,7 @@ class Fleet:
         self.uplink: Uplink = make_uplink(config, meter_ids)
         self.meters = [Meter(meter_id, config, self.stats, self.uplink, clock) for meter_id in meter_ids]
         self._stopping = False
+        self._production: asyncio.Task[None] | None = None
         self._drain_deadline = math.inf
         self._deadline_moved = asyncio.Event()
         self._crash: BaseException | None = None
@@ -66,8 +70,7 @@ class Fleet:
                 "stop requested: no more readings; delivering what is buffered for up to %g s (stop again to quit now)",
                 SHUTDOWN_DRAIN_S,
             )
-            for meter in self.meters:
-                meter.stop_producing()
+            self._end_production()
             self._move_drain_deadline(now + SHUTDOWN_DRAIN_S)
         else:
             log.info("second stop request: quitting without waiting for unsent readings")
@@ -96,11 +99,13 @@ class Fleet:
         tasks: list[asyncio.Task[None]] = []
         try:
             await self.uplink.open()
-            producers = [self._start(meter.produce(), f"produce {meter.meter_id}") for meter in self.meters]
-            tasks += producers
+            self._production = self._start(self._produce(), "readings scheduler")
+            tasks.append(self._production)
             tasks += [self._start(meter.send(), f"send {meter.meter_id}") for meter in self.meters]
             tasks.append(self._start(self._report_status(), "fleet status"))
-            await asyncio.gather(*producers, return_exceptions=True)
+            if self._stopping:  # asked to stop while opening
+                self._end_production()
+            await asyncio.gather(self._production, return_exceptions=True)
             await self._drain()
         finally:
             for task in tasks:
@@ -126,9 +131,35 @@ class Fleet:
         if self._crash is None:
             self._crash = problem
         self._stopping = True
-        for meter in self.meters:
-            meter.stop_producing()
+        self._end_production()
         self._move_drain_deadline(-math.inf)
+
+    async def _produce(self) -> None:
+        """Take each meter's readings when due, until every meter is done or production is ended."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        schedule = [(start + meter.first_delay_s, index) for index, meter in enumerate(self.meters)]
+        heapq.heapify(schedule)
+        try:
+            while schedule:
+                delay_s = schedule[0][0] - loop.time()
+                if delay_s > 0:
+                    await asyncio.sleep(delay_s)
+                now = loop.time()
+                while schedule and schedule[0][0] <= now:
+                    due, index = heapq.heappop(schedule)
+                    next_due = self.meters[index].take_reading(due, now)
+                    if next_due is not None:
+                        heapq.heappush(schedule, (next_due, index))
+            if self._config.count is None:
+                await asyncio.Event().wait()  # only silent meters left: they stay up until a stop request
+        finally:
+            for meter in self.meters:
+                meter.end_production()
+
+    def _end_production(self) -> None:
+        if self._production is not None:
+            self._production.cancel()
 
     async def _drain(self) -> None:
         """Wait until every meter is drained, the drain deadline passes, or a stop request ends it."""

@@ -1,11 +1,12 @@
 """One simulated meter: a bottle model, a buffer of unsent readings, and the fleet's uplink to send them.
 
-Two loops per meter. ``produce`` takes a reading every period (the first one after a seeded, per-meter
-delay, so a fleet's requests spread over the period instead of bursting) and appends it to the buffer; a
-meter simulating the offline fault stops taking readings after a few and stays up, silent.
-``send`` delivers buffered readings oldest-first, one at a time, through the fleet's uplink (CoAP PUTs,
-``coap.py``, or MQTT publishes, ``mqtt.py``; docs/wire-format.md). They are separate so a slow or dead
-consumer never delays a measurement. Each reading keeps the loop time it was due, and its first send
+Production and delivery are separate. The fleet's one scheduler calls ``take_reading`` when a reading
+is due, every period (the first one after a seeded, per-meter delay, so a fleet's requests spread over
+the period instead of bursting), and it appends the reading to the buffer; a meter simulating the offline
+fault stops taking readings after a few and stays up, silent. The meter's own task, ``send``, delivers
+buffered readings oldest-first, one at a time, through the fleet's uplink (CoAP PUTs, ``coap.py``, or
+MQTT publishes, ``mqtt.py``; docs/wire-format.md). They are separate so a slow or dead consumer never
+delays a measurement. Each reading keeps the loop time it was due, and its first send
 records how late it left (``FleetStats.send_delays``).
 
 What happens to a reading follows from the consumer's answer:
@@ -64,7 +65,7 @@ class Pending:
 
 
 class Meter:
-    """A meter's identity, bottle model and buffer, with a produce loop and a send loop."""
+    """A meter's identity, bottle model and buffer; readings taken when the scheduler says, and a send loop."""
 
     def __init__(
         self, meter_id: str, config: PublisherConfig, stats: FleetStats, uplink: Uplink, clock: Clock = utc_now
@@ -83,15 +84,11 @@ class Meter:
         self._in_flight: Pending | None = None
         self._failing = False
         self._wake_sender = asyncio.Event()
-        self._stop_producing = asyncio.Event()
-        self._production_done = asyncio.Event()
+        self._produced = 0
+        self._production_done = False
         self._drained = asyncio.Event()
 
     # ---- lifecycle
-
-    def stop_producing(self) -> None:
-        """Take no more readings; the send loop carries on with what is buffered."""
-        self._stop_producing.set()
 
     async def wait_drained(self) -> None:
         """Return once production has ended and every reading has been acknowledged, failed or dropped."""
@@ -108,47 +105,38 @@ class Meter:
 
     # ---- production
 
-    async def produce(self) -> None:
-        """Take a reading every period until ``count`` readings (if set) or ``stop_producing``.
+    def take_reading(self, due: float, now: float) -> float | None:
+        """Take the reading due at loop time ``due`` (it is ``now``); return when the next one is due, or
+        None when this meter takes no more (``count`` reached, or silent with the offline fault).
 
-        A meter that falls silent (the offline fault) counts as done with ``count``; without it, it waits
-        silently for ``stop_producing`` like the others.
+        A meter that falls silent counts as done with ``count``; without it, it stays silent until the
+        fleet ends production for all (``end_production``).
         """
-        loop = asyncio.get_running_loop()
-        due = loop.time() + self._first_delay_s
-        produced = 0
-        silent_after = self.model.silent_after
-        try:
-            while self._count is None or produced < self._count:
-                if silent_after is not None and produced >= silent_after:
-                    log.info("%s: offline fault: silent after %d readings", self.meter_id, produced)
-                    if self._count is None:
-                        await self._stop_producing.wait()
-                    break
-                if await self._stopped_before(due):
-                    break
-                self._buffer(Pending(self.model.next_reading(self._clock()), due))
-                produced += 1
-                due += self._period_s
-                late_s = loop.time() - due
-                if late_s > 0:
-                    # The loop was stalled: skip the missed slots instead of catching up in a burst.
-                    due += (late_s // self._period_s + 1) * self._period_s
-        finally:
-            self._production_done.set()
-            self._update_drained()
+        if not self._silent():
+            self._buffer(Pending(self.model.next_reading(self._clock()), due))
+            self._produced += 1
+        if self._silent():
+            log.info("%s: offline fault: silent after %d readings", self.meter_id, self._produced)
+            if self._count is not None:
+                self.end_production()
+            return None
+        if self._count is not None and self._produced >= self._count:
+            self.end_production()
+            return None
+        next_due = due + self._period_s
+        if now > next_due:
+            # The loop was stalled: skip the missed slots instead of catching up in a burst.
+            next_due += ((now - next_due) // self._period_s + 1) * self._period_s
+        return next_due
 
-    async def _stopped_before(self, due: float) -> bool:
-        """Wait until loop time ``due``; True if ``stop_producing`` came first."""
-        delay_s = due - asyncio.get_running_loop().time()
-        if self._stop_producing.is_set() or delay_s <= 0:
-            return self._stop_producing.is_set()
-        try:
-            async with asyncio.timeout(delay_s):
-                await self._stop_producing.wait()
-        except TimeoutError:
-            return False
-        return True
+    def _silent(self) -> bool:
+        silent_after = self.model.silent_after
+        return silent_after is not None and self._produced >= silent_after
+
+    def end_production(self) -> None:
+        """Take no more readings; the send loop carries on with what is buffered."""
+        self._production_done = True
+        self._update_drained()
 
     def _buffer(self, pending: Pending) -> None:
         self._stats.produced += 1
@@ -239,7 +227,7 @@ class Meter:
                 )
 
     def _update_drained(self) -> None:
-        if self._production_done.is_set() and not self._waiting and self._in_flight is None:
+        if self._production_done and not self._waiting and self._in_flight is None:
             self._drained.set()
         else:
             self._drained.clear()
