@@ -27,7 +27,7 @@ import resource
 from collections.abc import Coroutine
 from typing import Any
 
-from smartgas_publisher.coap import CoapUplink
+from smartgas_publisher.coap import CoapUplink, response_deadline_s, transport_tuning
 from smartgas_publisher.config import PublisherConfig
 from smartgas_publisher.meter import Clock, Meter, utc_now
 from smartgas_publisher.stats import FleetStats
@@ -53,7 +53,7 @@ class Fleet:
         self._config = config
         meter_ids = config.meter_ids()
         self.stats = FleetStats(meters=len(meter_ids))
-        self.uplink: Uplink = make_uplink(config, meter_ids)
+        self.uplink: Uplink = make_uplink(config, meter_ids, self.stats)
         self.meters = [Meter(meter_id, config, self.stats, self.uplink, clock) for meter_id in meter_ids]
         self._stopping = False
         self._production: asyncio.Task[None] | None = None
@@ -80,10 +80,12 @@ class Fleet:
         """Run the fleet to the end and return the final counts (``buffered`` is then what is unsent)."""
         ensure_file_descriptors(self.uplink.files_needed + SPARE_FILE_DESCRIPTORS)
         log.info(
-            "fleet starting: meters=%d (%s) consumer=%s period=%gs count=%s seed=%d",
+            "fleet starting: meters=%d (%s) %s period=%gs count=%s seed=%d",
             len(self.meters),
             self._config.fleet_path or "anonymous",
-            self._config.consumer,
+            f"broker={self._config.broker}"
+            if self._config.transport == "mqtt"
+            else f"consumer={self._config.consumer}",
             self._config.period_s,
             self._config.count if self._config.count is not None else "unlimited",
             self._config.seed,
@@ -195,8 +197,14 @@ class Fleet:
             log.info("%s", self.stats.status_line())
 
 
-def make_uplink(config: PublisherConfig, meter_ids: list[str]) -> Uplink:
+def make_uplink(config: PublisherConfig, meter_ids: list[str], stats: FleetStats) -> Uplink:
     """The transport the configuration names, shared by all meters."""
+    if config.transport == "mqtt":
+        from smartgas_publisher.mqtt import MqttUplink
+
+        # A PUBACK is waited for as long as a CoAP answer would be (--ack-timeout, --max-retransmit).
+        deadline_s = response_deadline_s(transport_tuning(config.ack_timeout_s, config.max_retransmit))
+        return MqttUplink(config, meter_ids, stats, deadline_s)
     return CoapUplink(config, meter_ids)
 
 

@@ -173,11 +173,11 @@ class Meter:
             self._in_flight = pending
 
             def leaving(pending: Pending = pending) -> None:
-                self._stats.sent += 1
                 if not pending.sent_before:
                     pending.sent_before = True
                     self._stats.send_delays.record(loop.time() - pending.due)
 
+            self._stats.sent += 1  # an attempt, even one that fails before anything leaves (no connection)
             try:
                 attempt = await self._uplink.send(self.meter_id, pending.reading, leaving)
             except asyncio.CancelledError:

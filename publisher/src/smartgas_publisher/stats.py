@@ -65,17 +65,26 @@ class FleetStats:
     dropped: int = 0
     buffered: int = 0
     send_delays: SendDelays = field(default_factory=SendDelays)
+    #: Over MQTT, ``acked`` is the broker's PUBACK, and the consumer's answers are counted apart.
+    answers_counted: bool = False
+    answers_accepted: int = 0
+    answers_refused: int = 0
 
     @property
     def all_acknowledged(self) -> bool:
-        """True when every reading produced so far was acknowledged by the consumer."""
-        return self.acked == self.produced
+        """True when every reading produced so far was acknowledged, and no answer refused one."""
+        return self.acked == self.produced and self.answers_refused == 0
+
+    def _answers(self) -> str:
+        if not self.answers_counted:
+            return ""
+        return f" answers_accepted={self.answers_accepted} answers_refused={self.answers_refused}"
 
     def status_line(self) -> str:
         return (
             f"fleet: meters={self.meters} produced={self.produced} sent={self.sent} acked={self.acked}"
             f" retried={self.retried} failed={self.failed} dropped={self.dropped} buffered={self.buffered}"
-            f" {self.send_delays.summary()}"
+            f"{self._answers()} {self.send_delays.summary()}"
         )
 
     def summary_line(self) -> str:
@@ -83,5 +92,5 @@ class FleetStats:
         return (
             f"fleet finished: meters={self.meters} produced={self.produced} sent={self.sent}"
             f" acked={self.acked} retried={self.retried} failed={self.failed} dropped={self.dropped}"
-            f" unsent={self.buffered} {self.send_delays.summary()}"
+            f" unsent={self.buffered}{self._answers()} {self.send_delays.summary()}"
         )
