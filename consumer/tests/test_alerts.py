@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from smartgas_consumer import physics
-from smartgas_consumer.alerts import (
+from smartgas_consumer.alert_rules import (
     LEAK_MIN_READINGS,
     SENSOR_CLEAR_STEPS,
     Check,

@@ -16,14 +16,10 @@ import pytest
 from fake_elasticsearch import FakeElasticsearch
 from test_alerts import VOLUME_L, fleet, pressure_for
 
-from smartgas_consumer.alerts import (
-    ALERT_SCHEMA,
-    LEAK_MIN_READINGS,
-    AlertEngine,
-    AlertNotOpen,
-    AlertSource,
-    to_alert_document,
-)
+from smartgas_consumer.alert_records import ALERT_SCHEMA, AlertNotOpen
+from smartgas_consumer.alert_rules import LEAK_MIN_READINGS
+from smartgas_consumer.alert_shipping import AlertSource, to_alert_document
+from smartgas_consumer.alerts import AlertEngine
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
@@ -363,7 +359,7 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout_s: float 
 
 
 def test_alert_documents_fit_the_alerts_mapping() -> None:
-    from smartgas_consumer.alerts import Alert
+    from smartgas_consumer.alert_records import Alert
 
     (template,) = [template_body(t) for t in INDEX_TEMPLATES if t.name == "smartgas-alerts"]
     types = {name: mapping["type"] for name, mapping in template["template"]["mappings"]["properties"].items()}

@@ -17,7 +17,8 @@ from aiocoap.numbers.codes import Code
 from test_webhook import wait_until
 from webhook_receiver import Receiver
 
-from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine
+from smartgas_consumer.alert_records import ALERT_SCHEMA
+from smartgas_consumer.alerts import AlertEngine
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import Backoff
 from smartgas_consumer.fleet import load_fleet

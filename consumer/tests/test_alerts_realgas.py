@@ -14,7 +14,7 @@ import pytest
 
 from smartgas_common.content import GasModel, build_models
 from smartgas_consumer import physics
-from smartgas_consumer.alerts import Kind, MeterTrack, Sample, Verdict, judge
+from smartgas_consumer.alert_rules import Kind, MeterTrack, Sample, Verdict, judge
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.fleet import Fleet, parse_fleet
 from smartgas_consumer.intake import StoredEvent

@@ -8,10 +8,6 @@ against the spec: no server errors, status codes and bodies as documented, 401 h
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +19,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from running import consumer_process
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from smartgas_consumer.auth import digest
@@ -31,8 +28,6 @@ pytestmark = pytest.mark.integration
 
 FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
 KEYS = {"*": "admin-key-for-schemathesis-0001", "acme-welding": "acme-key-for-schemathesis-0001"}
-HTTP_LISTENING = re.compile(r"HTTP API on http://127\.0\.0\.1:(\d+)/api")
-COAP_LISTENING = re.compile(r"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -40,48 +35,12 @@ def consumer_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("schemathesis")
     keys = folder / "keys.yaml"
     keys.write_text("keys:\n" + "".join(f'  - {{client: "{c}", sha256: {digest(k)}}}\n' for c, k in KEYS.items()))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "smartgas_consumer",
-            "serve",
-            "--coap-host",
-            "127.0.0.1",
-            "--coap-port",
-            "0",
-            "--http-port",
-            "0",
-            "--db",
-            str(folder / "store.db"),
-            "--fleet",
-            str(FLEET_FILE),
-            "--api-keys",
-            str(keys),
-            # Schemathesis tries wrong keys on every operation (its ignored-auth check); from one address that
-            # soon means 429s, which test_http_hardening.py covers. Here the throttle is kept out of the way.
-            "--wrong-keys-per-minute",
-            "1000000",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    try:
-        http_port = coap_port = None
-        deadline = time.monotonic() + 30
-        while (http_port is None or coap_port is None) and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if match := COAP_LISTENING.search(line):
-                coap_port = int(match.group(1))
-            if match := HTTP_LISTENING.search(line):
-                http_port = int(match.group(1))
-        assert http_port and coap_port, "consumer did not start"
-        feed(coap_port)
-        yield f"http://127.0.0.1:{http_port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    options = ("--fleet", str(FLEET_FILE), "--api-keys", str(keys))
+    # Schemathesis tries wrong keys on every operation (its ignored-auth check); from one address that soon
+    # means 429s, which test_http_hardening.py covers. Here the throttle is kept out of the way.
+    with consumer_process(folder / "store.db", *options, "--wrong-keys-per-minute", "1000000") as consumer:
+        feed(consumer.coap_port)
+        yield f"http://127.0.0.1:{consumer.http_port}"
 
 
 def feed(coap_port: int) -> None:

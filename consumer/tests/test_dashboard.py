@@ -769,3 +769,62 @@ async def test_alerts_are_acknowledged_closed_and_a_meter_retired_from_the_page(
     await browser.wait_for(f"document.querySelector('#who').textContent === 'client {client}'")
     await browser.wait_for(f"{alert_of(FED[3])}?.querySelector('button[data-action=\"close\"]') != null")
     assert await browser.evaluate("document.querySelector('#retire').hidden") is True
+
+
+@needs_chromium
+async def test_days_to_empty_column_and_the_content_chart_with_its_forecast_and_refill(
+    dashboard: Dashboard, browser: Browser, tmp_path: Path
+) -> None:
+    meter_id = FED[0]
+    now = datetime.now(UTC)  # after the fixture's readings (its "now" is cut to the second), not in the future
+    # The fixture drew the bottle down to 165 bar; a full one (200 bar at 15 °C) replaces it: a refill.
+    for index, pressure_bar in enumerate((200.0, 199.8, 199.6)):
+        await dashboard.feed(meter_id, pressure_bar, now - timedelta(milliseconds=3 - index))
+    await dashboard.feed("bottle-0051", 50.9, now)  # liquefied CO₂, liquid left
+    await dashboard.consumer.forecaster.flush()
+    await browser.open(f"{dashboard.base_url}/dashboard/#key={ADMIN_KEY}")
+    await browser.wait_for(f"{ROWS} === {len(FLEET.meters)}")
+    header = "[...document.querySelectorAll('#fleet th')].map(th => th.textContent.trim())"
+    assert "Days to empty" in await browser.evaluate(header)
+    days = await browser.evaluate(cell(meter_id, "days"))
+    assert days.endswith(" d") and float(days.removesuffix(" d")) > 0, days
+    assert await browser.evaluate(cell("bottle-0051", "days")) == "liquid"
+    silent = next(m for m in sorted(FLEET.meters) if m not in FED and m != "bottle-0051")
+    assert await browser.evaluate(cell(silent, "days")) == "–"
+    # Sorting by it puts the fewest days first and the meters with no figure last.
+    await browser.click('th[data-sort="days_to_empty"] button')
+    first = "document.querySelector('#fleet tbody tr').dataset.meter"
+    last = "[...document.querySelectorAll('#fleet tbody tr')].at(-1).dataset.meter"
+    assert await browser.evaluate(first) in FED and await browser.evaluate(last) not in FED
+
+    await browser.click(f'tr[data-meter="{meter_id}"]')
+    box = '.chart-box[data-measure="real_moles"]'
+    assert await browser.wait_for(f"{chart_points('real_moles')} > 0 && {chart_points('real_moles')}") == (
+        READINGS_EACH + 3
+    )
+    assert await browser.evaluate(f"document.querySelectorAll('{box} polyline.forecast').length") == 1
+    assert await browser.evaluate(f"document.querySelectorAll('{box} line.event').length") == 1
+    refill_text = await browser.evaluate(f"document.querySelector('{box} line.event title').textContent")
+    assert refill_text.startswith("refill: ")
+    facts = await browser.evaluate("document.querySelector('#meter-facts').textContent")
+    assert "reserve (10 %) in " in facts and "mol/day (declared)" in facts
+    await browser.screenshot(tmp_path / "dashboard-forecast.png")
+    assert browser.errors == []
+
+
+async def test_content_chart_draws_the_forecast_and_the_refills_over_http(
+    dashboard: Dashboard, http: httpx.AsyncClient
+) -> None:
+    meter_id = FED[0]
+    await dashboard.feed(meter_id, 200.0, datetime.now(UTC))
+    await dashboard.consumer.forecaster.flush()
+    response = await http.get(chart_path(meter_id), params={"measure": "real_moles"}, headers=as_("*"))
+    svg = ET.fromstring(response.text)
+    (forecast,) = [line for line in svg.iter(f"{SVG}polyline") if line.get("class") == "forecast"]
+    start, end = (tuple(map(float, vertex.split(","))) for vertex in forecast.get("points", "").split())
+    assert end[0] > start[0] and end[1] > start[1]  # later, and lower on the chart (SVG y grows downwards)
+    events = [line for line in svg.iter(f"{SVG}line") if line.get("class") == "event"]
+    assert len(events) == 1
+    # The ideal-gas chart stays as it was: no forecast on it.
+    plain = ET.fromstring((await http.get(chart_path(meter_id), headers=as_("*"))).text)
+    assert not [line for line in plain.iter(f"{SVG}polyline") if line.get("class") == "forecast"]

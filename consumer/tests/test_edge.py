@@ -13,8 +13,7 @@ import logging
 import secrets
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,26 +46,11 @@ def body(seq: int, offset_s: float = 0.0, **fields: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> ConsumerConfig:
-    """The documented defaults (the time window included), on loopback ephemeral ports."""
-    return ConsumerConfig(
-        coap_host="127.0.0.1",
-        coap_port=0,
-        http_port=0,
-        db=tmp_path / "store.db",
-        status_interval_s=3600,
-        admin_key=ADMIN_KEY,
-    )
-
-
-@pytest.fixture
-async def running(config: ConsumerConfig) -> AsyncIterator[Consumer]:
-    consumer = Consumer(config)
-    await consumer.start()
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
+def consumer_config(consumer_config: ConsumerConfig) -> ConsumerConfig:
+    """conftest's consumer (its ``consumer`` fixture runs this), but on the documented time window, the
+    edge under test, and with an admin key."""
+    default_age_s = next(f.default for f in fields(ConsumerConfig) if f.name == "max_reading_age_s")
+    return replace(consumer_config, max_reading_age_s=default_age_s, admin_key=ADMIN_KEY)
 
 
 def logged_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -107,12 +91,12 @@ def stored_rows(db: Path, meter_id: str) -> list[tuple[Any, ...]]:
     ],
 )
 async def test_implausible_readings_are_refused_naming_the_problem(
-    running: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture, name: str, document: Any, words: str
+    consumer: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture, name: str, document: Any, words: str
 ) -> None:
-    response = await put_json(coap, reading_uri(running, "m-edge"), document)
+    response = await put_json(coap, reading_uri(consumer, "m-edge"), document)
     assert response.code == Code.BAD_REQUEST, (name, response.payload)
     assert words in response.payload.decode(), response.payload
-    assert stored_rows(running.config.db, "m-edge") == []
+    assert stored_rows(consumer.config.db, "m-edge") == []
     assert logged_errors(caplog) == []
 
 
@@ -131,34 +115,34 @@ async def test_implausible_readings_are_refused_naming_the_problem(
     ids=["trailing-garbage", "epoch-time-tag", "bignum-tag", "nested-500", "shared-reference", "truncated"],
 )
 async def test_malformed_cbor_is_refused_naming_the_problem(
-    running: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture, name: str, payload: bytes, words: str
+    consumer: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture, name: str, payload: bytes, words: str
 ) -> None:
-    response = await put(coap, reading_uri(running, "m-cbor"), payload, content_format=60)
+    response = await put(coap, reading_uri(consumer, "m-cbor"), payload, content_format=60)
     assert response.code == Code.BAD_REQUEST, (name, response.code, response.payload)
     assert words in response.payload.decode(), response.payload
-    assert stored_rows(running.config.db, "m-cbor") == []
+    assert stored_rows(consumer.config.db, "m-cbor") == []
     assert logged_errors(caplog) == []
 
 
 async def test_an_integer_beyond_float_range_is_refused_without_a_traceback(
-    running: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
+    consumer: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
 ) -> None:
     document = json.dumps(body(0)).replace('"pressure_bar": 200.0', '"pressure_bar": 1' + "0" * 400)
-    response = await put(coap, reading_uri(running, "m-int"), document.encode())
+    response = await put(coap, reading_uri(consumer, "m-int"), document.encode())
     assert response.code == Code.BAD_REQUEST and b"out of range" in response.payload, response
     assert logged_errors(caplog) == []
 
 
 async def test_deep_json_nesting_is_refused_without_a_traceback(
-    running: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
+    consumer: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
 ) -> None:
-    response = await put(coap, reading_uri(running, "m-deep"), b"[" * 1000 + b"]" * 24)
+    response = await put(coap, reading_uri(consumer, "m-deep"), b"[" * 1000 + b"]" * 24)
     assert response.code == Code.BAD_REQUEST and b"nested deeper" in response.payload
     assert logged_errors(caplog) == []
 
 
-async def test_a_forged_reading_cannot_silence_a_meter(running: Consumer, coap: aiocoap.Context) -> None:
-    uri = reading_uri(running, "m-forged")
+async def test_a_forged_reading_cannot_silence_a_meter(consumer: Consumer, coap: aiocoap.Context) -> None:
+    uri = reading_uri(consumer, "m-forged")
     for seq in range(3):
         assert (await put_json(coap, uri, body(seq, offset_s=seq - 10))).code == Code.CHANGED
     # A forger sends the largest seq the edge takes, as far ahead in time as the edge allows.
@@ -168,19 +152,19 @@ async def test_a_forged_reading_cannot_silence_a_meter(running: Consumer, coap: 
     for seq in range(3, 6):
         answer = json.loads((await put_json(coap, uri, body(seq, offset_s=seq - 10))).payload)
         assert answer["stored"] is True, answer
-    seqs = [row[1] for row in stored_rows(running.config.db, "m-forged")]
+    seqs = [row[1] for row in stored_rows(consumer.config.db, "m-forged")]
     assert seqs.count(3) == seqs.count(4) == seqs.count(5) == 1
-    with sqlite3.connect(running.config.db) as connection:
+    with sqlite3.connect(consumer.config.db) as connection:
         (gaps,) = connection.execute("SELECT gaps FROM meters WHERE meter_id = 'm-forged'").fetchone()
     assert gaps == 0  # the forged seq is not taken for 2^53 missing readings
 
 
 async def test_refusals_are_logged_rate_limited_per_peer(
-    running: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
+    consumer: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="smartgas_consumer.resource")
     for _ in range(20):
-        response = await put(coap, reading_uri(running, "m-flood"), b"{not json")
+        response = await put(coap, reading_uri(consumer, "m-flood"), b"{not json")
         assert response.code == Code.BAD_REQUEST
     lines = [r for r in caplog.records if r.name == "smartgas_consumer.resource" and "refused" in r.getMessage()]
     assert len(lines) == 1 and "127.0.0.1" in lines[0].getMessage() and "malformed JSON" in lines[0].getMessage()
@@ -189,17 +173,17 @@ async def test_refusals_are_logged_rate_limited_per_peer(
 # -- item 2: a reading the database refuses fails alone ----------------------------------------------------
 
 
-async def test_a_reading_the_database_refuses_fails_alone_and_with_4xx(running: Consumer) -> None:
+async def test_a_reading_the_database_refuses_fails_alone_and_with_4xx(consumer: Consumer) -> None:
     """Through the intake, with a stand-in fault: the edge now refuses every value SQLite would, so the
     poison is a SQLite trigger that refuses one meter's rows (what a future constraint would do)."""
-    await running.store.write(
+    await consumer.store.write(
         lambda c: c.execute(
             "CREATE TEMP TRIGGER poison BEFORE INSERT ON readings WHEN NEW.meter_id = 'm-poison'"
             " BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
         )
     )
-    running.store.group_window_s = 0.05  # one group for all of them
-    intake = running.intake
+    consumer.store.group_window_s = 0.05  # one group for all of them
+    intake = consumer.intake
     payloads = {meter_id: json.dumps(body(0)).encode() for meter_id in ("m-a", "m-poison", "m-b", "m-c")}
     results = await asyncio.gather(
         *(intake.accept(meter_id, payload, 50) for meter_id, payload in payloads.items()), return_exceptions=True
@@ -209,32 +193,32 @@ async def test_a_reading_the_database_refuses_fails_alone_and_with_4xx(running: 
     assert isinstance(refused, aiocoap.error.ConstructionRenderableError), refused
     assert refused.code == Code.BAD_REQUEST and "poisoned row" in refused.message
     assert all(not isinstance(result, BaseException) and result.stored for result in outcomes.values()), outcomes
-    assert stored_rows(running.config.db, "m-poison") == []
+    assert stored_rows(consumer.config.db, "m-poison") == []
 
 
 # -- item 3: timestamps a start can always read --------------------------------------------------------------
 
 
-async def test_a_store_with_a_year_999_reading_starts_repairs_and_serves(config: ConsumerConfig) -> None:
+async def test_a_store_with_a_year_999_reading_starts_repairs_and_serves(consumer_config: ConsumerConfig) -> None:
     """A store as the previous version wrote it: a year-999 reading in strftime's unpadded form,
     user_version 1. Before the fix, the next start failed in the alerts' load (Invalid isoformat string)."""
-    old = Consumer(replace(config, max_reading_age_s=1e12))
+    old = Consumer(replace(consumer_config, max_reading_age_s=1e12))
     await old.start()
     try:
         for seq, ts in enumerate(["0999-06-01T00:00:00Z", "0999-06-01T00:00:10Z"]):
             assert (await old.intake.accept("m-999", json.dumps(body(seq) | {"ts": ts}).encode(), 50)).stored
     finally:
         await old.stop()
-    with sqlite3.connect(config.db) as connection:  # what strftime("%Y") wrote on glibc
+    with sqlite3.connect(consumer_config.db) as connection:  # what strftime("%Y") wrote on glibc
         connection.execute("UPDATE readings SET ts = replace(ts, '0999-', '999-') WHERE meter_id = 'm-999'")
         connection.execute("UPDATE meters SET last_ts = replace(last_ts, '0999-', '999-') WHERE meter_id = 'm-999'")
         connection.execute("PRAGMA user_version = 1")
         assert connection.execute("SELECT ts FROM readings LIMIT 1").fetchone()[0].startswith("999-06-01T")
-    restarted = Consumer(config)
+    restarted = Consumer(consumer_config)
     await restarted.start()
     try:
         assert restarted.alerts.skipped_at_start == 0
-        with sqlite3.connect(config.db) as connection:
+        with sqlite3.connect(consumer_config.db) as connection:
             assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             assert [row[0] for row in connection.execute("SELECT ts FROM readings ORDER BY ts")] == [
                 "0999-06-01T00:00:00.000000Z",
@@ -254,17 +238,19 @@ async def test_a_store_with_a_year_999_reading_starts_repairs_and_serves(config:
         await restarted.stop()
 
 
-async def test_a_start_skips_what_it_cannot_read(config: ConsumerConfig, caplog: pytest.LogCaptureFixture) -> None:
-    first = Consumer(config)
+async def test_a_start_skips_what_it_cannot_read(
+    consumer_config: ConsumerConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = Consumer(consumer_config)
     await first.start()
     try:
         assert (await first.intake.accept("m-bad", json.dumps(body(0)).encode(), 50)).stored
         assert (await first.intake.accept("m-good", json.dumps(body(0)).encode(), 50)).stored
     finally:
         await first.stop()
-    with sqlite3.connect(config.db) as connection:  # damage beyond the migration's repair
+    with sqlite3.connect(consumer_config.db) as connection:  # damage beyond the migration's repair
         connection.execute("UPDATE meters SET last_ts = 'not a time' WHERE meter_id = 'm-bad'")
-    again = Consumer(config)
+    again = Consumer(consumer_config)
     await again.start()
     try:
         assert again.alerts.skipped_at_start == 1
@@ -287,34 +273,34 @@ async def send_block(context: aiocoap.Context, message: aiocoap.Message) -> aioc
 
 
 async def test_block1_size1_beyond_the_limit_is_refused_at_the_first_block(
-    running: Consumer, coap: aiocoap.Context
+    consumer: Consumer, coap: aiocoap.Context
 ) -> None:
-    first = block(0, True, b"x" * 1024, reading_uri(running), size1=4 * 1024 * 1024)
+    first = block(0, True, b"x" * 1024, reading_uri(consumer), size1=4 * 1024 * 1024)
     response = await send_block(coap, first)
     assert response.code == Code.REQUEST_ENTITY_TOO_LARGE  # before: 2.31 Continue, and the spool grew
     assert response.opt.size1 == MAX_PAYLOAD_BYTES and b"Size1" in response.payload
-    assert running.intake.counters.rejected["payload_too_large"] == 1  # counted like any refused reading
+    assert consumer.intake.counters.rejected["payload_too_large"] == 1  # counted like any refused reading
 
 
 async def test_block1_running_total_beyond_the_limit_is_refused_at_that_block(
-    running: Consumer, coap: aiocoap.Context
+    consumer: Consumer, coap: aiocoap.Context
 ) -> None:
-    uri = reading_uri(running)
+    uri = reading_uri(consumer)
     assert (await send_block(coap, block(0, True, b" " * 1024, uri))).code == Code.CONTINUE
     response = await send_block(coap, block(1, True, b" " * 1024, uri))
     assert response.code == Code.REQUEST_ENTITY_TOO_LARGE and b"at block 1" in response.payload
 
 
-async def test_block1_limit_holds_for_any_method(running: Consumer, coap: aiocoap.Context) -> None:
-    message = block(0, True, b" " * 1024, reading_uri(running), size1=10**6)
+async def test_block1_limit_holds_for_any_method(consumer: Consumer, coap: aiocoap.Context) -> None:
+    message = block(0, True, b" " * 1024, reading_uri(consumer), size1=10**6)
     message.code = Code.POST
     assert (await send_block(coap, message)).code == Code.REQUEST_ENTITY_TOO_LARGE
 
 
 async def test_a_block1_gap_is_4_08_not_5_00(
-    running: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
+    consumer: Consumer, coap: aiocoap.Context, caplog: pytest.LogCaptureFixture
 ) -> None:
-    uri = reading_uri(running)
+    uri = reading_uri(consumer)
     small = [block(0, True, b" " * 16, uri), block(2, False, b" " * 16, uri)]
     for message in small:
         message.opt.block1 = BlockOption.BlockwiseTuple(message.opt.block1.block_number, message.opt.block1.more, 0)
@@ -324,27 +310,27 @@ async def test_a_block1_gap_is_4_08_not_5_00(
 
 
 async def test_aiocoap_client_blockwise_upload_over_the_limit_is_refused(
-    running: Consumer, coap: aiocoap.Context
+    consumer: Consumer, coap: aiocoap.Context
 ) -> None:
-    response = await put(coap, reading_uri(running), b" " * (64 * 1024))
+    response = await put(coap, reading_uri(consumer), b" " * (64 * 1024))
     assert response.code == Code.REQUEST_ENTITY_TOO_LARGE
 
 
-async def test_a_valid_reading_in_small_blocks_is_stored(running: Consumer, coap: aiocoap.Context) -> None:
+async def test_a_valid_reading_in_small_blocks_is_stored(consumer: Consumer, coap: aiocoap.Context) -> None:
     payload = json.dumps(body(0)).encode() + b" " * 100
-    uri = reading_uri(running, "m-blocks")
+    uri = reading_uri(consumer, "m-blocks")
     chunks = [payload[i : i + 16] for i in range(0, len(payload), 16)]
     for number, chunk in enumerate(chunks):
         message = block(number, number < len(chunks) - 1, chunk, uri)
         message.opt.block1 = BlockOption.BlockwiseTuple(number, number < len(chunks) - 1, 0)  # 16 bytes
         response = await send_block(coap, message)
     assert response.code == Code.CHANGED and json.loads(response.payload)["stored"] is True
-    assert len(stored_rows(running.config.db, "m-blocks")) == 1
+    assert len(stored_rows(consumer.config.db, "m-blocks")) == 1
 
 
 @pytest.mark.skipif(COAP_CLIENT is None, reason="coap-client-notls not installed (Debian libcoap3-bin)")
 @pytest.mark.parametrize(("size", "expected"), [(200, "2.04"), (4000, "4.13")])
-async def test_libcoap_blockwise_upload(running: Consumer, tmp_path: Path, size: int, expected: str) -> None:
+async def test_libcoap_blockwise_upload(consumer: Consumer, tmp_path: Path, size: int, expected: str) -> None:
     assert COAP_CLIENT is not None
     document = json.dumps(body(0)).encode()
     payload_file = tmp_path / "body.json"
@@ -361,14 +347,14 @@ async def test_libcoap_blockwise_upload(running: Consumer, tmp_path: Path, size:
         "64",
         "-f",
         str(payload_file),
-        reading_uri(running, "m-libcoap"),
+        reading_uri(consumer, "m-libcoap"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
     if expected == "2.04":
         assert json.loads(out)["stored"] is True, (out, err)
-        assert len(stored_rows(running.config.db, "m-libcoap")) == 1
+        assert len(stored_rows(consumer.config.db, "m-libcoap")) == 1
     else:
         assert err.decode().strip().startswith("4.13"), (out, err)
-        assert stored_rows(running.config.db, "m-libcoap") == []
+        assert stored_rows(consumer.config.db, "m-libcoap") == []

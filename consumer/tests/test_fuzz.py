@@ -24,11 +24,9 @@ import itertools
 import json
 import math
 import os
-import re
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import BlockOption
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from running import consumer_process
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +54,6 @@ MAX_RSS_BYTES = 300 * 1024 * 1024
 #: What the consumer may hold for peers whatever the run's length: the CoAP dedup cache (20,000 answers,
 #: ~15 MB) and the unknown meters (2000 x ~6 KB, ~12 MB), with room for the allocator.
 MAX_RSS_GROWTH_BYTES = 48 * 1024 * 1024
-LISTENING = re.compile(r"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 ANSWER_TIMEOUT_S = 30.0
 RETRANSMIT_S = 2.0
 READING_FIELDS = ["seq", "ts", "pressure_bar", "temperature_c", "volume_l"]
@@ -196,49 +194,15 @@ class Target:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     directory = tmp_path_factory.mktemp("fuzz")
-    log = directory / "consumer.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "smartgas_consumer",
-                "serve",
-                "--coap-host",
-                "127.0.0.1",
-                "--coap-port",
-                "0",
-                "--http-port",
-                "0",
-                "--db",
-                str(directory / "store.db"),
-                "--status-interval",
-                "3600",
-                # The checks read the store beside the running consumer, which the default heap-memory WAL
-                # index forbids (store.py); the edge under test is the same either way.
-                "--store-shared-memory",
-                "true",
-            ],
-            stderr=log_file,
-        )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        deadline = time.monotonic() + 30
-        while (match := LISTENING.search(log.read_text(errors="replace"))) is None:
-            assert process.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, "the consumer did not start listening"
-            time.sleep(0.05)
-        yield Target(process, int(match.group(1)), directory / "store.db", log, sock, probe_sock)
-    finally:
-        sock.close()
-        probe_sock.close()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    # The checks read the store beside the running consumer, which the default heap-memory WAL index
+    # forbids (store.py); the edge under test is the same either way.
+    options = ("--status-interval", "3600", "--store-shared-memory", "true")
+    with (
+        consumer_process(directory / "store.db", *options) as consumer,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_sock,
+    ):
+        yield Target(consumer.process, consumer.coap_port, directory / "store.db", consumer.log_path, sock, probe_sock)
 
 
 # -- what an attacker sends -----------------------------------------------------------------------------

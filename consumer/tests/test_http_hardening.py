@@ -16,8 +16,6 @@ import logging
 import os
 import secrets
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no type information
 from aiocoap.numbers.codes import Code
 from fastapi import FastAPI
+from running import run_serve
 
 from conftest import reading_uri
 from smartgas_consumer.api import HttpServer
@@ -384,15 +383,7 @@ def test_compose_stack_starts_with_the_shipped_env() -> None:
 
 def test_consumer_refuses_to_start_with_the_placeholder(tmp_path: Path) -> None:
     environment = {**os.environ, "SMARTGAS_CONSUMER_ADMIN_KEY": "changeme-admin-key"}
-    command = [sys.executable, "-m", "smartgas_consumer", "serve", "--coap-port", "0", "--http-port", "0"]
-    result = subprocess.run(
-        [*command, "--db", str(tmp_path / "store.db")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_serve(tmp_path / "store.db", env=environment)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "SMARTGAS_CONSUMER_ADMIN_KEY" in lines[0] and "Traceback" not in result.stderr

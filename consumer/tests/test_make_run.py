@@ -9,20 +9,24 @@ stopped cleanly, and that every reading the publisher saw acknowledged is in the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from running import stored_in_file, stored_per_metrics
 
+from smartgas_common.gas import Storage
 from smartgas_consumer.fleet import load_fleet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,8 +60,8 @@ def default_interrupt_signals() -> None:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
-def make_run(run_dir: Path, coap_port: int, http_port: int) -> subprocess.Popen[str]:
-    """``make run`` with the README's documented variables, in a new session (its own process group)."""
+def make_run(run_dir: Path, coap_port: int, http_port: int, *extra: str) -> subprocess.Popen[str]:
+    """``make run`` with the README's documented variables (and ``extra`` ones), in a new session."""
     assert MAKE is not None
     # No settings of the user's shell, no display to open a browser on, and none of a make running this suite.
     ignored = ("SMARTGAS_", "DISPLAY", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
@@ -74,6 +78,7 @@ def make_run(run_dir: Path, coap_port: int, http_port: int) -> subprocess.Popen[
             f"RUN_HTTP_PORT={http_port}",
             "RUN_PERIOD=1",
             f"RUN_DIR={run_dir}",
+            *extra,
         ],
         cwd=REPO,
         env=environment,
@@ -211,3 +216,57 @@ def test_make_run_stops_the_publisher_when_the_consumer_dies(tmp_path: Path) -> 
     assert "make run: the consumer stopped (its error is above); stopping the publisher" in output
     assert output.count("stop requested: no more readings") == 1
     assert f"fleet finished: meters={FLEET_METERS}" in output
+
+
+def meters_as_admin(http_port: int, key: str) -> list[dict[str, Any]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/api/meters", headers={"X-API-Key": key})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            meters: list[dict[str, Any]] = json.loads(response.read())["meters"]
+            return meters
+    except OSError:
+        return []
+
+
+def test_make_run_shows_days_to_empty_for_every_compressed_bottle_and_the_state_of_liquefied_ones(
+    tmp_path: Path,
+) -> None:
+    """Issue 10's "done when": the fleet's compressed bottles each get a days-to-empty figure (the fleet
+    file's draw while the fit learns, at night when the sites are idle too), the liquefied ones their state."""
+    fleet = load_fleet(REPO / "fleet" / "fleet.yaml")
+    liquefied = {m.meter_id for m in fleet.meters.values() if m.gas.storage is Storage.LIQUEFIED}
+    assert liquefied and len(liquefied) < len(fleet.meters)
+    http_port = free_port(socket.SOCK_STREAM)
+    process = make_run(tmp_path, free_port(socket.SOCK_DGRAM), http_port, "RUN_LOG_READINGS=false")
+    printed: list[str] = []
+    assert process.stdout is not None
+    # Drained all along: a full pipe would block make's services mid-run.
+    drain = threading.Thread(target=lambda: printed.extend(process.stdout or ()), daemon=True)
+    drain.start()
+    seen: list[dict[str, Any]] = []
+
+    def every_meter_forecast() -> bool:
+        keys = [m[1] for line in list(printed) if (m := re.search(r"/dashboard/#key=(\S+)", line))]
+        if not keys:
+            return False
+        seen[:] = meters_as_admin(http_port, keys[0])
+        shown = {m["meter_id"]: m for m in seen if m["last_ts"] is not None}
+        return set(shown) == set(fleet.meters) and all(
+            m["liquid_state"] is not None if m["meter_id"] in liquefied else m["forecast"]["days_to_empty"] is not None
+            for m in shown.values()
+        )
+
+    try:
+        wait_for(every_meter_forecast, process, "a forecast for every meter")
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=STOP_BOUND_S)
+    finally:
+        if process.poll() is None or service_pids(tmp_path):
+            stop_everything(process, tmp_path)
+    for meter in seen:
+        forecast = meter["forecast"]
+        if meter["meter_id"] in liquefied:
+            assert forecast["days_to_empty"] is None and "liquefied" in forecast["note"], meter
+        else:
+            assert forecast["basis"] in ("measured", "declared") and forecast["days_to_empty"] > 0, meter
+            assert forecast["consumption_mol_per_day"] > 0 and forecast["empty_at"] is not None

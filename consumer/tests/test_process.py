@@ -4,68 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
+from running import consumer_process, run_serve
 
 from conftest import EXAMPLES_MAX_AGE_S, wire_example
 from smartgas_consumer.status import snapshot_path
 
 pytestmark = pytest.mark.integration
 
-
-LISTENING = re.compile(rb"listening on coap://\[127\.0\.0\.1\]:(\d+)")
-
-
-async def first_match(stream: asyncio.StreamReader, pattern: re.Pattern[bytes]) -> re.Match[bytes]:
-    """Read log lines until one matches (the caller bounds the time)."""
-    while line := await stream.readline():
-        if match := pattern.search(line):
-            return match
-    raise AssertionError("the consumer exited before it was listening")
-
-
-@asynccontextmanager
-async def consumer_process(db: Path, *options: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smartgas_consumer",
-        "serve",
-        "--coap-host",
-        "127.0.0.1",
-        "--coap-port",
-        "0",
-        "--http-port",
-        "0",
-        "--db",
-        str(db),
-        "--max-reading-age",
-        str(EXAMPLES_MAX_AGE_S),
-        *options,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    drain: asyncio.Task[None] | None = None
-    try:
-        match = await asyncio.wait_for(first_match(process.stderr, LISTENING), timeout=20)
-        # Keep reading its log, so a full pipe never blocks the consumer.
-        drain = asyncio.create_task(process.stderr.read())  # type: ignore[arg-type]
-        yield process, int(match.group(1))
-    finally:
-        if drain is not None:
-            drain.cancel()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+#: The wire examples are dated 2026-11-23: the time window is widened for them.
+EXAMPLES = ("--max-reading-age", str(EXAMPLES_MAX_AGE_S))
 
 
 async def send_until_refused(
@@ -109,12 +64,13 @@ def stored_keys(db: Path) -> set[tuple[str, int]]:
 async def test_stop_under_load_loses_nothing_acknowledged(tmp_path: Path, signum: signal.Signals) -> None:
     db = tmp_path / "store.db"
     acknowledged: set[tuple[str, int]] = set()
-    async with consumer_process(db) as (process, port):
+    with consumer_process(db, *EXAMPLES) as consumer:
         enough = asyncio.Event()
-        senders = asyncio.create_task(send_until_refused(port, [f"m{i}" for i in range(10)], acknowledged, enough))
+        meters = [f"m{i}" for i in range(10)]
+        senders = asyncio.create_task(send_until_refused(consumer.coap_port, meters, acknowledged, enough))
         await asyncio.wait_for(enough.wait(), timeout=30)
-        process.send_signal(signum)  # mid-stream: requests are in flight
-        assert await asyncio.wait_for(process.wait(), timeout=20) == 0
+        # mid-stream: requests are in flight
+        assert await asyncio.to_thread(consumer.stop, signum) == 0, consumer.log()
         await asyncio.wait_for(senders, timeout=30)
     assert len(acknowledged) >= 100
     assert acknowledged <= stored_keys(db)
@@ -135,39 +91,26 @@ async def test_restart_keeps_readings_and_answers_resends(tmp_path: Path) -> Non
             )
             return await asyncio.wait_for(context.request(message).response, timeout=10)
 
-        async with consumer_process(db) as (process, port):
+        with consumer_process(db, *EXAMPLES) as consumer:
             for seq in range(5):
-                assert (await put(port, seq)).code == Code.CHANGED
-            process.terminate()
-            await asyncio.wait_for(process.wait(), timeout=20)
-        async with consumer_process(db, "--coap-reading-get", "true") as (process, port):
-            resend = await put(port, 4)  # the meter never saw this answer: it sends again after restart
+                assert (await put(consumer.coap_port, seq)).code == Code.CHANGED
+            assert await asyncio.to_thread(consumer.stop) == 0
+        with consumer_process(db, *EXAMPLES, "--coap-reading-get", "true") as consumer:
+            resend = await put(consumer.coap_port, 4)  # the meter never saw this answer: it sends again
             assert json.loads(resend.payload)["stored"] is False
-            latest = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{port}/meters/m1/reading")
+            latest = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{consumer.coap_port}/meters/m1/reading")
             answer = await asyncio.wait_for(context.request(latest).response, timeout=10)
             assert json.loads(answer.payload)["seq"] == 4
-            process.terminate()
-            await asyncio.wait_for(process.wait(), timeout=20)
+            assert await asyncio.to_thread(consumer.stop) == 0
     finally:
         await context.shutdown()
     assert stored_keys(db) == {("m1", seq) for seq in range(5)}
 
 
-async def test_bad_configuration_exits_2_naming_the_setting(tmp_path: Path) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smartgas_consumer",
-        "serve",
-        "--coap-port",
-        "70000",
-        "--db",
-        str(tmp_path / "x.db"),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
-    assert process.returncode == 2
-    assert b"--coap-port='70000'" in stderr
+def test_bad_configuration_exits_2_naming_the_setting(tmp_path: Path) -> None:
+    result = run_serve(tmp_path / "x.db", "--coap-port", "70000")
+    assert result.returncode == 2
+    assert "--coap-port='70000'" in result.stderr
 
 
 async def run_status(db: Path) -> tuple[int | None, bytes, bytes]:
@@ -188,7 +131,8 @@ async def run_status(db: Path) -> tuple[int | None, bytes, bytes]:
 async def test_status_command_reports_store(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
     # One snapshot, written at start: the test removes it and must not see it come back.
-    async with consumer_process(db, "--status-interval", "3600") as (process, port):
+    with consumer_process(db, *EXAMPLES, "--status-interval", "3600") as consumer:
+        port = consumer.coap_port
         context = await aiocoap.Context.create_client_context(transports=["udp6"])
         message = aiocoap.Message(
             code=Code.PUT,
@@ -203,18 +147,17 @@ async def test_status_command_reports_store(tmp_path: Path) -> None:
         returncode, stdout, stderr = await run_status(db)
         assert returncode == 0, stderr
         snapshot = json.loads(stdout)
-        assert snapshot["served_by_pid"] == process.pid and snapshot["db"] == str(db)
+        assert snapshot["served_by_pid"] == consumer.pid and snapshot["db"] == str(db)
         assert {"as_of", "age_s", "readings", "meters", "shipping_lag"} <= set(snapshot)
         snapshot_path(db).unlink()  # without one, status names the consumer that holds the store
         returncode, _, stderr = await run_status(db)
         assert returncode == 2
-        assert f"served by the consumer with PID {process.pid}".encode() in stderr
-        process.terminate()
-        await asyncio.wait_for(process.wait(), timeout=20)
+        assert f"served by the consumer with PID {consumer.pid}".encode() in stderr
+        assert await asyncio.to_thread(consumer.stop) == 0
     returncode, stdout, _ = await run_status(db)
     assert returncode == 0
     report = json.loads(stdout)
     assert (report["readings"], report["meters"]) == (1, 1)
-    async with consumer_process(db, "--store-shared-memory", "true"):  # the WAL index in a shared -shm
+    with consumer_process(db, *EXAMPLES, "--store-shared-memory", "true"):  # the WAL index in a shared -shm
         returncode, stdout, _ = await run_status(db)
         assert returncode == 0 and json.loads(stdout)["readings"] == 1

@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
+from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elasticsearch_sink import to_document
 from smartgas_consumer.fleet import load_fleet
+from smartgas_consumer.forecaster import Forecaster
 from smartgas_consumer.provision import INDEX_TEMPLATES, saved_objects_ndjson, template_body
-from smartgas_consumer.store import StoredReading
+from smartgas_consumer.store import ReadingStore, StoredReading
 
 NUMERIC = {"long", "integer", "short", "byte", "double", "float", "half_float", "scaled_float"}
 DATE = {"date", "date_nanos"}
@@ -46,6 +48,10 @@ READINGS_FIELDS = {
     "location": "geo_point",
     "fill_pct": "float",
     "meter_known": "boolean",
+    "days_to_empty": "float",
+    "consumption_mol_per_day": "double",
+    "forecast_basis": "keyword",
+    "forecast_reserve_fill_pct": "float",
 }
 ALERTS_FIELDS = {
     "@timestamp": "date",
@@ -179,7 +185,10 @@ def test_shipper_documents_fit_the_readings_mapping() -> None:
     )
     # A liquefied bottle after its liquid is gone: the liquid state beside the content of what is left.
     exhausted = dataclasses.replace(reading, meter_id="bottle-0051", liquid_state="liquid_exhausted")
-    documents = [to_document(reading, fleet), to_document(exhausted, fleet)]
+    # With the forecaster (no readings followed yet: the fleet file's draw), the forecast fields join in.
+    forecaster = Forecaster(ReadingStore(Path("never-opened.db")), ConsumerConfig(), fleet)
+    documents = [to_document(reading, fleet, forecaster), to_document(exhausted, fleet, forecaster)]
+    assert "days_to_empty" not in documents[1]  # liquefied: the liquid state, not a content forecast
     types = field_types(templates()["smartgas-readings"])
     used = set().union(*documents)
     assert used == set(types), f"unmapped: {used - set(types)}, unused: {set(types) - used}"
@@ -257,7 +266,13 @@ def test_dashboard_identity_time_and_refresh() -> None:
 def test_dashboard_panels_are_the_agreed_ones() -> None:
     panels = json.loads(dashboard()["attributes"]["panelsJSON"])
     lens = {p["title"]: p for p in panels if p["type"] == "lens"}
-    assert set(lens) == {"Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter"}
+    assert set(lens) == {
+        "Moles per meter",
+        "Pressure per meter",
+        "Temperature per meter",
+        "Fill % per meter",
+        "Days to empty per meter",
+    }
     searches = {p["title"] for p in panels if p["type"] == "search"}
     assert searches == {"Latest readings", "Alerts"}
     maps = {p["title"] for p in panels if p["type"] == "map"}
@@ -316,7 +331,8 @@ def test_dashboard_controls_choose_client_site_gas_and_meter() -> None:
 
 
 @pytest.mark.parametrize(
-    "title", ["Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter"]
+    "title",
+    ["Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter", "Days to empty per meter"],
 )
 def test_charts_per_meter_show_every_meter_of_the_fleet(title: str) -> None:
     """Terms on meter_id of at least the fleet's size: the titles say "per meter", so no meter is left out."""
@@ -334,7 +350,8 @@ def test_charts_per_meter_show_every_meter_of_the_fleet(title: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "title", ["Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter"]
+    "title",
+    ["Moles per meter", "Pressure per meter", "Temperature per meter", "Fill % per meter", "Days to empty per meter"],
 )
 def test_lens_charts_plot_mapped_fields_per_meter(title: str) -> None:
     objects = saved_objects()
@@ -392,6 +409,13 @@ def test_dashboard_shows_fill_percent_per_meter() -> None:
     layers = panel["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["formBased"]["layers"]
     metrics = [c for layer in layers.values() for c in layer["columns"].values() if not c["isBucketed"]]
     assert [(c["sourceField"], c["operationType"]) for c in metrics] == [("fill_pct", "average")]
+
+
+def test_dashboard_shows_days_to_empty_per_meter() -> None:
+    (panel,) = [p for p in lens_panels(dashboard()) if p["title"] == "Days to empty per meter"]
+    layers = panel["embeddableConfig"]["attributes"]["state"]["datasourceStates"]["formBased"]["layers"]
+    metrics = [c for layer in layers.values() for c in layer["columns"].values() if not c["isBucketed"]]
+    assert [(c["sourceField"], c["operationType"]) for c in metrics] == [("days_to_empty", "average")]
 
 
 def test_dashboard_has_an_alerts_panel_on_the_alerts_data_view() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -24,9 +23,9 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
-from test_process import LISTENING, first_match
+from running import ConsumerProcess, consumer_process
 
-from conftest import EXAMPLES_MAX_AGE_S, wire_example
+from conftest import wire_example
 
 pytestmark = pytest.mark.integration
 
@@ -50,36 +49,24 @@ def rss_bytes(pid: int) -> int:
 
 
 async def test_rss_is_flat_after_the_cap_while_50000_ids_are_minted(tmp_path: Path) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smartgas_consumer",
-        "serve",
-        "--coap-host",
-        "127.0.0.1",
-        "--coap-port",
-        "0",
-        "--http-port",
-        "0",
-        "--db",
-        str(tmp_path / "store.db"),
+    with consumer_process(
+        tmp_path / "store.db",
         "--fleet",
         str(FLEET_FILE),
         "--max-unknown-meters",
         str(CAP),
         "--unknown-meters-per-minute",
         "1000000",
-        "--max-reading-age",
-        str(EXAMPLES_MAX_AGE_S),  # the wire example is dated 2026-11-23
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
+    ) as consumer:
+        await mint_ids_sampling_rss(consumer)
+
+
+async def mint_ids_sampling_rss(consumer: ConsumerProcess) -> None:
+    port = consumer.coap_port
     minter = await aiocoap.Context.create_client_context(transports=["udp6"])
     codes: Counter[str] = Counter()
     samples: dict[int, int] = {}
     try:
-        port = int((await asyncio.wait_for(first_match(process.stderr, LISTENING), timeout=30)).group(1))
-        drain = asyncio.create_task(process.stderr.read())
         # A current timestamp: the example's fixed one is older than --max-reading-age allows.
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         body = json.dumps(wire_example("reading-250bar.json") | {"ts": now}).encode()
@@ -96,17 +83,12 @@ async def test_rss_is_flat_after_the_cap_while_50000_ids_are_minted(tmp_path: Pa
             await asyncio.gather(*(put(minter, n) for n in range(start, min(start + CONCURRENCY, IDS))))
             sent = min(start + CONCURRENCY, IDS)
             if sent % CHECKPOINT < CONCURRENCY:
-                samples[sent - sent % CHECKPOINT] = rss_bytes(process.pid)
+                samples[sent - sent % CHECKPOINT] = rss_bytes(consumer.pid)
         assert codes == {"2.04 Changed": CAP, "4.03 Forbidden": IDS - CAP}
-        assert process.returncode is None
+        assert consumer.running()
         print(f"\nRSS (MB) by ids minted: { {ids: round(rss / 2**20, 1) for ids, rss in sorted(samples.items())} }")
         last_growth = samples[IDS] - samples[FLAT_FROM]
         assert last_growth < FLAT_BYTES, f"the last {IDS - FLAT_FROM} ids added {last_growth / 2**20:.1f} MB"
-        process.terminate()
-        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
-        drain.cancel()
+        assert await asyncio.to_thread(consumer.stop) == 0, consumer.log()
     finally:
         await minter.shutdown()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()

@@ -45,7 +45,7 @@ async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 async def test_add_then_read_back(tmp_path: Path) -> None:
@@ -352,6 +352,21 @@ async def test_migration_adds_the_authenticated_column_to_a_version_2_store(tmp_
     await reopened.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("SELECT seq, authenticated FROM readings ORDER BY seq").fetchall() == [(0, 0), (1, 1)]
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_migration_adds_the_refills_table_to_a_version_4_store(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.add(reading(), 1.0, T0)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:  # as version 4 wrote it: no refills
+        connection.execute("DROP TABLE refills")
+        connection.execute("PRAGMA user_version = 4")
+    reopened = await open_store(tmp_path / "s.db")
+    await reopened.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("SELECT count(*) FROM refills").fetchone()[0] == 0
+        assert connection.execute("SELECT count(*) FROM readings").fetchone()[0] == 1
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from webhook_receiver import Receiver
 
-from smartgas_consumer.alerts import ALERT_SCHEMA
+from smartgas_consumer.alert_records import ALERT_SCHEMA
 from smartgas_consumer.elasticsearch_sink import Backoff
 from smartgas_consumer.store import ReadingStore
 from smartgas_consumer.webhook import (

@@ -28,7 +28,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from smartgas_consumer.alerts import AlertNotOpen
+from smartgas_consumer.alert_records import AlertNotOpen
 from smartgas_consumer.auth import ApiKeys, Principal
 from smartgas_consumer.queries import FleetQueries, Window
 
@@ -81,6 +81,44 @@ class AlertsView(Protocol):
 LiquidState = Literal["liquid_present", "liquid_exhausted", "over_pressure", "supercritical"]
 
 
+class Forecast(BaseModel):
+    """How fast the bottle's gas goes and when it reaches the reserve (docs/physics.md#forecast)."""
+
+    basis: Literal["measured", "declared"] | None = Field(
+        description="measured: fitted to the readings since the last swap; declared: the fleet file's draw_mol_per_h"
+        " while the fit is not yet confident; null: no figure (see note)"
+    )
+    consumption_mol_per_day: float | None = Field(description="gas drawn per day (real-gas moles)")
+    days_to_empty: float | None = Field(
+        description="days until the fill reaches reserve_fill_pct at that draw; null for a liquefied gas (its"
+        " pressure gives the liquid state, not the content), a meter missing from the fleet file, or no reading yet"
+    )
+    empty_at: str | None = Field(description="when the reserve is reached at that draw (RFC 3339, UTC)")
+    reserve_fill_pct: float = Field(description="the fill % counted down to (--forecast-reserve-fill-pct)")
+    measured_points: int = Field(description="points of the fit since the last swap")
+    note: str = Field(description="where the figure comes from, or why there is none")
+    last_refill_at: str | None = Field(description="the last bottle swap recorded (RFC 3339, UTC)")
+
+
+class Refill(BaseModel):
+    """A bottle swap: the content stepped up to what a new bottle holds."""
+
+    meter_id: str
+    ts: str = Field(description="the new bottle's first reading (RFC 3339, UTC)")
+    seq: int
+    fill_before_pct: float | None
+    fill_after_pct: float | None
+    content_before_mol: float = Field(description="real-gas moles before the swap")
+    content_after_mol: float = Field(description="real-gas moles after the swap")
+
+
+class RefillList(BaseModel):
+    """A meter's recorded refills, oldest first."""
+
+    meter_id: str
+    refills: list[Refill]
+
+
 class Meter(BaseModel):
     """A meter as the registry and the fleet file know it, with its latest reading."""
 
@@ -126,6 +164,7 @@ class Meter(BaseModel):
         description="when an administrator retired it (RFC 3339, UTC); null: in service. A reading received"
         " later brings it back"
     )
+    forecast: Forecast | None = None
 
 
 class MeterList(BaseModel):
@@ -300,8 +339,10 @@ def build_app(
     metrics: Callable[[str | None], tuple[bytes, str]] | None = None,
     dashboard: APIRouter | None = None,
     store_fault: Callable[[], Awaitable[str | None]] | None = None,
+    mqtt_fault: Callable[[], str | None] | None = None,
 ) -> FastAPI:
-    """The whole HTTP surface, assembled in one place."""
+    """The whole HTTP surface, assembled in one place. ``mqtt_fault``: why the MQTT ingest is down, or None
+    while it is connected (given only when MQTT is on)."""
     app = FastAPI(
         title="SmartGas consumer API",
         version="1",
@@ -341,6 +382,13 @@ def build_app(
         series = _found(await queries.readings(who.client_id, meter_id, span, limit), f"meter {meter_id}")
         since, until = span.bounds()
         return {"meter_id": meter_id, "since": since, "until": until, "readings": series}
+
+    @api.get(
+        "/meters/{meter_id}/refills", response_model=RefillList, responses=NOT_FOUND, summary="Bottle swaps recorded"
+    )
+    async def refills(meter_id: str, who: Who) -> dict[str, Any]:
+        found = _found(await queries.refills(who.client_id, meter_id), f"meter {meter_id}")
+        return {"meter_id": meter_id, "refills": found}
 
     @api.get(
         "/meters/{meter_id}/stats",
@@ -417,7 +465,14 @@ def build_app(
         if fault is not None:
             response.status_code = 503
             return {"status": "unavailable", "reason": f"store {fault}"}
-        return {"status": "ok"}
+        if mqtt_fault is None:
+            return {"status": "ok"}
+        # A broker that is away makes the consumer degraded, not unavailable: it reconnects by itself,
+        # keeps serving CoAP, and a restart would bring no broker back.
+        down = mqtt_fault()
+        if down is not None:
+            return {"status": "degraded", "mqtt": f"down: {down}"}
+        return {"status": "ok", "mqtt": "connected"}
 
     if metrics is not None:
         render = metrics

@@ -92,6 +92,8 @@ def render_line_chart(
     description: str = "",
     value_range: tuple[float, float] | None = None,
     max_gap: timedelta | None = None,
+    projection: Sequence[tuple[datetime, float]] = (),
+    events: Sequence[tuple[datetime, str]] = (),
     layout: ChartLayout = ChartLayout(),  # frozen, so one shared default is safe
 ) -> str:
     """An SVG document: ``title`` above, time ticks below, value ticks in ``unit`` on the left, the points as
@@ -101,7 +103,9 @@ def render_line_chart(
     nominal pressure is drawn above the top of its range, not off the chart); None: the points alone.
     ``max_gap``: consecutive points further apart start a new polyline (a gap), and a point alone between
     two gaps gets its circle however dense the rest. Without points, the axes frame a message instead.
-    ``description`` becomes the SVG's accessible title.
+    ``description`` becomes the SVG's accessible title. ``projection``: a forecast, drawn dashed (class
+    ``forecast``) from its first point to its last, the axes widened to hold it; ``events``: moments marked
+    by a vertical line each (class ``event``, the text as its tooltip), those inside the readings' span.
     """
     ordered = sorted(((_utc(t), float(v)) for t, v in points if math.isfinite(v)), key=lambda p: p[0])
     label = f"{title} ({unit})" if unit else title
@@ -124,10 +128,12 @@ def render_line_chart(
         parts.append("</svg>")
         return "\n".join(parts)
 
-    start, end = ordered[0][0], ordered[-1][0]
+    projected = sorted(((_utc(t), float(v)) for t, v in projection if math.isfinite(v)), key=lambda p: p[0])
+    start, end = ordered[0][0], max(ordered[-1][0], projected[-1][0] if projected else ordered[-1][0])
     if end - start < timedelta(seconds=2):  # one reading, or several at once: give the axis some width
         start, end = start - timedelta(seconds=30), end + timedelta(seconds=30)
-    lowest, highest = min(v for _, v in ordered), max(v for _, v in ordered)
+    lowest = min(v for _, v in [*ordered, *projected])
+    highest = max(v for _, v in [*ordered, *projected])
     if value_range is not None:
         lowest, highest = min(lowest, value_range[0]), max(highest, value_range[1])
     low, high, value_step = _value_axis(lowest, highest)
@@ -182,6 +188,21 @@ def render_line_chart(
             f' stroke-linejoin="round" stroke-linecap="round"/>'
         )
     parts.append("</g>")
+    if len(projected) >= 2:
+        vertices = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in projected)
+        parts.append(
+            f'<polyline class="forecast" points="{vertices}" fill="none" stroke="#d97706" stroke-width="2"'
+            f' stroke-dasharray="6 4"/>'
+        )
+    shown_events = [(_utc(t), text) for t, text in events if start <= _utc(t) <= end]
+    if shown_events:
+        parts.append(f'<g class="events" data-events="{len(shown_events)}">')
+        parts.extend(
+            f'<line class="event" x1="{x(t):.1f}" y1="{layout.top}" x2="{x(t):.1f}" y2="{bottom}" stroke="#16a34a"'
+            f' stroke-width="1.5"><title>{escape(text)}</title></line>'
+            for t, text in shown_events
+        )
+        parts.append("</g>")
     lone = [segment[0] for segment in segments if len(segment) == 1]
     if len(ordered) > layout.max_markers and lone:  # a polyline of one vertex draws nothing: mark it
         parts.append('<g class="points lone" fill="#2563eb">')

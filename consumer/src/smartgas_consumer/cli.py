@@ -1,5 +1,6 @@
 """Command line: ``smartgas-consumer serve`` runs the consumer; ``status`` reports on a store;
-``provision-meter``, ``provision-meters`` and ``revoke-meter`` manage the meters' OSCORE contexts.
+``provision-meter``, ``provision-meters`` and ``revoke-meter`` manage the meters' OSCORE contexts and their
+MQTT broker users.
 
 Exit codes (docs/operations.md): 0 success; 2 the consumer refused to start, with one line on stderr naming
 the setting or path and the fix (a bad setting, fleet or keys file, a store that is damaged, read-only or
@@ -21,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from smartgas_consumer import broker_auth, device_auth, health, provision
 from smartgas_consumer import config as config_module
-from smartgas_consumer import device_auth, health, provision
 from smartgas_consumer.auth import ApiKeysFileError, key_file_line, new_key
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.fleet import FleetFileError, load_fleet
@@ -71,9 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     config_module.add_arguments(healthcheck)
     healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)
     for name, text in (
-        ("provision-meter", "create a meter's OSCORE context (consumer side and meter side); --rotate replaces it"),
-        ("provision-meters", "create an OSCORE context for every meter of the fleet file (--fleet) that has none"),
-        ("revoke-meter", "remove a meter's OSCORE context: the running consumer refuses it from then on (4.01)"),
+        (
+            "provision-meter",
+            "create a meter's OSCORE context and MQTT broker user (consumer, meter and broker sides); --rotate"
+            " replaces them",
+        ),
+        (
+            "provision-meters",
+            "create an OSCORE context and a broker user for every meter of the fleet file (--fleet) that has none",
+        ),
+        (
+            "revoke-meter",
+            "remove a meter's OSCORE context (the running consumer refuses it from then on, 4.01) and its broker"
+            " user (refused by Mosquitto once it re-reads its password file)",
+        ),
     ):
         device = commands.add_parser(name, help=text)
         config_module.add_arguments(device)
@@ -135,10 +147,18 @@ def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int
     credentials = config.device_credentials
     if arguments.command == "revoke-meter":
         meter_id = check_meter_id_text(arguments.meter_id)
-        if not device_auth.revoke_meter(credentials, meter_id):
+        had_context = device_auth.revoke_meter(credentials, meter_id)
+        had_user = broker_auth.revoke_broker_user(credentials, meter_id)
+        if not (had_context or had_user):
             print(f"smartgas-consumer: meter {meter_id!r} has no context in {credentials}", file=sys.stderr)
             return 1
-        print(f"{meter_id}: revoked (its context is removed from {credentials})")
+        removed = " and ".join(
+            what for what, done in (("its context", had_context), ("its broker user", had_user)) if done
+        )
+        print(
+            f"{meter_id}: revoked ({removed} removed from {credentials});"
+            " the broker refuses it once it re-reads its password file (SIGHUP)"
+        )
         return 0
     if arguments.command == "provision-meter":
         meter_ids = [check_meter_id_text(arguments.meter_id)]
@@ -147,6 +167,8 @@ def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int
             print("smartgas-consumer: provision-meters needs the fleet file (--fleet FILE)", file=sys.stderr)
             return 2
         meter_ids = sorted(load_fleet(config.fleet).meters)
+    for meter_id in meter_ids:
+        broker_auth.check_meter_id_for_broker(meter_id)
     created = 0
     provisioned = device_auth.provision_meters(
         credentials, arguments.meter_credentials, meter_ids, rotate=arguments.rotate
@@ -155,7 +177,12 @@ def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int
         created += done.created
         if arguments.command == "provision-meter" or done.created:
             print(done.describe())
-    print(f"{created} context(s) created, {len(meter_ids) - created} kept; consumer side in {credentials}")
+    # The broker users after the contexts: a rotated context replaces the meter's side, mqtt.json with it.
+    broker = broker_auth.provision_broker(credentials, arguments.meter_credentials, meter_ids, rotate=arguments.rotate)
+    print(
+        f"{created} context(s) created, {len(meter_ids) - created} kept; consumer side in {credentials};"
+        f" {broker.describe()}"
+    )
     return 0
 
 
@@ -238,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command in {"provision-meter", "provision-meters", "revoke-meter"}:
         try:
             return device_command(arguments, config)
-        except (FleetFileError, device_auth.CredentialsError, OSError) as err:
+        except (FleetFileError, device_auth.CredentialsError, broker_auth.BrokerCredentialsError, OSError) as err:
             print(f"smartgas-consumer: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
     runner: Coroutine[Any, Any, int]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "SMARTGAS_CONSUMER_"
 #: The administrator key's rule (docs/security.md): long, printable ASCII, varied, and not a placeholder.
@@ -28,10 +30,47 @@ class ConfigError(ValueError):
     """A setting has a value the consumer cannot run with; the message names the setting."""
 
 
+#: The MQTT broker's port when the URL names none (IANA's port for MQTT without TLS).
+MQTT_DEFAULT_PORT = 1883
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """Where the broker listens: ``mqtt://HOST[:PORT]`` (TLS is not supported: the broker's network is trusted)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Raise ValueError naming what is wrong with ``url``."""
+        parts = urlsplit(url)
+        if parts.scheme != "mqtt":
+            raise ValueError("must be mqtt://HOST:PORT (mqtts:// and other schemes are not supported)")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must be mqtt://HOST:PORT, nothing more (credentials go in --mqtt-credentials)")
+        try:
+            port = parts.port if parts.port is not None else MQTT_DEFAULT_PORT
+        except ValueError:  # beyond 65535, or not a number
+            port = 0
+        if not 1 <= port <= 65535:
+            raise ValueError("has an invalid port: must be mqtt://HOST:PORT with PORT 1 to 65535")
+        if not parts.hostname:
+            raise ValueError("names no host: must be mqtt://HOST:PORT")
+        return cls(parts.hostname, port)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+
 @dataclass(frozen=True, slots=True)
 class ConsumerConfig:
     """Everything the consumer is told at start-up."""
 
+    # Either transport can be switched off, not both (docs/wire-format.md: CoAP, and MQTT through a broker).
+    coap_enabled: bool = True
     coap_host: str = "::"
     coap_port: int = 5683
     # SO_REUSEPORT lets several processes share the port (and split its traffic): only on explicit request.
@@ -50,6 +89,12 @@ class ConsumerConfig:
     # Meters missing from the fleet file: how many the consumer keeps, and how fast new ones may appear.
     max_unknown_meters: int = 2000
     unknown_meters_per_minute: float = 600.0
+    # MQTT ingest (mqtt.py): off unless a broker URL is given.
+    mqtt_broker: str | None = None
+    mqtt_credentials: Path | None = None
+    mqtt_client_id: str = "smartgas-consumer"
+    mqtt_shared_group: str | None = None
+    mqtt_receive_maximum: int = 64
     db: Path = Path("var/smartgas.db")
     # SQLite's WAL index in a mapped -shm file (other processes can read the store) or in heap (no SIGBUS).
     store_shared_memory: bool = False
@@ -93,9 +138,16 @@ class ConsumerConfig:
     alert_idle_draw_mol_per_h: float = 0.5
     alert_jump_bar: float = 50.0
     alert_jump_c: float = 25.0
+    # Forecast (docs/physics.md#forecast): days to empty count down to this fill %
+    forecast_reserve_fill_pct: float = 10.0
     webhook_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.coap_enabled and self.mqtt_broker is None:
+            raise ConfigError(
+                "--coap-enabled false leaves no way for readings to arrive: give --mqtt-broker mqtt://HOST:PORT"
+                " or keep CoAP on"
+            )
         if self.elasticsearch_password is not None and self.elasticsearch_username is None:
             raise ConfigError("an Elasticsearch password needs a user name (--elasticsearch-username)")
         if self.elasticsearch_api_key is not None and self.elasticsearch_username is not None:
@@ -176,11 +228,39 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _reserve_pct(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 100:
+        raise ValueError("must be a fill %, from 0 up to (not including) 100")
+    return value
+
+
 def _url_list(text: str) -> tuple[str, ...]:
     urls = tuple(part.strip() for part in text.split(",") if part.strip())
     for url in urls:
         _http_url(url)
     return urls
+
+
+def _mqtt_url(text: str) -> str:
+    return BrokerAddress.parse(text.strip()).url
+
+
+#: An MQTT client id or shared-subscription group name: no topic separators or wildcards, nothing odd.
+_MQTT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _mqtt_name(text: str) -> str:
+    if not _MQTT_NAME.fullmatch(text):
+        raise ValueError("must be 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    return text
+
+
+def _receive_maximum(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a whole number from 1 to 65535 (MQTT 5 Receive Maximum)")
+    return value
 
 
 def _log_level(text: str) -> str:
@@ -239,6 +319,12 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "coap_enabled",
+        "--coap-enabled",
+        _boolean,
+        "take readings over CoAP (false: MQTT only, which then needs --mqtt-broker)",
+    ),
     Setting("coap_host", "--coap-host", str, "address the CoAP server binds (UDP); '::' is every address"),
     Setting("coap_port", "--coap-port", _port, "UDP port of the CoAP server"),
     Setting(
@@ -295,6 +381,38 @@ SETTINGS: tuple[Setting, ...] = (
         "--unknown-meters-per-minute",
         _positive_float,
         "how many meters missing from the fleet file may first appear per minute; faster ones get 4.29",
+    ),
+    Setting(
+        "mqtt_broker",
+        "--mqtt-broker",
+        _mqtt_url,
+        "MQTT broker to take readings from, mqtt://HOST:PORT (topics in docs/wire-format.md); unset, MQTT is off",
+    ),
+    Setting(
+        "mqtt_credentials",
+        "--mqtt-credentials",
+        Path,
+        'JSON file {"username": ..., "password": ...} the consumer logs in to the broker with (provision-meters '
+        "writes <device-credentials>/mosquitto/consumer.json); unset, anonymous",
+    ),
+    Setting(
+        "mqtt_client_id",
+        "--mqtt-client-id",
+        _mqtt_name,
+        "MQTT client id, the name of the consumer's persistent session at the broker (one per consumer process)",
+    ),
+    Setting(
+        "mqtt_shared_group",
+        "--mqtt-shared-group",
+        _mqtt_name,
+        "subscribe through the shared subscription $share/NAME/smartgas/meters/+/reading, so that consumers "
+        "of one group split the readings; unset, a plain subscription",
+    ),
+    Setting(
+        "mqtt_receive_maximum",
+        "--mqtt-receive-maximum",
+        _receive_maximum,
+        "readings the broker may have awaiting the consumer's acknowledgement at once (MQTT 5 Receive Maximum)",
     ),
     Setting("db", "--db", Path, "path of the SQLite store (created if missing)"),
     Setting(
@@ -467,6 +585,12 @@ SETTINGS: tuple[Setting, ...] = (
         "--alert-jump-c",
         _positive_float,
         "sensor fault when temperature jumps by more than this between two readings",
+    ),
+    Setting(
+        "forecast_reserve_fill_pct",
+        "--forecast-reserve-fill-pct",
+        _reserve_pct,
+        "days to empty count down to this fill % (the reserve kept for the swap)",
     ),
     Setting("webhook_urls", "--webhook-urls", _url_list, "comma-separated URLs that receive alerts as JSON POSTs"),
 )

@@ -7,7 +7,8 @@ storage, and sends it as ``X-API-Key`` on every request to ``/api``. The charts 
 visibility as the API: another client's meter answers 404, as a meter that does not exist. A chart's value
 axis runs from 0 to the bottle's full content or nominal pressure (from the fleet file), or over the
 readings alone when the user picks that; its line breaks where readings are more than ``GAP_PERIODS``
-expected periods apart.
+expected periods apart. The real-gas content chart also draws the forecast (dashed, down towards the
+reserve, ``forecast.py``) and a line at each refill recorded in the window.
 
 Every response carries a strict Content-Security-Policy: scripts and styles from this origin only, no inline
 script, no framing. The assets are read from the package once, when the router is built.
@@ -69,12 +70,13 @@ class Measure:
 
 
 MEASURES: tuple[Measure, ...] = (
+    Measure("real_moles", "Gas left (real gas)", "mol", lambda meter: (0.0, full_moles(meter) if meter else 0.0)),
     Measure("moles", "Gas left", "mol", lambda meter: (0.0, full_moles(meter) if meter else 0.0)),
     Measure("pressure_bar", "Pressure", "bar", lambda meter: (0.0, meter.nominal_pressure_bar if meter else 0.0)),
     Measure("fill_pct", "Fill", "%", lambda _meter: (0.0, 100.0)),
     Measure("temperature_c", "Temperature", "°C", None),
 )
-MeasureName = Literal["moles", "pressure_bar", "fill_pct", "temperature_c"]
+MeasureName = Literal["real_moles", "moles", "pressure_bar", "fill_pct", "temperature_c"]
 #: ``bottle``: from 0 to full (or nominal pressure); ``data``: fitted to the readings, to see their detail.
 Scale = Literal["bottle", "data"]
 _BY_NAME = {measure.name: measure for measure in MEASURES}
@@ -141,6 +143,17 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys, *, expected
         shown = _BY_NAME[measure]
         points = chart_points(readings, measure)
         full = shown.full_range_fn
+        projection: list[tuple[datetime, float]] = []
+        events: list[tuple[datetime, str]] = []
+        if measure == "real_moles":
+            described = await queries.meter(who.client_id, meter_id)
+            forecast = described["forecast"] if described is not None else None
+            if forecast is not None and points:
+                projection = forecast_line(points[-1], forecast, span)
+            events = [
+                (parse_timestamp(r["ts"]), f"refill: {r['content_before_mol']:.0f} → {r['content_after_mol']:.0f} mol")
+                for r in await queries.refills(who.client_id, meter_id, span.bounds()[0]) or []
+            ]
         svg = render_line_chart(
             points,
             title=shown.title,
@@ -148,6 +161,8 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys, *, expected
             description=f"{shown.title} of {meter_id} ({shown.unit})",
             value_range=full(queries.fleet.meter(meter_id)) if full is not None and scale == "bottle" else None,
             max_gap=max_gap,
+            projection=projection,
+            events=events,
         )
         return _respond(Asset(svg.encode("utf-8"), "image/svg+xml"), CHART_POLICY)
 
@@ -174,6 +189,18 @@ def _respond(asset: Asset, policy: str) -> Response:
             "Cache-Control": "no-store",
         },
     )
+
+
+def forecast_line(last: tuple[datetime, float], forecast: dict[str, Any], span: Window) -> list[tuple[datetime, float]]:
+    """The forecast from the latest reading down to the reserve, cut where the chart's window would more than
+    double (a bottle weeks from empty would squeeze an hour of readings into a sliver)."""
+    if forecast["days_to_empty"] is None or forecast["consumption_mol_per_day"] is None:
+        return []
+    ts, content_mol = last
+    per_day = forecast["consumption_mol_per_day"]
+    horizon = max(span.until - span.since, timedelta(hours=1))
+    days = min(forecast["days_to_empty"], horizon / timedelta(days=1))
+    return [(ts, content_mol), (ts + timedelta(days=days), content_mol - per_day * days)]
 
 
 def chart_points(readings: list[dict[str, Any]], measure: str) -> list[tuple[datetime, float]]:

@@ -1,7 +1,7 @@
 """The Elasticsearch sink: ships every committed record from the durable store, and never loses one.
 
 The store is the buffer; a ``ShipSource`` says what to ship from it (readings here, alerts in
-``alerts.py``). The sink takes the oldest pending records, sends them with the bulk helper and reads the
+``alert_shipping.py``). The sink takes the oldest pending records, sends them with the bulk helper and reads the
 result item by item:
 
 - 2xx: the record is marked shipped (only now, when Elasticsearch confirmed that very item);
@@ -28,7 +28,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from elastic_transport import TransportError
 from elasticsearch import ApiError, AsyncElasticsearch, UnsupportedProductError
@@ -36,7 +36,10 @@ from elasticsearch.helpers import async_streaming_bulk
 
 from smartgas_consumer.fleet import Fleet
 from smartgas_consumer.metrics import Metrics
-from smartgas_consumer.store import DeadLetter, ReadingStore, StoredReading
+from smartgas_consumer.store import DeadLetter, ReadingStore, StoredReading, parse_timestamp
+
+if TYPE_CHECKING:  # the forecaster's module reaches the intake, which needs nothing from here at run time
+    from smartgas_consumer.forecaster import Forecaster
 
 _LOG = logging.getLogger(__name__)
 #: A bulk item's status when a ``create`` meets a document with the same ``_id``: it is already indexed.
@@ -78,8 +81,14 @@ def document_id(reading: StoredReading) -> str:
     return f"{reading.meter_id}:{reading.epoch}:{reading.seq}"
 
 
-def to_document(reading: StoredReading, fleet: Fleet | None = None) -> dict[str, Any]:
-    """The Elasticsearch document for a stored reading (fields as in the readings index template)."""
+def to_document(
+    reading: StoredReading, fleet: Fleet | None = None, forecaster: Forecaster | None = None
+) -> dict[str, Any]:
+    """The Elasticsearch document for a stored reading (fields as in the readings index template).
+
+    With a forecaster, a compressed bottle's document carries days to empty from this reading's content at
+    the draw the forecaster knows now (when the reading is shipped, seconds after it was stored).
+    """
     document: dict[str, Any] = {
         "@timestamp": reading.ts,
         "received_at": reading.received_at,
@@ -112,6 +121,23 @@ def to_document(reading: StoredReading, fleet: Fleet | None = None) -> dict[str,
         document["gas"] = meter.gas.name
         document["gas_storage"] = meter.gas.storage.value
         document["location"] = {"lat": meter.site.latitude, "lon": meter.site.longitude}
+    if forecaster is not None and meter is not None:
+        try:
+            moment = parse_timestamp(reading.ts)
+        except ValueError:  # a damaged row still ships, without a forecast
+            return document
+        forecast = forecaster.forecast(
+            reading.meter_id,
+            ts=moment,
+            content_mol=reading.real_moles if reading.real_moles is not None else reading.moles,
+            fill_pct=reading.fill_pct,
+            liquid_state=reading.liquid_state,
+        )
+        if forecast.days_to_empty is not None and forecast.basis is not None:
+            document["days_to_empty"] = forecast.days_to_empty
+            document["consumption_mol_per_day"] = forecast.consumption_mol_per_day
+            document["forecast_basis"] = str(forecast.basis)
+            document["forecast_reserve_fill_pct"] = forecast.reserve_fill_pct
     return document
 
 
@@ -127,15 +153,17 @@ class ReadingSource:
         index: str,
         fleet: Fleet | None = None,
         retention: timedelta = timedelta(days=7),
+        forecaster: Forecaster | None = None,
     ) -> None:
         self.store = store
         self.index = index
         self.fleet = fleet
+        self.forecaster = forecaster
         self.retention = retention
 
     async def pending(self, limit: int) -> list[Shipment]:
         return [
-            Shipment(reading.id, document_id(reading), to_document(reading, self.fleet))
+            Shipment(reading.id, document_id(reading), to_document(reading, self.fleet, self.forecaster))
             for reading in await self.store.pending(limit)
         ]
 

@@ -1,7 +1,9 @@
-"""The ingest pipeline, free of CoAP: body → validate → transform (moles, real gas) → durable store → answer.
+"""The ingest pipeline, free of any transport: body → validate → transform (moles, real gas) → durable
+store → answer.
 
-``ReadingIntake.accept`` is what a PUT on ``/meters/{id}/reading`` does; the CoAP resource only
-translates. Counters here feed the status log (and later the metrics endpoint).
+``ReadingIntake.accept`` is what a PUT on ``/meters/{id}/reading`` does, and what a PUBLISH on
+``smartgas/meters/{id}/reading`` does; the CoAP resource and the MQTT ingest only translate. Counters
+here feed the status log (and the metrics endpoint).
 """
 
 from __future__ import annotations
@@ -125,32 +127,43 @@ class ReadingIntake:
         self.on_stored: list[Callable[[StoredEvent], None]] = []
 
     async def accept(
-        self, meter_id: str, payload: bytes, content_format: int | None, *, authenticated: bool = False
+        self,
+        meter_id: str,
+        payload: bytes,
+        content_format: int | None,
+        *,
+        authenticated: bool = False,
+        transport: str = "coap",
     ) -> Accepted:
         """Validate, compute and durably store one reading; raise a CoAP-coded error if it is refused.
 
-        ``authenticated``: the meter's own OSCORE context protected it (stored with the reading)."""
+        ``authenticated``: the meter's identity was proven (its own OSCORE context protected it, or the
+        broker's ACL let only that meter publish on its topic), stored with the reading. ``transport``:
+        ``coap`` or ``mqtt``, for the per-transport counts."""
         self.counters.received += 1
-        self.metrics.reading_received()
+        self.metrics.reading_received(transport)
         try:
             window = TimeWindow(self._clock(), self._max_reading_age_s, self._max_clock_skew_s)
             reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format), window)
-            return await self._store(reading, authenticated)
+            accepted = await self._store(reading, authenticated)
         except ConstructionRenderableError as err:
-            self._count_refusal(meter_id, err)
+            self._count_refusal(meter_id, err, transport)
             raise
+        self.metrics.reading_accepted(transport)
+        return accepted
 
-    def refused_early(self, meter_id: str, err: ConstructionRenderableError) -> None:
-        """Count a reading the CoAP edge refused before it reached ``accept`` (a Block1 upload over the
-        limit), so that received = stored + duplicates + rejected still holds."""
+    def refused_early(self, meter_id: str, err: ConstructionRenderableError, transport: str = "coap") -> None:
+        """Count a reading an edge refused before it reached ``accept`` (a Block1 upload over the limit, an
+        MQTT content type that is neither JSON nor CBOR), so that received = stored + duplicates + rejected
+        still holds."""
         self.counters.received += 1
-        self.metrics.reading_received()
-        self._count_refusal(meter_id, err)
+        self.metrics.reading_received(transport)
+        self._count_refusal(meter_id, err, transport)
 
-    def _count_refusal(self, meter_id: str, err: ConstructionRenderableError) -> None:
+    def _count_refusal(self, meter_id: str, err: ConstructionRenderableError, transport: str) -> None:
         reason = rejection_reason(err)
         self.counters.rejected[reason] += 1
-        self.metrics.reading_rejected(reason)
+        self.metrics.reading_rejected(reason, transport)
         _LOG.debug("refused reading for %r: %s", meter_id[:80], err.message)
 
     def enrich(self, reading: Reading) -> tuple[Enrichment, FleetMeter | None]:

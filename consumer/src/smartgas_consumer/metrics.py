@@ -41,6 +41,8 @@ REJECTION_REASONS = (
 )
 #: Counted instead of a reason not in ``REJECTION_REASONS`` (keeps the label's values bounded).
 OTHER_REASON = "other"
+#: How readings arrive (the CoAP resource, the MQTT ingest).
+TRANSPORTS = ("coap", "mqtt")
 #: What the sinks ship (``ShipSource.name``).
 SINKS = ("readings", "alerts")
 
@@ -90,6 +92,37 @@ class Metrics:
         )
         for reason in (*REJECTION_REASONS, OTHER_REASON):
             self._rejected.labels(reason)
+        self._transport_received = Counter(
+            "smartgas_transport_readings_received",
+            "Readings that reached the intake, by transport (coap, mqtt).",
+            ["transport"],
+            registry=registry,
+        )
+        self._transport_accepted = Counter(
+            "smartgas_transport_readings_accepted",
+            "Readings answered 2.04 (stored, or a duplicate of a stored one), by transport.",
+            ["transport"],
+            registry=registry,
+        )
+        self._transport_refused = Counter(
+            "smartgas_transport_readings_refused",
+            "Readings refused with a 4.xx or 5.03, by transport.",
+            ["transport"],
+            registry=registry,
+        )
+        for transport in TRANSPORTS:
+            for metric in (self._transport_received, self._transport_accepted, self._transport_refused):
+                metric.labels(transport)
+        self._mqtt_connected = Gauge(
+            "smartgas_mqtt_connected",
+            "1 while the consumer is connected and subscribed to its MQTT broker, else 0 (MQTT on only).",
+            registry=registry,
+        )
+        self._mqtt_connects = Counter(
+            "smartgas_mqtt_connects",
+            "Connections to the MQTT broker made (CONNACK and SUBACK received): more than one means reconnects.",
+            registry=registry,
+        )
         self._missing = Counter(
             "smartgas_readings_missing",
             "Readings never received: the gaps between a meter's stored sequence numbers.",
@@ -215,8 +248,12 @@ class Metrics:
 
     # -- ingest --------------------------------------------------------------------------------------
 
-    def reading_received(self) -> None:
+    def reading_received(self, transport: str = "coap") -> None:
         self._received.inc()
+        self._transport_received.labels(transport).inc()
+
+    def reading_accepted(self, transport: str = "coap") -> None:
+        self._transport_accepted.labels(transport).inc()
 
     def reading_stored(self, result: CommitResult) -> None:
         """A reading's commit result: stored (maybe after a gap or a reboot) or a duplicate."""
@@ -229,8 +266,15 @@ class Metrics:
         if result.outcome is SequenceOutcome.REBOOT:
             self._reboots.inc()
 
-    def reading_rejected(self, reason: str) -> None:
+    def reading_rejected(self, reason: str, transport: str = "coap") -> None:
         self._rejected.labels(reason if reason in REJECTION_REASONS else OTHER_REASON).inc()
+        self._transport_refused.labels(transport).inc()
+
+    def mqtt_state(self, connected: bool) -> None:
+        """The MQTT link came up (counted as a connect) or went down."""
+        self._mqtt_connected.set(1 if connected else 0)
+        if connected:
+            self._mqtt_connects.inc()
 
     def ack_latency(self, seconds: float) -> None:
         self._ack_latency.observe(seconds)

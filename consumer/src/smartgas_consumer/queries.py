@@ -1,11 +1,11 @@
-"""Read-side of the store for the HTTP API and dashboard: the fleet registry, series and statistics.
+"""Read-side of the store for the HTTP API and dashboard: the fleet registry, series, statistics, forecasts.
 
 Every query takes the asking client (``None`` for an administrator) and returns only that client's
 meters; a meter of another client is indistinguishable from one that does not exist. A retired meter
 (``retired_meters``, written by the alert engine) is left out of the fleet list until it sends a reading
 again; it stays reachable by its id, with its readings and statistics. Statistics are
 computed by SQLite over the readings kept locally (all of them without Elasticsearch; the retention
-window with it).
+window with it). Each meter carries its forecast (``forecaster.py``), from its latest reading.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from smartgas_consumer.fleet import Fleet
-from smartgas_consumer.store import ReadingStore, format_timestamp
+from smartgas_consumer.forecaster import Forecaster
+from smartgas_consumer.store import ReadingStore, format_timestamp, parse_timestamp
 
 #: Measurements with statistics, as named in the readings table and the API.
 MEASUREMENTS = ("pressure_bar", "temperature_c", "moles", "fill_pct")
@@ -53,12 +54,14 @@ class FleetQueries:
         *,
         offline_after: timedelta,
         open_alerts_by_meter: Callable[[], dict[str, int]] = dict,
+        forecaster: Forecaster | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.offline_after = offline_after
         self._open_alerts_by_meter = open_alerts_by_meter
+        self.forecaster = forecaster
         self._clock = clock
 
     def now(self) -> datetime:
@@ -136,9 +139,43 @@ class FleetQueries:
                     **{name: row[name] if row else None for name in REAL_GAS_FIELDS},
                     "open_alerts": open_alerts.get(meter_id, 0),
                     "retired_at": retired_at,
+                    "forecast": self._forecast(meter_id, row),
                 }
             )
         return described
+
+    def _forecast(self, meter_id: str, row: sqlite3.Row | None) -> dict[str, Any] | None:
+        """The meter's forecast from its latest reading (None without a forecaster: tests of other parts)."""
+        if self.forecaster is None:
+            return None
+        ts = row["ts"] if row is not None else None
+        content = (row["real_moles"] if row["real_moles"] is not None else row["moles"]) if row is not None else None
+        try:
+            moment = parse_timestamp(ts) if ts is not None else None
+        except ValueError:  # a damaged latest reading: no figure from it
+            moment = None
+        result = self.forecaster.forecast(
+            meter_id,
+            ts=moment,
+            content_mol=content,
+            fill_pct=row["fill_pct"] if row is not None else None,
+            liquid_state=row["liquid_state"] if row is not None else None,
+        ).as_dict()
+        empty_at = result["empty_at"]
+        result["empty_at"] = format_timestamp(empty_at) if isinstance(empty_at, datetime) else None
+        last_refill = self.forecaster.last_refill(meter_id)
+        result["last_refill_at"] = format_timestamp(last_refill) if last_refill is not None else None
+        return result
+
+    async def refills(
+        self, client_id: str | None, meter_id: str, since: str | None = None
+    ) -> list[dict[str, Any]] | None:
+        """The meter's recorded refills, oldest first; None if the meter is not the client's (or unknown)."""
+        if await self.meter(client_id, meter_id) is None:
+            return None
+        if self.forecaster is None:
+            return []
+        return await self.forecaster.refills(meter_id, since=since)
 
     # -- series and statistics -----------------------------------------------------------------------
 

@@ -29,10 +29,13 @@ from aiocoap import resource
 from elasticsearch import AsyncElasticsearch
 
 from smartgas_consumer.admission import FORGET_UNKNOWN_AFTER, UnknownMeters
-from smartgas_consumer.alerts import ALERT_SCHEMA, AlertEngine, AlertSource, Kind
+from smartgas_consumer.alert_records import ALERT_SCHEMA
+from smartgas_consumer.alert_rules import Kind
+from smartgas_consumer.alert_shipping import AlertSource
+from smartgas_consumer.alerts import AlertEngine
 from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import ApiKeys, FailedKeyThrottle
-from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.config import BrokerAddress, ConsumerConfig
 from smartgas_consumer.dashboard import build_dashboard_router
 from smartgas_consumer.dedup import DedupLimits, bounded_dedup_context
 from smartgas_consumer.device_auth import GuardedOscoreSite, MeterContexts
@@ -40,9 +43,11 @@ from smartgas_consumer.edgelog import COAP_LOGGER, PeerNoiseFilter, datagram_err
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink, ReadingSource, ShipSource
 from smartgas_consumer.fleet import Fleet, FleetFileError, load_fleet
+from smartgas_consumer.forecaster import Forecaster
 from smartgas_consumer.health import StoreHealth
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.metrics import Metrics
+from smartgas_consumer.mqtt import CredentialsFileError, MqttIngest, MqttSettings, load_credentials
 from smartgas_consumer.provision import prepare_data_stream
 from smartgas_consumer.queries import FleetQueries
 from smartgas_consumer.realgas import RealGasPhysics
@@ -165,6 +170,8 @@ class Consumer:
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
         self.unknown_meters.on_forget.append(self.alerts.forget)
         self.intake.on_stored.append(self.alerts.on_stored)
+        self.forecaster = Forecaster(self.store, config, self.fleet)
+        self.intake.on_stored.append(self.forecaster.on_stored)
         self.webhooks: WebhookDispatcher | None = None
         if config.webhook_urls:
             self.webhooks = webhooks = WebhookDispatcher(self.store, config.webhook_urls)
@@ -174,11 +181,15 @@ class Consumer:
         self.sinks: list[ElasticsearchSink] = []
         if config.elasticsearch_url is not None:
             self._add_sinks(config)
+        self.mqtt: MqttIngest | None = None
+        if config.mqtt_broker is not None:
+            self.mqtt = MqttIngest(self.intake, self._mqtt_settings(config), self.metrics)
         self.queries = FleetQueries(
             self.store,
             self.fleet,
             offline_after=timedelta(seconds=config.expected_period_s * config.offline_after_periods),
             open_alerts_by_meter=self.alerts.open_by_meter,
+            forecaster=self.forecaster,
         )
         dashboard = build_dashboard_router(self.queries, self.api_keys, expected_period_s=config.expected_period_s)
         self.http = HttpServer(
@@ -189,6 +200,7 @@ class Consumer:
                 metrics=self.metrics.render,
                 dashboard=dashboard,
                 store_fault=self.store_health.fault,
+                mqtt_fault=self.mqtt.link.fault if self.mqtt is not None else None,
             ),
             config.http_host,
             config.http_port,
@@ -204,6 +216,22 @@ class Consumer:
         self.port: int | None = None
         self._started = False  # a start that failed says so once, not with a "stopped" summary too
 
+    @staticmethod
+    def _mqtt_settings(config: ConsumerConfig) -> MqttSettings:
+        """The MQTT ingest's settings; the credentials file is read now, so a bad one stops the start."""
+        assert config.mqtt_broker is not None
+        try:
+            credentials = load_credentials(config.mqtt_credentials) if config.mqtt_credentials is not None else None
+        except CredentialsFileError as err:
+            raise StartupError(str(err)) from err
+        return MqttSettings(
+            address=BrokerAddress.parse(config.mqtt_broker),
+            client_id=config.mqtt_client_id,
+            shared_group=config.mqtt_shared_group,
+            credentials=credentials,
+            receive_maximum=config.mqtt_receive_maximum,
+        )
+
     def _add_sinks(self, config: ConsumerConfig) -> None:
         """One Elasticsearch client, shared by the readings sink and the alerts sink."""
         self.elasticsearch = make_client(config)
@@ -212,6 +240,7 @@ class Consumer:
             index=config.elasticsearch_index,
             fleet=self.fleet,
             retention=timedelta(hours=config.retention_hours),
+            forecaster=self.forecaster,
         )
         alerts = AlertSource(self.store, index=config.elasticsearch_alerts_index)
         sources: tuple[tuple[ShipSource, list[Any]], ...] = (
@@ -252,8 +281,65 @@ class Consumer:
         self.unknown_meters.load(await self.store.read(self._recent_unknown_meters))
         # Alerts load their open alerts and recent readings before any new reading can arrive.
         await self.alerts.start()
+        await self.forecaster.start()
         if self.webhooks is not None:
             await self.webhooks.start()
+        if self.config.coap_enabled:
+            await self._start_coap()
+        # Both ports are bound before anything says "listening": a port in use fails the start first.
+        try:
+            await self.http.start()
+        except OSError as err:
+            raise StartupError(
+                f"--http-port {self.config.http_port} on --http-host {self.config.http_host!r}: "
+                f"{err.strerror or err}; stop what holds it or choose another port"
+            ) from err
+        summary = await self.store.summary()
+        await self._write_status_snapshot(summary, datetime.now(UTC))
+        _LOG.info(
+            "consumer listening on %s, store %s: %d readings from %d meters",
+            f"coap://[{self.config.coap_host}]:{self.port} (UDP)" if self.config.coap_enabled else "MQTT only",
+            self.config.db,
+            summary.readings,
+            summary.meters,
+        )
+        for sink in self.sinks:
+            await sink.start()
+        if self.sinks:
+            _LOG.info(
+                "shipping readings and alerts to Elasticsearch at %s, index %s",
+                self.config.elasticsearch_url,
+                self.config.elasticsearch_index,
+            )
+        else:
+            _LOG.info("no Elasticsearch configured: readings stay in the local store")
+        _LOG.info(
+            "HTTP API on http://%s:%d/api (dashboard /dashboard/, metrics /metrics), %d API key(s)",
+            self.config.http_host,
+            self.http.port,
+            len(self.api_keys.principals),
+        )
+        if self.mqtt is not None:
+            # Connects in the background: a broker that is away is retried, and CoAP serves meanwhile.
+            _LOG.info(
+                "MQTT: taking readings from %s as %r (%s)",
+                self.config.mqtt_broker,
+                self.config.mqtt_client_id,
+                "with the consumer's broker credentials" if self.mqtt.authenticated else "anonymously",
+            )
+            self.mqtt.start()
+        self._status_task = asyncio.create_task(self._log_status(), name="status-log")
+        if self.config.device_auth == "none" and self.config.coap_enabled:
+            _LOG.warning(
+                "--device-auth none: readings are taken from anyone on the network, unauthenticated and in"
+                " clear (the original lab's plain CoAP); use --device-auth oscore outside a lab"
+            )
+        if self.meter_contexts is not None:
+            self._refresh_task = asyncio.create_task(self._refresh_meter_contexts(), name="device-credentials")
+        self._started = True
+
+    async def _start_coap(self) -> None:
+        """The CoAP server: OSCORE contexts loaded, then the UDP socket bound (fails the start if taken)."""
         self._load_meter_contexts()
         self._coap_log.addFilter(self._noise_filter)
         asyncio.get_running_loop().set_exception_handler(datagram_error_handler(self._coap_log))
@@ -283,49 +369,6 @@ class Consumer:
             raise StartupError("the CoAP socket's SO_REUSEPORT differs from --coap-reuse-port (aiocoap changed?)")
         self._raise_receive_buffer(sock)
         self.port = sock.getsockname()[1]
-        # Both ports are bound before anything says "listening": a port in use fails the start first.
-        try:
-            await self.http.start()
-        except OSError as err:
-            raise StartupError(
-                f"--http-port {self.config.http_port} on --http-host {self.config.http_host!r}: "
-                f"{err.strerror or err}; stop what holds it or choose another port"
-            ) from err
-        summary = await self.store.summary()
-        await self._write_status_snapshot(summary, datetime.now(UTC))
-        _LOG.info(
-            "consumer listening on coap://[%s]:%d (UDP), store %s: %d readings from %d meters",
-            self.config.coap_host,
-            self.port,
-            self.config.db,
-            summary.readings,
-            summary.meters,
-        )
-        for sink in self.sinks:
-            await sink.start()
-        if self.sinks:
-            _LOG.info(
-                "shipping readings and alerts to Elasticsearch at %s, index %s",
-                self.config.elasticsearch_url,
-                self.config.elasticsearch_index,
-            )
-        else:
-            _LOG.info("no Elasticsearch configured: readings stay in the local store")
-        _LOG.info(
-            "HTTP API on http://%s:%d/api (dashboard /dashboard/, metrics /metrics), %d API key(s)",
-            self.config.http_host,
-            self.http.port,
-            len(self.api_keys.principals),
-        )
-        self._status_task = asyncio.create_task(self._log_status(), name="status-log")
-        if self.config.device_auth == "none":
-            _LOG.warning(
-                "--device-auth none: readings are taken from anyone on the network, unauthenticated and in"
-                " clear (the original lab's plain CoAP); use --device-auth oscore outside a lab"
-            )
-        if self.meter_contexts is not None:
-            self._refresh_task = asyncio.create_task(self._refresh_meter_contexts(), name="device-credentials")
-        self._started = True
 
     def _load_meter_contexts(self) -> None:
         """``--device-auth oscore``: load every meter's context before the socket opens; else warn."""
@@ -381,6 +424,8 @@ class Consumer:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             _LOG.info("status: %s", self.intake.counters.describe())
+            if self.mqtt is not None:
+                _LOG.info("mqtt: %s", self.mqtt.describe())
             self.unknown_meters.forget_silent()
             now = datetime.now(UTC)
             summary = await self.store.summary()
@@ -426,11 +471,14 @@ class Consumer:
             await self._context.shutdown()
             self._context = None
             asyncio.get_running_loop().set_exception_handler(None)
+        if self.mqtt is not None:
+            await self.mqtt.stop()  # what is committed is acknowledged; the rest stays with the broker
         if self.meter_contexts is not None:
             self.meter_contexts.close()  # sequence numbers and replay windows persisted: no Echo round next start
             self.meter_contexts = None
         self._coap_log.removeFilter(self._noise_filter)
         await self.alerts.stop()  # judges what is still queued
+        await self.forecaster.stop()  # records the refills still queued
         if self.webhooks is not None:
             await self.webhooks.stop()
         for sink in self.sinks:

@@ -99,7 +99,25 @@ REAL_GAS_COLUMNS = (
     ("standard_volume_m3", "REAL"),
     ("liquid_state", "TEXT"),
 )
-_SCHEMA = """
+#: Bottle swaps (refills): the content stepped up between two readings (forecaster.py); one row per swap,
+#: keyed by the new bottle's first reading, so a replayed or re-judged reading records nothing twice.
+_REFILLS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS refills (
+    meter_id           TEXT    NOT NULL,
+    epoch              INTEGER NOT NULL,
+    seq                INTEGER NOT NULL,  -- the first reading of the new bottle
+    ts                 TEXT    NOT NULL,
+    fill_before_pct    REAL,
+    fill_after_pct     REAL,
+    content_before_mol REAL    NOT NULL,
+    content_after_mol  REAL    NOT NULL,
+    recorded_at        TEXT    NOT NULL,
+    PRIMARY KEY (meter_id, epoch, seq)
+);
+CREATE INDEX IF NOT EXISTS refills_meter_ts ON refills (meter_id, ts);
+"""
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS readings (
     id            INTEGER PRIMARY KEY,
     meter_id      TEXT    NOT NULL,
@@ -159,6 +177,8 @@ CREATE TABLE IF NOT EXISTS meters (
     reboots     INTEGER NOT NULL DEFAULT 0
 );
 """
+    + _REFILLS_SCHEMA
+)
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -239,6 +259,14 @@ def _add_authenticated(connection: sqlite3.Connection) -> None:
         connection.execute("ALTER TABLE readings ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0")
 
 
+def _add_refills(connection: sqlite3.Connection) -> None:
+    """Migration 4 → 5: the refills table (swaps before it were not recorded)."""
+    # Statement by statement: executescript would commit the migration's transaction half-way.
+    for statement in _REFILLS_SCHEMA.split(";"):
+        if statement.strip():
+            connection.execute(statement)
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One step of the schema: applied, in one transaction, to a store whose version is below ``version``."""
@@ -254,6 +282,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "timestamps zero-padded to a four-digit year (sortable as text)", _repair_timestamps),
     Migration(3, "real-gas columns on readings (Z, real moles, kg, standard m³, liquid state)", _add_real_gas_columns),
     Migration(4, "readings record whether OSCORE authenticated them (--device-auth)", _add_authenticated),
+    Migration(5, "bottle swaps (refills) recorded per meter", _add_refills),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

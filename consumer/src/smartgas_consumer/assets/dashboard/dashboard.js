@@ -16,7 +16,7 @@
   const KEY_STORAGE = "smartgas.apiKey";
   const DEFAULT_POLL_S = 5;
   const MIN_POLL_S = 1;
-  const CHART_MEASURES = ["moles", "pressure_bar", "fill_pct"];
+  const CHART_MEASURES = ["real_moles", "moles", "pressure_bar", "fill_pct"];
   // How the fleet table's fill column names a liquefied bottle's state (the API's liquid_state).
   const LIQUID_STATES = {
     liquid_present: "liquid",
@@ -172,7 +172,25 @@
     last_seen: (m) => [m.last_seen || "", m.meter_id],
     online: (m) => [m.online ? 2 : m.registered ? 1 : 0, m.meter_id],
     open_alerts: (m) => [m.open_alerts, m.meter_id],
+    // Fewest days first; bottles with no figure (liquefied, unknown, never seen) after every figure.
+    days_to_empty: (m) => [m.forecast && m.forecast.days_to_empty !== null ? m.forecast.days_to_empty : Infinity, m.meter_id],
   };
+
+  // The fleet table's days-to-empty cell: the figure (with its basis as a tooltip), or why there is none.
+  function daysCell(meter) {
+    const forecast = meter.forecast;
+    const days = forecast ? forecast.days_to_empty : null;
+    let text = "–";
+    if (days !== null && days !== undefined) text = days < 1 ? "< 1 d" : `${number(days, days < 10 ? 1 : 0)} d`;
+    else if (meter.gas_storage === "liquefied") text = LIQUID_STATES[meter.liquid_state] || "liquefied";
+    const cell = element("td", "num days", text);
+    if (forecast) {
+      cell.title = forecast.note;
+      if (forecast.basis) cell.dataset.basis = forecast.basis;
+    }
+    if (days !== null && days !== undefined && days < 3) cell.classList.add("soon");
+    return cell;
+  }
 
   function compare(a, b) {
     for (let i = 0; i < a.length; i += 1) {
@@ -225,6 +243,7 @@
     fill.append(box);
     row.append(fill);
 
+    row.append(daysCell(meter));
     row.append(element("td", "num pressure", meter.pressure_bar === null ? "–" : `${number(meter.pressure_bar, 1)} bar`));
     const seen = element("td", "ago", ago(meter.last_seen));
     seen.dataset.when = meter.last_seen || "";
@@ -370,8 +389,15 @@
       meter.temperature_c === null ? null : `${number(meter.temperature_c, 1)} °C`,
       meter.gaps ? `${meter.gaps} missing` : null,
       meter.reboots ? `${meter.reboots} restarts` : null,
+      meter.forecast ? forecastFact(meter.forecast) : null,
     ];
     $("#meter-facts").textContent = parts.filter(Boolean).join(" · ");
+  }
+
+  function forecastFact(forecast) {
+    if (forecast.days_to_empty === null) return forecast.note;
+    const until = `reserve (${number(forecast.reserve_fill_pct, 0)} %) in ${number(forecast.days_to_empty, 1)} days`;
+    return `${until} at ${number(forecast.consumption_mol_per_day, 1)} mol/day (${forecast.basis})`;
   }
 
   function disarmRetire() {
