@@ -1,6 +1,6 @@
 """The fleet's MQTT uplink: each meter publishes its readings to the broker over its own MQTT 5 connection.
 
-The contract (docs/wire-format.md): a reading goes to ``smartgas/meters/{meter_id}/reading`` at QoS 1,
+The contract (docs/wire-format.md, named once in ``smartgas_common.mqtt_contract``): a reading goes to ``smartgas/meters/{meter_id}/reading`` at QoS 1,
 its payload exactly the CoAP PUT's body (JSON here), with the MQTT 5 properties Content Type
 ``application/json``, Response Topic ``smartgas/meters/{meter_id}/answer`` and Correlation Data the
 reading's ``seq`` in decimal ASCII. A reading counts as delivered (``acked``) when the broker acknowledges
@@ -46,6 +46,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from smartgas_common.mqtt_contract import CONTENT_TYPE_JSON, QOS, answer_topic, reading_topic
 from smartgas_publisher.coap import encode
 from smartgas_publisher.config import PublisherConfig
 from smartgas_publisher.model import Reading
@@ -54,9 +55,6 @@ from smartgas_publisher.uplink import DIAGNOSTIC_MAX_CHARS, Attempt, Outcome, Se
 
 log = logging.getLogger(__name__)
 
-TOPIC_PREFIX = "smartgas/meters/"
-CONTENT_TYPE_JSON = "application/json"
-QOS = 1
 #: Seconds between two keep-alive pings of an idle connection.
 KEEPALIVE_S = 60
 #: Longest a TCP connect to the broker may block the event loop (Paho connects synchronously).
@@ -65,14 +63,6 @@ CONNECT_TIMEOUT_S = 5.0
 CONNACK_TIMEOUT_S = 10.0
 #: How long closing waits for the connections to say goodbye (DISCONNECT written) before closing them.
 CLOSE_TIMEOUT_S = 2.0
-
-
-def reading_topic(meter_id: str) -> str:
-    return f"{TOPIC_PREFIX}{meter_id}/reading"
-
-
-def answer_topic(meter_id: str) -> str:
-    return f"{TOPIC_PREFIX}{meter_id}/answer"
 
 
 class MqttFailure(Exception):
