@@ -1,7 +1,8 @@
 """The fleet's MQTT uplink: each meter publishes its readings to the broker over its own MQTT 5 connection.
 
-The contract (docs/wire-format.md, named once in ``smartgas_common.mqtt_contract``): a reading goes to ``smartgas/meters/{meter_id}/reading`` at QoS 1,
-its payload exactly the CoAP PUT's body (JSON here), with the MQTT 5 properties Content Type
+The contract (docs/wire-format.md, named once in ``smartgas_common.mqtt_contract``): a reading goes to
+``smartgas/meters/{meter_id}/reading`` at QoS 1, its payload exactly the CoAP PUT's body (JSON here),
+with the MQTT 5 properties Content Type
 ``application/json``, Response Topic ``smartgas/meters/{meter_id}/answer`` and Correlation Data the
 reading's ``seq`` in decimal ASCII. A reading counts as delivered (``acked``) when the broker acknowledges
 it (PUBACK): the broker then holds it for the consumer's persistent session. The consumer answers on the
