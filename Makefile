@@ -1,7 +1,8 @@
 # SmartGas: one entry point for running, testing and measuring the system on one machine.
 #   make run    the local pipeline: consumer on its SQLite store + a small simulated fleet
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
-#   make bench  ingest throughput and latency against a real consumer process
+#   make bench  ingest throughput and latency against a real consumer process (CoAP, OSCORE, MQTT)
+#   make bench-scale  one publisher process driving 10,000 meters on schedule
 #   make e2e    (Docker machines) the compose stack up, the live suite against it, down again
 # Everything installs into .venv from constraints.lock (the whole tree pinned; `make lock` makes it from
 # constraints.txt), plus Debian packages via apt-get.
@@ -44,7 +45,7 @@ else
 $(error RUN_TRANSPORT=$(RUN_TRANSPORT): must be coap or mqtt)
 endif
 
-.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench e2e clean
+.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench bench-mqtt bench-scale e2e clean
 
 help:
 	@grep -hE '^#   make' Makefile mk/*.mk | sed 's/^#   //'
@@ -189,6 +190,17 @@ e2e: venv
 bench: venv
 	$(BIN)/python consumer/bench/bench_ingest.py --meters 200 --readings 25 --device-auth both
 	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5 --device-auth both
+	@$(MAKE) --no-print-directory bench-mqtt
+
+# MQTT ingest beside CoAP: one consumer fed by the publisher over each transport in turn, through a real
+# Mosquitto; every reading acknowledged checked in the store (consumer/bench/bench_mqtt.py).
+bench-mqtt: deps venv
+	$(BIN)/python consumer/bench/bench_mqtt.py --meters 200 --readings 25
+
+# The publisher as a load source (issue 12 item 5): 10,000 meters every 10 s from one process against a
+# real consumer, send delays against the schedule, plain CoAP then OSCORE (publisher/bench/bench_scale.py).
+bench-scale: venv
+	$(BIN)/python publisher/bench/bench_scale.py --meters 10000 --period 10 --readings 6 --device-auth both
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info
