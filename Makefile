@@ -1,7 +1,8 @@
 # SmartGas: one entry point for running, testing and measuring the system on one machine.
 #   make run    the local pipeline: consumer on its SQLite store + a small simulated fleet
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
-#   make bench  ingest throughput and latency against a real consumer process
+#   make bench  the consumer side by side with a bare aiocoap server (C load generator), OSCORE, workers, MQTT
+#   make bench-scale  one publisher process driving 10,000 meters on schedule
 #   make e2e    (Docker machines) the compose stack up, the live suite against it, down again
 # Everything installs into .venv from constraints.lock (the whole tree pinned; `make lock` makes it from
 # constraints.txt), plus Debian packages via apt-get.
@@ -30,8 +31,21 @@ RUN_WAIT_S ?= 60
 RUN_DEVICE_AUTH ?= oscore
 # e.g. RUN_INJECT='--inject leak:bottle-0007 --inject offline:bottle-0012'
 RUN_INJECT ?=
+# coap: the meters PUT their readings to the consumer; mqtt: make also starts a Mosquitto on RUN_MQTT_PORT
+# with the provisioned users and ACL, the meters publish to it, and the consumer subscribes (CoAP stays on).
+RUN_TRANSPORT ?= coap
+RUN_MQTT_PORT ?= 1883
+RUN_BROKER := mqtt://127.0.0.1:$(RUN_MQTT_PORT)
+ifeq ($(RUN_TRANSPORT),mqtt)
+RUN_CONSUMER_MQTT := --mqtt-broker $(RUN_BROKER) --mqtt-credentials $(RUN_DIR)/device-credentials/mosquitto/consumer.json
+RUN_PUBLISHER_TRANSPORT := --transport mqtt --broker $(RUN_BROKER) --credentials $(RUN_DIR)/meter-credentials
+else ifeq ($(RUN_TRANSPORT),coap)
+RUN_PUBLISHER_TRANSPORT := $(if $(filter oscore,$(RUN_DEVICE_AUTH)),--credentials $(RUN_DIR)/meter-credentials)
+else
+$(error RUN_TRANSPORT=$(RUN_TRANSPORT): must be coap or mqtt)
+endif
 
-.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench e2e clean
+.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench bench-mqtt bench-scale e2e clean
 
 help:
 	@grep -hE '^#   make' Makefile mk/*.mk | sed 's/^#   //'
@@ -64,7 +78,8 @@ venv: $(VENV)/.installed
 # process group, which make repeats to this shell) reaches them only through this shell, which asks each
 # exactly once: the trap only notes the request, the loop below acts on it. The publisher starts once the
 # consumer answers on HTTP (it starts last), at most RUN_WAIT_S seconds; then a stop request makes the
-# publisher deliver what it holds, then the consumer commits and exits.
+# publisher deliver what it holds, then the consumer commits and exits. With RUN_TRANSPORT=mqtt a Mosquitto
+# starts first (its own session too) and stops last, when the recipe's shell exits (the EXIT trap).
 # A fresh administrator key is made for each run and handed to the dashboard in the URL's fragment.
 run: venv
 	@mkdir -p $(RUN_DIR)
@@ -73,13 +88,32 @@ run: venv
 	@key=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
 	url="http://127.0.0.1:$(RUN_HTTP_PORT)/dashboard/#key=$$key"; \
 	stop_requested=""; trap 'stop_requested=1' INT TERM; \
+	broker=""; trap '[ -z "$$broker" ] || { kill -INT $$broker 2>/dev/null; wait $$broker; }' EXIT; \
 	echo "SmartGas: consumer on coap://127.0.0.1:$(RUN_PORT) (store $(RUN_DIR)/smartgas.db), the meters of"; \
-	echo "fleet/fleet.yaml every $(RUN_PERIOD) s. Ctrl-C stops both. Dashboard:"; \
+	echo "fleet/fleet.yaml every $(RUN_PERIOD) s over $(RUN_TRANSPORT). Ctrl-C stops them. Dashboard:"; \
 	echo "    $$url"; \
+	if [ "$(RUN_TRANSPORT)" = mqtt ]; then \
+	  echo "MQTT broker on $(RUN_BROKER) (Mosquitto, log $(RUN_DIR)/mosquitto/mosquitto.log)"; \
+	  setsid $(BIN)/python -m smartgas_common.mosquitto --directory $(RUN_DIR)/mosquitto --port $(RUN_MQTT_PORT) \
+	      --password-file $(RUN_DIR)/device-credentials/mosquitto/password_file \
+	      --acl-file $(RUN_DIR)/device-credentials/mosquitto/acl_file & broker=$$!; \
+	  deadline=$$(( $$(date +%s) + $(RUN_WAIT_S) )); \
+	  until $(BIN)/python -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' \
+	      $(RUN_MQTT_PORT) 2>/dev/null; do \
+	    if ! kill -0 $$broker 2>/dev/null; then \
+	      wait $$broker; broker=""; echo "make run: the MQTT broker stopped before it listened (see above and" \
+	        "$(RUN_DIR)/mosquitto/mosquitto.log; RUN_MQTT_PORT=$(RUN_MQTT_PORT) may be taken)" >&2; exit 1; fi; \
+	    if [ -n "$$stop_requested" ] || [ $$(date +%s) -ge $$deadline ]; then \
+	      [ -n "$$stop_requested" ] || echo "make run: the MQTT broker did not listen on $(RUN_BROKER)" \
+	        "within RUN_WAIT_S=$(RUN_WAIT_S) s" >&2; \
+	      [ -n "$$stop_requested" ]; exit; fi; \
+	    sleep 0.2; \
+	  done; \
+	fi; \
 	SMARTGAS_CONSUMER_ADMIN_KEY=$$key setsid $(BIN)/smartgas-consumer serve --coap-host 127.0.0.1 \
 	    --coap-port $(RUN_PORT) --http-port $(RUN_HTTP_PORT) --db $(RUN_DIR)/smartgas.db --fleet fleet/fleet.yaml \
 	    --expected-period $(RUN_PERIOD) --log-readings $(RUN_LOG_READINGS) --device-auth $(RUN_DEVICE_AUTH) \
-	    --device-credentials $(RUN_DIR)/device-credentials & consumer=$$!; \
+	    --device-credentials $(RUN_DIR)/device-credentials $(RUN_CONSUMER_MQTT) & consumer=$$!; \
 	deadline=$$(( $$(date +%s) + $(RUN_WAIT_S) )); \
 	until $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
 	    "http://127.0.0.1:$(RUN_HTTP_PORT)/healthz" >/dev/null 2>&1; do \
@@ -93,7 +127,7 @@ run: venv
 	  sleep 0.2; \
 	done; \
 	setsid $(BIN)/smartgas-publisher --consumer coap://127.0.0.1:$(RUN_PORT) --fleet fleet/fleet.yaml \
-	    --period $(RUN_PERIOD) $(RUN_INJECT) $(if $(filter oscore,$(RUN_DEVICE_AUTH)),--credentials $(RUN_DIR)/meter-credentials) \
+	    --period $(RUN_PERIOD) $(RUN_INJECT) $(RUN_PUBLISHER_TRANSPORT) \
 	    & publisher=$$!; \
 	if [ -n "$$DISPLAY" ] && command -v xdg-open >/dev/null; then xdg-open "$$url" >/dev/null 2>&1 || true; fi; \
 	asked=""; \
@@ -153,8 +187,9 @@ e2e: venv
 	COMPOSE="$(COMPOSE)" PYTHON=$(BIN)/python E2E_WAIT_S=$(E2E_WAIT_S) bash deploy/e2e.sh
 
 # Ingest throughput, acknowledgement latency, drops and memory of the consumer side by side with a bare
-# aiocoap server, driven by a C load generator (consumer/bench/coapload.c, built here); see
-# docs/benchmarks.md. BENCH_SUSTAIN_S: the sustained run's length (300 s); BENCH_WORKERS: the multi-process row.
+# aiocoap server, driven by a C load generator (consumer/bench/coapload.c, built here); then MQTT ingest
+# beside CoAP (bench-mqtt). See docs/benchmarks.md. BENCH_SUSTAIN_S: the sustained run's length (300 s);
+# BENCH_WORKERS: the multi-process row.
 BENCH_SUSTAIN_S ?= 300
 BENCH_WORKERS ?= $(shell nproc)
 $(BIN)/coapload: consumer/bench/coapload.c | $(BIN)/python
@@ -163,6 +198,17 @@ $(BIN)/coapload: consumer/bench/coapload.c | $(BIN)/python
 bench: venv $(BIN)/coapload
 	BENCH_SUSTAIN_S=$(BENCH_SUSTAIN_S) $(BIN)/python consumer/bench/bench_compare.py --generator $(BIN)/coapload \
 	    --workers $(BENCH_WORKERS)
+	@$(MAKE) --no-print-directory bench-mqtt
+
+# MQTT ingest beside CoAP: one consumer fed by the publisher over each transport in turn, through a real
+# Mosquitto; every reading acknowledged checked in the store (consumer/bench/bench_mqtt.py).
+bench-mqtt: deps venv
+	$(BIN)/python consumer/bench/bench_mqtt.py --meters 200 --readings 25
+
+# The publisher as a load source (issue 12 item 5): 10,000 meters every 10 s from one process against a
+# real consumer, send delays against the schedule, plain CoAP then OSCORE (publisher/bench/bench_scale.py).
+bench-scale: venv
+	$(BIN)/python publisher/bench/bench_scale.py --meters 10000 --period 10 --readings 6 --device-auth both
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(RUN_DIR) .mypy_cache .ruff_cache */.pytest_cache */src/*.egg-info

@@ -45,3 +45,13 @@ def test_broker_with_password_file_refuses_anonymous(tmp_path: Path) -> None:
         assert connack_code(broker.port) == 5  # not authorised
     finally:
         broker.stop()
+
+
+def test_foreground_launcher_refuses_a_missing_password_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from smartgas_common.mosquitto import main
+
+    missing = tmp_path / "password_file"
+    assert main(["--directory", str(tmp_path / "broker"), "--port", "1", "--password-file", str(missing)]) == 2
+    assert f"--password-file {missing}: no such file" in capsys.readouterr().err

@@ -103,7 +103,9 @@ def service_pids(run_dir: Path, command: str = "smartgas-") -> list[int]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                if len(argv) > 1 and Path(argv[1]).name.startswith(command) and any(str(run_dir) in a for a in argv):
+                # The services run as ``python .venv/bin/smartgas-...``, the broker as ``mosquitto -c``.
+                names = {Path(argv[0]).name, Path(argv[1]).name} if len(argv) > 1 else set()
+                if any(name.startswith(command) for name in names) and any(str(run_dir) in a for a in argv):
                     found.append(int(entry.name))
     return found
 
@@ -112,7 +114,7 @@ def stop_everything(process: subprocess.Popen[str], run_dir: Path) -> None:
     """After a failure: make's group and the services it started, so that nothing outlives the test."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
-    for pid in service_pids(run_dir):
+    for pid in service_pids(run_dir) + service_pids(run_dir, "mosquitto"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -167,6 +169,7 @@ def test_make_run_serves_the_dashboard_stores_readings_and_stops_each_service_on
             stop_everything(process, tmp_path)
     assert f"http://127.0.0.1:{http_port}/dashboard/#key=" in output
     assert "Traceback" not in output
+    assert "MQTT broker" not in output  # RUN_TRANSPORT defaults to coap
     # The publisher was asked once, drained, and reported everything delivered.
     assert output.count("stop requested: no more readings") == 1, output
     assert "second stop request" not in output
@@ -270,3 +273,55 @@ def test_make_run_shows_days_to_empty_for_every_compressed_bottle_and_the_state_
         else:
             assert forecast["basis"] in ("measured", "declared") and forecast["days_to_empty"] > 0, meter
             assert forecast["consumption_mol_per_day"] > 0 and forecast["empty_at"] is not None
+
+
+def test_make_run_over_mqtt_shows_the_fleet_and_stops_the_broker_last(tmp_path: Path) -> None:
+    """Issue 13's "done when": the fleet's readings reach the consumer through a Mosquitto that make starts
+    with the provisioned users and ACL (each meter logs in as itself), and the dashboard shows every meter."""
+    http_port = free_port(socket.SOCK_STREAM)
+    mqtt_port = free_port(socket.SOCK_STREAM)
+    process = make_run(
+        tmp_path,
+        free_port(socket.SOCK_DGRAM),
+        http_port,
+        "RUN_TRANSPORT=mqtt",
+        f"RUN_MQTT_PORT={mqtt_port}",
+        "RUN_LOG_READINGS=false",
+    )
+    printed: list[str] = []
+    assert process.stdout is not None
+    drain = threading.Thread(target=lambda: printed.extend(process.stdout or ()), daemon=True)
+    drain.start()
+    shown: list[dict[str, Any]] = []
+
+    def every_meter_shown() -> bool:
+        keys = [m[1] for line in list(printed) if (m := re.search(r"/dashboard/#key=(\S+)", line))]
+        if not keys:
+            return False
+        shown[:] = [m for m in meters_as_admin(http_port, keys[0]) if m["last_ts"] is not None]
+        return len(shown) == FLEET_METERS
+
+    try:
+        wait_for(every_meter_shown, process, "every meter's readings over MQTT")
+        assert service_pids(tmp_path, "mosquitto"), "no broker running for this run"
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=STOP_BOUND_S)
+        drain.join(timeout=10)
+    finally:
+        if process.poll() is None or service_pids(tmp_path) or service_pids(tmp_path, "mosquitto"):
+            stop_everything(process, tmp_path)
+    output = "".join(printed)  # make itself ends by SIGINT, as after Ctrl-C: its exit status says nothing
+    assert f"MQTT broker on mqtt://127.0.0.1:{mqtt_port}" in output
+    assert "Traceback" not in output
+    assert f"broker=mqtt://127.0.0.1:{mqtt_port}" in output  # the publisher spoke MQTT only
+    finished = re.search(
+        rf"fleet finished: meters={FLEET_METERS} produced=(\d+) sent=\d+ acked=(\d+) .* unsent=0"
+        r" answers_accepted=\d+ answers_refused=0",
+        output,
+    )
+    assert finished is not None, output[-4000:]
+    assert int(finished[1]) == int(finished[2])
+    assert not service_pids(tmp_path, "mosquitto")  # the broker stopped with the run
+    # What the consumer stored came over MQTT, and never more than the broker acknowledged to the meters
+    # (the rest waits in the consumer's persistent session on the broker, for its next start).
+    assert FLEET_METERS <= stored_in_file(tmp_path / "smartgas.db") <= int(finished[2])

@@ -41,6 +41,9 @@ class Received:
     body: dict[str, Any]
     content_format: int | None
     code: Code | None = None
+    #: The meter side's UDP port and the request's message id (the publisher's sockets are pooled).
+    source_port: int = 0
+    message_id: int = 0
 
 
 @dataclass
@@ -91,7 +94,7 @@ class _ReadingResource(resource.Resource, resource.PathCapable):
             return aiocoap.Message(code=Code.NOT_FOUND)
         meter_id = path[0]
         body = json.loads(request.payload)
-        seen = Received(meter_id, body, request.opt.content_format)
+        seen = Received(meter_id, body, request.opt.content_format, None, request.remote.sockaddr[1], request.mid)
         self._consumer.received.append(seen)
         answer = None
         if self._consumer.responder is not None:

@@ -283,3 +283,16 @@ def test_credentials_must_be_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=expected):
         PublisherConfig(credentials_path=str(tmp_path / "missing"))
     assert PublisherConfig(credentials_path=str(tmp_path)).credentials_path == str(tmp_path)
+
+
+def test_transport_and_broker() -> None:
+    config = load_config(["--transport", "MQTT", "--broker", "mqtt://broker.example"], {})
+    assert (config.transport, config.broker) == ("mqtt", "mqtt://broker.example:1883")
+    assert load_config([], {}).transport == "coap"
+    assert load_config([], {"SMARTGAS_PUBLISHER_BROKER": "mqtt://[::1]:1884/"}).broker == "mqtt://[::1]:1884"
+    with pytest.raises(ConfigError, match=r"--transport: must be one of coap, mqtt, got 'amqp'"):
+        load_config(["--transport", "amqp"], {})
+    with pytest.raises(ConfigError, match=r"--broker: must be an mqtt:// URL"):
+        load_config(["--broker", "coap://127.0.0.1:5683"], {})
+    with pytest.raises(ConfigError, match=r"--broker: must be only scheme, host and port"):
+        load_config(["--broker", "mqtt://127.0.0.1:1883/topic"], {})

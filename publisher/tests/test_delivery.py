@@ -20,8 +20,8 @@ from conftest import (
     eventually,
     fast_config,
 )
+from smartgas_publisher.coap import response_deadline_s, transport_tuning
 from smartgas_publisher.fleet import Fleet
-from smartgas_publisher.meter import response_deadline_s, transport_tuning
 
 pytestmark = pytest.mark.integration
 

@@ -58,7 +58,10 @@ async def test_status_line_is_logged_every_interval(consumer: FakeConsumer, capl
     assert len(status) >= 2
     for key in ("produced=", "sent=", "acked=", "retried=", "failed=", "dropped=", "buffered="):
         assert key in status[0]
-    assert lines[-1] == ("fleet finished: meters=2 produced=12 sent=12 acked=12 retried=0 failed=0 dropped=0 unsent=0")
+    assert lines[-1].startswith(
+        "fleet finished: meters=2 produced=12 sent=12 acked=12 retried=0 failed=0 dropped=0 unsent=0 send_delay_ms p50="
+    )
+    assert "late_over_1s=" in lines[-1]
 
 
 async def test_stop_request_ends_an_endless_run_after_draining(consumer: FakeConsumer) -> None:

@@ -13,8 +13,8 @@ import aiocoap
 import pytest
 
 from conftest import bounded, fast_config
+from smartgas_publisher.coap import transport_tuning
 from smartgas_publisher.fleet import Fleet
-from smartgas_publisher.meter import transport_tuning
 
 COAP_SERVER = shutil.which("coap-server-notls")
 

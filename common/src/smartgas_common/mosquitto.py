@@ -6,18 +6,24 @@ restarted broker still holds the persistent sessions and their queued QoS 1 mess
 a password file and an ACL file (what ``provision-meters`` writes, docs/security.md). Mosquitto cannot
 be told to pick a free port itself, so a free one is found first and the start is retried on the rare
 race where another process takes it meanwhile.
+
+``python -m smartgas_common.mosquitto --directory DIR --port PORT [--password-file F] [--acl-file F]``
+writes the same configuration and becomes that broker in the foreground (``make run RUN_TRANSPORT=mqtt``
+starts it so, and stops it with SIGINT); it exits with 2, saying why, if ``mosquitto`` is missing.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,3 +190,36 @@ def running_mosquitto(
         yield broker
     finally:
         broker.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the broker's configuration into ``--directory`` and become that broker (exec)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m smartgas_common.mosquitto", description="Run Mosquitto on 127.0.0.1 in the foreground."
+    )
+    parser.add_argument("--directory", type=Path, required=True, help="configuration, persistence and log")
+    parser.add_argument("--port", type=int, required=True, help="the TCP port on 127.0.0.1")
+    parser.add_argument("--password-file", type=Path, help="Mosquitto password file (default: anonymous)")
+    parser.add_argument("--acl-file", type=Path, help="Mosquitto ACL file")
+    arguments = parser.parse_args(argv)
+    binary = mosquitto_binary()
+    if binary is None:
+        print("mosquitto is not installed: apt-get install mosquitto (make deps installs it)", file=sys.stderr)
+        return 2
+    for option, path in (("--password-file", arguments.password_file), ("--acl-file", arguments.acl_file)):
+        if path is not None and not path.is_file():
+            print(f"{option} {path}: no such file (smartgas-consumer provision-meters writes it)", file=sys.stderr)
+            return 2
+    arguments.directory.mkdir(parents=True, exist_ok=True)
+    broker = Mosquitto(
+        arguments.directory.resolve(),
+        password_file=arguments.password_file.resolve() if arguments.password_file else None,
+        acl_file=arguments.acl_file.resolve() if arguments.acl_file else None,
+        port=arguments.port,
+    )
+    config = broker._write_config()
+    os.execv(binary, [binary, "-c", str(config)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

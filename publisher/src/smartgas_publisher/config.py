@@ -33,6 +33,8 @@ METER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 METER_ID_MAX_CHARS = 64
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TRANSPORTS = ("coap", "mqtt")
+MQTT_DEFAULT_PORT = 1883
 
 #: Without --drain-timeout, a finite run waits this long at least for its last readings to be acknowledged...
 MIN_DRAIN_TIMEOUT_S = 30.0
@@ -49,6 +51,9 @@ class PublisherConfig:
     """Everything the fleet needs to know, checked on construction (which reads the fleet file, if any)."""
 
     consumer: str = "coap://127.0.0.1:5683"
+    #: How readings travel: CoAP PUTs to ``consumer``, or MQTT publishes through ``broker``.
+    transport: str = "coap"
+    broker: str = "mqtt://127.0.0.1:1883"
     meters: int = 1
     period_s: float = 10.0
     count: int | None = None
@@ -64,6 +69,8 @@ class PublisherConfig:
     fleet_path: str | None = None
     #: Directory of the meters' OSCORE contexts, one subdirectory per meter id (docs/security.md).
     credentials_path: str | None = None
+    #: Most CoAP client sockets the fleet's meters share; made only while every one is busy.
+    coap_endpoints: int = 1000
     inject: tuple[Injection, ...] = ()
     #: The fleet file's content, read from ``fleet_path`` on construction; None without one.
     fleet: FleetFile | None = field(default=None, init=False)
@@ -76,6 +83,10 @@ class PublisherConfig:
             object.__setattr__(self, "consumer", _to_consumer_uri(self.consumer))
         except (ValueError, AttributeError):
             pass  # reported below by the consumer option's check
+        try:
+            object.__setattr__(self, "broker", _to_broker_url(self.broker))
+        except (ValueError, AttributeError):
+            pass  # reported below by the broker option's check
         problems = [
             f"{option.label}: {problem}"
             for option in OPTIONS
@@ -179,6 +190,32 @@ def _to_consumer_uri(text: str) -> str:
     return f"coap://{host}:{5683 if port is None else port}"
 
 
+def _to_broker_url(text: str) -> str:
+    """Normalise ``mqtt://HOST[:PORT][/]`` to ``mqtt://HOST:PORT`` without resolving the host."""
+    parts = urlsplit(text.strip())
+    if parts.scheme != "mqtt":
+        raise ValueError(f"must be an mqtt:// URL (MQTT over TCP), got {text!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {text!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"must name a host, got {text!r}")
+    if parts.username is not None or parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError(f"must be only scheme, host and port (mqtt://HOST:PORT), got {text!r}")
+    if port == 0:
+        raise ValueError(f"port must be 1 to 65535, got {text!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"mqtt://{host}:{MQTT_DEFAULT_PORT if port is None else port}"
+
+
+def _to_transport(text: str) -> str:
+    transport = text.strip().lower()
+    if transport not in TRANSPORTS:
+        raise ValueError(f"must be one of {', '.join(TRANSPORTS)}, got {text!r}")
+    return transport
+
+
 def _to_log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in LOG_LEVELS:
@@ -254,6 +291,20 @@ def _valid_consumer(value: Any) -> str | None:
     return None
 
 
+def _valid_broker(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"must be an mqtt://HOST:PORT URL, got {value!r}"
+    try:
+        _to_broker_url(value)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _valid_transport(value: Any) -> str | None:
+    return None if value in TRANSPORTS else f"must be one of {', '.join(TRANSPORTS)}, got {value!r}"
+
+
 def _valid_log_level(value: Any) -> str | None:
     return None if value in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
 
@@ -327,6 +378,24 @@ OPTIONS: tuple[Option, ...] = (
         help="the consumer to send readings to (default coap://127.0.0.1:5683)",
         convert=_to_consumer_uri,
         check=_valid_consumer,
+    ),
+    Option(
+        field="transport",
+        flag="--transport",
+        env="TRANSPORT",
+        metavar="coap|mqtt",
+        help="how readings travel: CoAP PUTs to --consumer, or MQTT 5 publishes through --broker (default coap)",
+        convert=_to_transport,
+        check=_valid_transport,
+    ),
+    Option(
+        field="broker",
+        flag="--broker",
+        env="BROKER",
+        metavar="mqtt://HOST:PORT",
+        help="with --transport mqtt, the MQTT broker (default mqtt://127.0.0.1:1883)",
+        convert=_to_broker_url,
+        check=_valid_broker,
     ),
     Option(
         field="meters",
@@ -443,10 +512,21 @@ OPTIONS: tuple[Option, ...] = (
         flag="--credentials",
         env="CREDENTIALS",
         metavar="PATH",
-        help="directory of the meters' OSCORE contexts (one subdirectory per meter id, as provisioned); every "
-        "request of a meter with a context is protected with it (default: plain CoAP)",
+        help="directory of the meters' credentials (one subdirectory per meter id, as provisioned): over CoAP "
+        "each meter's OSCORE context protects its requests, over MQTT each connects with its mqtt.json "
+        "(default: plain CoAP, anonymous MQTT)",
         convert=_to_text,
         check=_optional_directory,
+    ),
+    Option(
+        field="coap_endpoints",
+        flag="--coap-endpoints",
+        env="COAP_ENDPOINTS",
+        metavar="N",
+        help="most CoAP client sockets the meters share, each carrying one request at a time; made only "
+        "when all are busy (default 1000)",
+        convert=_to_int,
+        check=_int_at_least(1),
     ),
     Option(
         field="inject",
@@ -470,7 +550,7 @@ _OPTION_BY_FIELD = {option.field: option for option in OPTIONS}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smartgas-publisher",
-        description="Simulate gas-bottle meters that PUT readings to the SmartGas consumer over CoAP.",
+        description="Simulate gas-bottle meters that send readings to the SmartGas consumer over CoAP or MQTT.",
         epilog=f"Every flag can also be set by an environment variable {ENV_PREFIX}<NAME>; the flag wins.",
     )
     for option in OPTIONS:
