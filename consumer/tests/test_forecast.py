@@ -199,3 +199,29 @@ def test_an_unknown_meter_gets_no_figure() -> None:
         None, None, ts=START, content_mol=50.0, fill_pct=None, liquid_state=None, reserve_fill_pct=RESERVE_PCT
     )
     assert result.days_to_empty is None and "fleet file" in result.note
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_meter_read_every_2_s_is_measured_within_20_working_minutes(seed: int) -> None:
+    """As make run's simulated fleet: 3 mol/h drawn, 0.3 mol of noise (0.2 °C at 200 bar), a reading every 2 s."""
+    rng = random.Random(seed)
+    series = ContentSeries()
+    content = 400.0
+    ts = START + timedelta(hours=8)
+    for _ in range(20 * 30):
+        content -= 3.0 * 2 / 3600
+        series.add(METER.site, ts, content + rng.gauss(0.0, 0.3))
+        result = forecast(
+            METER,
+            series,
+            ts=ts,
+            content_mol=content,
+            fill_pct=100.0 * content / FULL_MOL,
+            liquid_state=None,
+            reserve_fill_pct=RESERVE_PCT,
+        )
+        if result.basis is Basis.MEASURED:
+            break
+        ts += timedelta(seconds=2)
+    assert result.basis is Basis.MEASURED, result.note
+    assert result.days_to_empty == pytest.approx(known_days(content, 3.0), rel=0.10)
