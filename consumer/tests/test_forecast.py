@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -121,6 +122,21 @@ def test_working_clock_counts_only_the_sites_hours() -> None:
     )
     # A long silence counts whole days, then the rest hour by hour.
     assert working_hours_between(site, START, START + timedelta(days=10, hours=7)) == pytest.approx(111.0)
+
+
+@pytest.mark.parametrize("hours", [(6, 17), (22, 6), (0, 24), (15, 23), (5, 5)])
+def test_working_clock_agrees_with_the_sites_own_rule_minute_by_minute(hours: tuple[int, int]) -> None:
+    site = dataclasses.replace(METER.site, working_hours_utc=hours)
+    rng = random.Random(hash(hours))
+    assert working_hours_per_day(site) == sum(site.is_working(hour) for hour in range(24))
+    for _ in range(20):
+        start = START + timedelta(minutes=rng.randrange(0, 3 * 24 * 60))
+        end = start + timedelta(minutes=rng.randrange(0, 3 * 24 * 60))
+        by_minute = sum(
+            site.is_working((start + timedelta(minutes=m)).hour)
+            for m in range(int((end - start).total_seconds() // 60))
+        )
+        assert working_hours_between(site, start, end) == pytest.approx(by_minute / 60.0), (start, end)
 
 
 @pytest.mark.parametrize("rate", [1.0, 3.0, 6.0])

@@ -20,6 +20,7 @@ carries the liquid state instead.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -40,8 +41,8 @@ MEASURED_MAX_RELATIVE_ERROR = 0.2
 #: The fit is computed again once the points changed by this fraction (at least one point): a Theil–Sen
 #: fit of MAX_POINTS costs about 2 ms, and one more point in 240 does not move it.
 REFIT_FRACTION = 0.05
-#: Working hours counted exactly, hour by hour, up to this gap; a longer silence counts whole days.
-_EXACT_CLOCK_LIMIT = timedelta(days=2)
+#: Working hours counted exactly, hour by hour, up to this gap (seconds); a longer silence counts whole days.
+_EXACT_CLOCK_LIMIT_S = 2 * 86400.0
 
 
 class Basis(enum.StrEnum):
@@ -51,28 +52,38 @@ class Basis(enum.StrEnum):
     DECLARED = "declared"  # the fleet file's draw_mol_per_h, while the fit is not yet confident
 
 
+@functools.cache
+def _working_hours(hours_utc: tuple[int, int]) -> tuple[bool, ...]:
+    """Whether each UTC hour is a working one, for a site's ``working_hours_utc`` (Site.is_working's rule)."""
+    start, end = hours_utc
+    return tuple((start <= hour < end) if start <= end else (hour >= start or hour < end) for hour in range(24))
+
+
 def working_hours_per_day(site: Site) -> int:
     """Hours a day in which the site draws gas."""
-    return sum(1 for hour in range(24) if site.is_working(hour))
+    return sum(_working_hours(site.working_hours_utc))
 
 
 def working_hours_between(site: Site, start: datetime, end: datetime) -> float:
-    """Working hours of ``site`` in [start, end) (0 if end <= start)."""
-    if end <= start:
+    """Working hours of ``site`` in [start, end) (0 if end <= start). On every stored reading: in seconds
+    since the epoch, hour by hour (readings seconds apart mostly fall in one hour: one step)."""
+    start_s, end_s = start.timestamp(), end.timestamp()
+    if end_s <= start_s:
         return 0.0
-    whole_days = 0
-    if end - start > _EXACT_CLOCK_LIMIT:
-        whole_days = (end - start).days - 1
-        start += timedelta(days=whole_days)
-    total = float(whole_days * working_hours_per_day(site))
-    cursor = start
-    while cursor < end:
-        next_hour = cursor.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-        segment_end = min(next_hour, end)
-        if site.is_working(cursor.hour):
-            total += (segment_end - cursor).total_seconds() / 3600.0
-        cursor = segment_end
-    return total
+    working = _working_hours(site.working_hours_utc)
+    total_s = 0.0
+    if end_s - start_s > _EXACT_CLOCK_LIMIT_S:
+        whole_days = int((end_s - start_s) // 86400) - 1
+        total_s += whole_days * sum(working) * 3600.0
+        start_s += whole_days * 86400.0
+    cursor_s = start_s
+    while cursor_s < end_s:
+        hour = int(cursor_s // 3600)
+        segment_end_s = min((hour + 1) * 3600.0, end_s)
+        if working[hour % 24]:
+            total_s += segment_end_s - cursor_s
+        cursor_s = segment_end_s
+    return total_s / 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +145,7 @@ class ContentSeries:
                 return
             self.clock_h += working_hours_between(site, self.last_ts, ts)
         self.last_ts = ts
-        if not site.is_working(ts.hour) or not math.isfinite(content_mol):
+        if not _working_hours(site.working_hours_utc)[ts.hour] or not math.isfinite(content_mol):
             return
         if self.working_h and self.clock_h - self.working_h[-1] < self.spacing_h:
             return
