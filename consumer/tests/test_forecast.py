@@ -218,13 +218,13 @@ def test_an_unknown_meter_gets_no_figure() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_a_meter_read_every_2_s_is_measured_within_20_working_minutes(seed: int) -> None:
+def test_a_meter_read_every_2_s_is_measured_within_30_working_minutes(seed: int) -> None:
     """As make run's simulated fleet: 3 mol/h drawn, 0.3 mol of noise (0.2 °C at 200 bar), a reading every 2 s."""
     rng = random.Random(seed)
     series = ContentSeries()
     content = 400.0
     ts = START + timedelta(hours=8)
-    for _ in range(20 * 30):
+    for _ in range(30 * 30):
         content -= 3.0 * 2 / 3600
         series.add(METER.site, ts, content + rng.gauss(0.0, 0.3))
         result = forecast(
