@@ -34,7 +34,7 @@ from conftest import reading_uri
 from smartgas_consumer.api import HttpServer, build_app
 from smartgas_consumer.auth import digest
 from smartgas_consumer.config import ConsumerConfig
-from smartgas_consumer.dashboard import PAGE_POLICY, build_dashboard_router
+from smartgas_consumer.dashboard import PAGE_POLICY, build_dashboard_router, forecast_line
 from smartgas_consumer.fleet import full_moles, load_fleet
 from smartgas_consumer.server import Consumer
 
@@ -822,9 +822,21 @@ async def test_content_chart_draws_the_forecast_and_the_refills_over_http(
     svg = ET.fromstring(response.text)
     (forecast,) = [line for line in svg.iter(f"{SVG}polyline") if line.get("class") == "forecast"]
     start, end = (tuple(map(float, vertex.split(","))) for vertex in forecast.get("points", "").split())
-    assert end[0] > start[0] and end[1] > start[1]  # later, and lower on the chart (SVG y grows downwards)
+    assert end[0] > start[0] and end[1] >= start[1]  # later, not higher (SVG y grows downwards)
     events = [line for line in svg.iter(f"{SVG}line") if line.get("class") == "event"]
     assert len(events) == 1
     # The ideal-gas chart stays as it was: no forecast on it.
     plain = ET.fromstring((await http.get(chart_path(meter_id), headers=as_("*"))).text)
     assert not [line for line in plain.iter(f"{SVG}polyline") if line.get("class") == "forecast"]
+
+
+def test_forecast_line_runs_down_to_the_reserve_or_as_far_ahead_as_the_readings_reach_back() -> None:
+    t0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+    points = [(t0, 400.0), (t0 + timedelta(hours=1), 399.0)]
+    forecast = {"days_to_empty": 10.0, "consumption_mol_per_day": 24.0}
+    # Ten days away: cut an hour ahead (the readings span an hour), one mole lower at 24 mol/day.
+    assert forecast_line(points, forecast) == [(t0 + timedelta(hours=1), 399.0), (t0 + timedelta(hours=2), 398.0)]
+    # Half an hour away: the line ends at the reserve.
+    soon = forecast_line(points, {"days_to_empty": 1 / 48, "consumption_mol_per_day": 24.0})
+    assert soon[1][0] == t0 + timedelta(hours=1, minutes=30) and soon[1][1] == pytest.approx(398.5)
+    assert forecast_line(points, {"days_to_empty": None, "consumption_mol_per_day": None}) == []

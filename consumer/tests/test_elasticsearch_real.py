@@ -29,6 +29,8 @@ from test_elasticsearch_sink import T0, add_readings, all_settled, make_sink, wa
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import ElasticsearchSink, ReadingSource, Shipment
+from smartgas_consumer.fleet import load_fleet
+from smartgas_consumer.forecaster import Forecaster
 from smartgas_consumer.provision import (
     INDEX_TEMPLATES,
     evolve_data_stream,
@@ -43,6 +45,14 @@ from smartgas_consumer.store import ReadingStore
 pytestmark = [pytest.mark.integration, pytest.mark.elasticsearch]
 
 READINGS_TEMPLATE = INDEX_TEMPLATES[0]
+FLEET_FILE = Path(__file__).resolve().parents[2] / "fleet" / "fleet.yaml"
+#: What readings template version 5 added, and their types.
+FORECAST_FIELDS = {
+    "days_to_empty": "float",
+    "consumption_mol_per_day": "double",
+    "forecast_basis": "keyword",
+    "forecast_reserve_fill_pct": "float",
+}
 
 
 def fresh_stream(kind: str = "readings") -> str:
@@ -353,3 +363,38 @@ async def test_setup_installs_the_templates_and_upgrades_existing_data_streams(
         }
     finally:
         await install_templates(es, retention_days=7)
+
+
+async def test_a_version_4_data_stream_takes_the_forecast_fields_and_ships_them(
+    store: ReadingStore, es: AsyncElasticsearch, elasticsearch_url: str
+) -> None:
+    """Template version 5 added the forecast fields: a stream made by version 4 is brought up to it by the
+    shipper's start-up step, and readings of a fleet meter ship with days to empty."""
+    stream = fresh_stream()
+    old = copy.deepcopy(template_body(READINGS_TEMPLATE))
+    for name in FORECAST_FIELDS:
+        del old["template"]["mappings"]["properties"][name]
+    old.update(version=4, index_patterns=[stream], priority=500)
+    await es.indices.put_index_template(name=f"old-{stream}", body=old)
+    old_document = {"@timestamp": "2026-11-22T08:00:00Z", "meter_id": "m0", "seq": 0, "meter_known": False}
+    await es.index(index=stream, op_type="create", id="m0:old", document=old_document)
+    await es.indices.delete_index_template(name=f"old-{stream}")
+
+    async def prepare(client: AsyncElasticsearch) -> None:
+        await prepare_data_stream(client, stream, retention_days=7)
+
+    fleet = load_fleet(FLEET_FILE)
+    await add_readings(store, 5, meter_id="bottle-0001")
+    sink = sink_for(store, elasticsearch_url, stream, prepare=prepare)
+    assert isinstance(sink.source, ReadingSource)
+    sink.source.fleet = fleet
+    sink.source.forecaster = Forecaster(store, ConsumerConfig(), fleet)
+    await ship_all(sink, store)
+    assert (await store.summary()).dead_letters == 0
+    indexed = await documents(es, stream)
+    shipped = indexed["bottle-0001:0:4"]
+    assert shipped["forecast_basis"] == "declared" and shipped["days_to_empty"] > 0
+    assert shipped["consumption_mol_per_day"] > 0 and shipped["forecast_reserve_fill_pct"] == 10.0
+    backing = [index["index_name"] for index in (await data_stream_metadata(es, stream))["indices"]]
+    mapping = (await es.indices.get_mapping(index=backing[-1]))[backing[-1]]["mappings"]["properties"]
+    assert {name: mapping[name]["type"] for name in FORECAST_FIELDS} == FORECAST_FIELDS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -123,6 +124,21 @@ def test_working_clock_counts_only_the_sites_hours() -> None:
     assert working_hours_between(site, START, START + timedelta(days=10, hours=7)) == pytest.approx(111.0)
 
 
+@pytest.mark.parametrize("hours", [(6, 17), (22, 6), (0, 24), (15, 23), (5, 5)])
+def test_working_clock_agrees_with_the_sites_own_rule_minute_by_minute(hours: tuple[int, int]) -> None:
+    site = dataclasses.replace(METER.site, working_hours_utc=hours)
+    rng = random.Random(hash(hours))
+    assert working_hours_per_day(site) == sum(site.is_working(hour) for hour in range(24))
+    for _ in range(20):
+        start = START + timedelta(minutes=rng.randrange(0, 3 * 24 * 60))
+        end = start + timedelta(minutes=rng.randrange(0, 3 * 24 * 60))
+        by_minute = sum(
+            site.is_working((start + timedelta(minutes=m)).hour)
+            for m in range(int((end - start).total_seconds() // 60))
+        )
+        assert working_hours_between(site, start, end) == pytest.approx(by_minute / 60.0), (start, end)
+
+
 @pytest.mark.parametrize("rate", [1.0, 3.0, 6.0])
 def test_days_to_empty_of_a_steady_draw_is_the_known_answer(rate: float) -> None:
     series, ts, content = simulate(rate)
@@ -199,3 +215,29 @@ def test_an_unknown_meter_gets_no_figure() -> None:
         None, None, ts=START, content_mol=50.0, fill_pct=None, liquid_state=None, reserve_fill_pct=RESERVE_PCT
     )
     assert result.days_to_empty is None and "fleet file" in result.note
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_meter_read_every_2_s_is_measured_within_30_working_minutes(seed: int) -> None:
+    """As make run's simulated fleet: 3 mol/h drawn, 0.3 mol of noise (0.2 °C at 200 bar), a reading every 2 s."""
+    rng = random.Random(seed)
+    series = ContentSeries()
+    content = 400.0
+    ts = START + timedelta(hours=8)
+    for _ in range(30 * 30):
+        content -= 3.0 * 2 / 3600
+        series.add(METER.site, ts, content + rng.gauss(0.0, 0.3))
+        result = forecast(
+            METER,
+            series,
+            ts=ts,
+            content_mol=content,
+            fill_pct=100.0 * content / FULL_MOL,
+            liquid_state=None,
+            reserve_fill_pct=RESERVE_PCT,
+        )
+        if result.basis is Basis.MEASURED:
+            break
+        ts += timedelta(seconds=2)
+    assert result.basis is Basis.MEASURED, result.note
+    assert result.days_to_empty == pytest.approx(known_days(content, 3.0), rel=0.10)

@@ -136,3 +136,13 @@ async def test_a_steady_draw_is_measured_after_a_restart_too(rig: Rig) -> None:
     assert again.basis is Basis.MEASURED, again.note
     assert measured.consumption_mol_per_day is not None and again.consumption_mol_per_day is not None
     assert again.consumption_mol_per_day == pytest.approx(measured.consumption_mol_per_day, rel=0.10)
+
+
+async def test_a_see_sawing_meter_records_at_most_one_refill_per_ten_minutes(rig: Rig) -> None:
+    """A faulty (or hostile) meter jumping between 60 and 200 bar every minute: each jump up looks like a
+    swap, but the table takes one per REFILL_MIN_INTERVAL, not one per reading."""
+    for step in range(30):
+        await rig.send(200.0 if step % 2 else 60.0)
+    assert rig.forecaster is not None
+    refills = await rig.forecaster.refills("m1")
+    assert [refill["seq"] for refill in refills] == [1, 11, 21]

@@ -47,6 +47,8 @@ CHART_READINGS = 2000
 #: Readings more than this many expected periods apart are not joined by the line: the meter was silent
 #: (the same distance beyond which the alert rules stop comparing consecutive readings).
 GAP_PERIODS = 3.0
+#: The forecast line reaches ahead as far as the readings reach back, and at least this far.
+FORECAST_MIN_HORIZON = timedelta(minutes=1)
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -149,7 +151,7 @@ def build_dashboard_router(queries: FleetQueries, api_keys: ApiKeys, *, expected
             described = await queries.meter(who.client_id, meter_id)
             forecast = described["forecast"] if described is not None else None
             if forecast is not None and points:
-                projection = forecast_line(points[-1], forecast, span)
+                projection = forecast_line(points, forecast)
             events = [
                 (parse_timestamp(r["ts"]), f"refill: {r['content_before_mol']:.0f} → {r['content_after_mol']:.0f} mol")
                 for r in await queries.refills(who.client_id, meter_id, span.bounds()[0]) or []
@@ -191,14 +193,15 @@ def _respond(asset: Asset, policy: str) -> Response:
     )
 
 
-def forecast_line(last: tuple[datetime, float], forecast: dict[str, Any], span: Window) -> list[tuple[datetime, float]]:
-    """The forecast from the latest reading down to the reserve, cut where the chart's window would more than
-    double (a bottle weeks from empty would squeeze an hour of readings into a sliver)."""
+def forecast_line(points: list[tuple[datetime, float]], forecast: dict[str, Any]) -> list[tuple[datetime, float]]:
+    """The forecast from the latest reading down to the reserve, cut where it would reach further ahead than
+    the readings reach back (at least FORECAST_MIN_HORIZON): a bottle weeks from empty would otherwise
+    squeeze its readings into a sliver at the left of the chart."""
     if forecast["days_to_empty"] is None or forecast["consumption_mol_per_day"] is None:
         return []
-    ts, content_mol = last
+    ts, content_mol = max(points)
     per_day = forecast["consumption_mol_per_day"]
-    horizon = max(span.until - span.since, timedelta(hours=1))
+    horizon = max(ts - min(points)[0], FORECAST_MIN_HORIZON)
     days = min(forecast["days_to_empty"], horizon / timedelta(days=1))
     return [(ts, content_mol), (ts + timedelta(days=days), content_mol - per_day * days)]
 

@@ -20,6 +20,7 @@ carries the liquid state instead.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,16 +30,19 @@ import numpy as np
 from smartgas_common.gas import Storage
 from smartgas_consumer.fleet import FleetMeter, Site, full_moles
 
-#: The series keeps at most this many points; past it every other point goes and the spacing doubles,
-#: so a bottle's whole life since its last swap fits (the Theil–Sen fit costs this squared, in numpy).
-MAX_POINTS = 240
+#: The series keeps at most this many points; past it neighbours merge in pairs and the spacing doubles,
+#: so a bottle's whole life since its last swap fits (the Theil–Sen fit costs this squared: 0.7 ms).
+MAX_POINTS = 120
 #: A measured rate needs at least this many points ...
 MEASURED_MIN_POINTS = 12
 #: ... and its 95 % interval (two standard errors) within this fraction of the rate; until then the
 #: fleet file's declared draw stands in.
-MEASURED_MAX_RELATIVE_ERROR = 0.2
-#: Working hours counted exactly, hour by hour, up to this gap; a longer silence counts whole days.
-_EXACT_CLOCK_LIMIT = timedelta(days=2)
+MEASURED_MAX_RELATIVE_ERROR = 0.1
+#: The fit is computed again once the points changed by this fraction (at least one point): a Theil–Sen
+#: fit of MAX_POINTS costs about 0.7 ms, and one more point in 120 does not move it.
+REFIT_FRACTION = 0.05
+#: Working hours counted exactly, hour by hour, up to this gap (seconds); a longer silence counts whole days.
+_EXACT_CLOCK_LIMIT_S = 2 * 86400.0
 
 
 class Basis(enum.StrEnum):
@@ -48,28 +52,38 @@ class Basis(enum.StrEnum):
     DECLARED = "declared"  # the fleet file's draw_mol_per_h, while the fit is not yet confident
 
 
+@functools.cache
+def _working_hours(hours_utc: tuple[int, int]) -> tuple[bool, ...]:
+    """Whether each UTC hour is a working one, for a site's ``working_hours_utc`` (Site.is_working's rule)."""
+    start, end = hours_utc
+    return tuple((start <= hour < end) if start <= end else (hour >= start or hour < end) for hour in range(24))
+
+
 def working_hours_per_day(site: Site) -> int:
     """Hours a day in which the site draws gas."""
-    return sum(1 for hour in range(24) if site.is_working(hour))
+    return sum(_working_hours(site.working_hours_utc))
 
 
 def working_hours_between(site: Site, start: datetime, end: datetime) -> float:
-    """Working hours of ``site`` in [start, end) (0 if end <= start)."""
-    if end <= start:
+    """Working hours of ``site`` in [start, end) (0 if end <= start). On every stored reading: in seconds
+    since the epoch, hour by hour (readings seconds apart mostly fall in one hour: one step)."""
+    start_s, end_s = start.timestamp(), end.timestamp()
+    if end_s <= start_s:
         return 0.0
-    whole_days = 0
-    if end - start > _EXACT_CLOCK_LIMIT:
-        whole_days = (end - start).days - 1
-        start += timedelta(days=whole_days)
-    total = float(whole_days * working_hours_per_day(site))
-    cursor = start
-    while cursor < end:
-        next_hour = cursor.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-        segment_end = min(next_hour, end)
-        if site.is_working(cursor.hour):
-            total += (segment_end - cursor).total_seconds() / 3600.0
-        cursor = segment_end
-    return total
+    working = _working_hours(site.working_hours_utc)
+    total_s = 0.0
+    if end_s - start_s > _EXACT_CLOCK_LIMIT_S:
+        whole_days = int((end_s - start_s) // 86400) - 1
+        total_s += whole_days * sum(working) * 3600.0
+        start_s += whole_days * 86400.0
+    cursor_s = start_s
+    while cursor_s < end_s:
+        hour = int(cursor_s // 3600)
+        segment_end_s = min((hour + 1) * 3600.0, end_s)
+        if working[hour % 24]:
+            total_s += segment_end_s - cursor_s
+        cursor_s = segment_end_s
+    return total_s / 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,18 +125,28 @@ def fit_consumption(working_h: np.ndarray, content_mol: np.ndarray) -> Consumpti
 
 @dataclass(slots=True)
 class ContentSeries:
-    """One meter's content on its site's working clock since its last bottle swap, thinned to MAX_POINTS."""
+    """One meter's content on its site's working clock since its last bottle swap, in at most MAX_POINTS.
+
+    Each point is the mean of the readings of one stretch of ``spacing_h`` working hours (one reading
+    while the series is short). Past MAX_POINTS, neighbouring points merge in pairs (their means) and the
+    spacing doubles: every reading still counts, its noise averaged out rather than thrown away.
+    """
 
     working_h: list[float] = field(default_factory=list)
     content_mol: list[float] = field(default_factory=list)
     #: The working clock at the last reading seen (idle or not), and that reading's time.
     clock_h: float = 0.0
     last_ts: datetime | None = None
-    #: Points closer than this on the working clock to the previous one are not kept.
+    #: Working hours one point covers; readings within it are averaged into the open one.
     spacing_h: float = 0.0
-    #: The fit of the points as they are (None: not computed since the last change).
+    #: The point being filled: sums of working hours and content, and how many readings.
+    _open_h: float = 0.0
+    _open_mol: float = 0.0
+    _open_count: int = 0
+    _first_open_h: float = 0.0
+    #: The last fit, and how many points it saw (-1: none since the series began again).
     _fit: ConsumptionFit | None = None
-    _fitted: bool = False
+    _fitted_points: int = -1
 
     def add(self, site: Site, ts: datetime, content_mol: float) -> None:
         """Take a reading in time order (an older one than the last is ignored); idle hours add no point."""
@@ -131,32 +155,50 @@ class ContentSeries:
                 return
             self.clock_h += working_hours_between(site, self.last_ts, ts)
         self.last_ts = ts
-        if not site.is_working(ts.hour) or not math.isfinite(content_mol):
+        if not _working_hours(site.working_hours_utc)[ts.hour] or not math.isfinite(content_mol):
             return
-        if self.working_h and self.clock_h - self.working_h[-1] < self.spacing_h:
+        if self._open_count == 0:
+            self._first_open_h = self.clock_h
+        self._open_h += self.clock_h
+        self._open_mol += content_mol
+        self._open_count += 1
+        if self.clock_h - self._first_open_h < self.spacing_h:
             return
-        self.working_h.append(self.clock_h)
-        self.content_mol.append(content_mol)
-        self._fitted = False
+        self.working_h.append(self._open_h / self._open_count)
+        self.content_mol.append(self._open_mol / self._open_count)
+        self._open_h = self._open_mol = 0.0
+        self._open_count = 0
         if len(self.working_h) > MAX_POINTS:
-            self.working_h, self.content_mol = self.working_h[::2], self.content_mol[::2]
-            self.spacing_h = (self.working_h[-1] - self.working_h[0]) / (len(self.working_h) - 1)
+            self.working_h = _pair_means(self.working_h)
+            self.content_mol = _pair_means(self.content_mol)
+            self.spacing_h = 2 * max(self.spacing_h, (self.working_h[-1] - self.working_h[0]) / len(self.working_h))
 
     def restart(self) -> None:
         """A new bottle: what the old one did says nothing of the new one's content."""
         self.working_h.clear()
         self.content_mol.clear()
-        self.spacing_h = 0.0
-        self._fitted = False
+        self.spacing_h = self._open_h = self._open_mol = 0.0
+        self._open_count = 0
+        self._fit, self._fitted_points = None, -1
 
     def fit(self) -> ConsumptionFit | None:
-        """The fit of the points kept, computed once per change (the fleet table asks for every meter)."""
-        if not self._fitted:
+        """The fit of the points kept, computed again only once they changed by REFIT_FRACTION (the fleet
+        table and every shipped document ask for it)."""
+        points = len(self.working_h)
+        if self._fitted_points < 0 or abs(points - self._fitted_points) >= max(1, REFIT_FRACTION * points):
             self._fit = fit_consumption(
                 np.asarray(self.working_h, dtype=float), np.asarray(self.content_mol, dtype=float)
             )
-            self._fitted = True
+            self._fitted_points = points
         return self._fit
+
+
+def _pair_means(values: list[float]) -> list[float]:
+    """Neighbours merged in pairs (an odd last one kept as it is)."""
+    merged = [(values[i] + values[i + 1]) / 2 for i in range(0, len(values) - 1, 2)]
+    if len(values) % 2:
+        merged.append(values[-1])
+    return merged
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@ Fed by ``ReadingIntake.on_stored`` (as the alert engine): each reading of a flee
 goes into that meter's ``ContentSeries`` (``forecast.py``). A reading whose content stepped up to what a
 new bottle holds (``alert_rules.is_swap``, the rule that also spares a swap from the sensor-fault alert)
 is a refill: recorded in the store's ``refills`` table (once: keyed by the new bottle's first reading) by
-a worker task, and the series starts again. At start the series are rebuilt from the store: the readings
-since each meter's last refill, at most ``RELOAD_WINDOW`` back, every n-th of them (about ``MAX_POINTS``).
+a worker task, and the series starts again; at most one every ``REFILL_MIN_INTERVAL`` per meter. At start
+the series are rebuilt from the store: the readings since each meter's last refill, at most
+``RELOAD_WINDOW`` back, every n-th of them (about ``MAX_POINTS``).
 
 Liquefied gases and meters missing from the fleet file have no series: their forecast says why.
 """
@@ -33,6 +34,9 @@ _LOG = logging.getLogger(__name__)
 
 #: At start, each series is rebuilt from at most this far back.
 RELOAD_WINDOW = timedelta(days=7)
+#: A step up within this time after a refill is not another one (a bottle is not swapped twice in ten
+#: minutes; a faulty or hostile meter see-sawing its pressure must not fill the table at its reading rate).
+REFILL_MIN_INTERVAL = timedelta(minutes=10)
 #: Refills listed per meter at most.
 MAX_REFILLS_LISTED = 100
 
@@ -175,7 +179,9 @@ class Forecaster:
             return  # older than what the series holds (the store took it, the series is in time order)
         self._last[meter_id] = sample
         series = self._series.setdefault(meter_id, ContentSeries())
-        if previous is not None and is_swap(previous, sample, meter, self.config):
+        last_refill = self._last_refill.get(meter_id)
+        recent_refill = last_refill is not None and abs(sample.ts - last_refill) < REFILL_MIN_INTERVAL
+        if previous is not None and not recent_refill and is_swap(previous, sample, meter, self.config):
             series.restart()
             self._last_refill[meter_id] = sample.ts
             self._queue.put_nowait(
