@@ -1,7 +1,7 @@
 # SmartGas: one entry point for running, testing and measuring the system on one machine.
 #   make run    the local pipeline: consumer on its SQLite store + a small simulated fleet
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
-#   make bench  ingest throughput and latency against a real consumer process (CoAP, OSCORE, MQTT)
+#   make bench  the consumer side by side with a bare aiocoap server (C load generator), OSCORE, workers, MQTT
 #   make bench-scale  one publisher process driving 10,000 meters on schedule
 #   make e2e    (Docker machines) the compose stack up, the live suite against it, down again
 # Everything installs into .venv from constraints.lock (the whole tree pinned; `make lock` makes it from
@@ -12,13 +12,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use: libcoap's client (interop), docker-compose (compose file validation),
+# Debian packages the tests use: gcc (the bench's C load generator), libcoap's client (interop), docker-compose (compose file validation),
 # chromium (the dashboard in a headless browser), mosquitto (the MQTT broker of the MQTT tests and of
 # `make run RUN_TRANSPORT=mqtt`; Debian's service is not started, the tests run their own).
 # command:packages pairs (packages joined by +); the packages are installed when the command is missing,
 # without Debian's recommended packages (chromium would bring udev, avahi and upgrades of systemd): the
 # one recommendation the headless browser needs, a font, is named.
-DEBIAN_TOOLS := coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium+fonts-liberation mosquitto:mosquitto
+DEBIAN_TOOLS := gcc:gcc coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium+fonts-liberation mosquitto:mosquitto
 RUN_DIR ?= var
 RUN_PORT ?= 5683
 RUN_HTTP_PORT ?= 8080
@@ -67,7 +67,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python constraints.lock common/pyproject.toml consumer/pyproject.toml publisher/pyproject.toml
-	$(BIN)/pip install -q -c constraints.lock -e 'common[test]' -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML
+	$(BIN)/pip install -q -c constraints.lock -e 'common[test]' -e 'consumer[test]' -e 'publisher[test]' ruff mypy types-PyYAML py-spy
 	touch $@
 
 venv: $(VENV)/.installed
@@ -186,10 +186,18 @@ E2E_WAIT_S ?= 600
 e2e: venv
 	COMPOSE="$(COMPOSE)" PYTHON=$(BIN)/python E2E_WAIT_S=$(E2E_WAIT_S) bash deploy/e2e.sh
 
-# Ingest throughput and acknowledgement latency of a real consumer process (see docs/benchmarks.md).
-bench: venv
-	$(BIN)/python consumer/bench/bench_ingest.py --meters 200 --readings 25 --device-auth both
-	$(BIN)/python consumer/bench/bench_ingest.py --meters 1000 --readings 5 --device-auth both
+# Ingest throughput, acknowledgement latency, drops and memory of the consumer side by side with a bare
+# aiocoap server, driven by a C load generator (consumer/bench/coapload.c, built here); then MQTT ingest
+# beside CoAP (bench-mqtt). See docs/benchmarks.md. BENCH_SUSTAIN_S: the sustained run's length (300 s);
+# BENCH_WORKERS: the multi-process row.
+BENCH_SUSTAIN_S ?= 300
+BENCH_WORKERS ?= $(shell nproc)
+$(BIN)/coapload: consumer/bench/coapload.c | $(BIN)/python
+	gcc -O2 -Wall -o $@ $<
+
+bench: venv $(BIN)/coapload
+	BENCH_SUSTAIN_S=$(BENCH_SUSTAIN_S) $(BIN)/python consumer/bench/bench_compare.py --generator $(BIN)/coapload \
+	    --workers $(BENCH_WORKERS)
 	@$(MAKE) --no-print-directory bench-mqtt
 
 # MQTT ingest beside CoAP: one consumer fed by the publisher over each transport in turn, through a real

@@ -93,6 +93,26 @@ class ConsumerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def lines(self) -> list[str]:
+        """Its log so far, line by line (an index into it is a mark for ``logged(after=)``)."""
+        return self.log().splitlines()
+
+    def logged(self, pattern: str, timeout_s: float = START_TIMEOUT_S, *, after: int = 0) -> re.Match[str]:
+        """The first log line from index ``after`` on that matches ``pattern``, waiting at most ``timeout_s``
+        (an async test runs this in a thread)."""
+        compiled = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = self.lines
+            for line in lines[after:]:
+                if match := compiled.search(line):
+                    return match
+            tail = "\n".join(lines[-20:])
+            assert self.running(), f"the consumer exited without logging {pattern!r}:\n{tail}"
+            assert time.monotonic() < deadline, f"no log line {pattern!r} within {timeout_s} s:\n{tail}"
+            time.sleep(0.05)
+
     def running(self) -> bool:
         return self.process.poll() is None
 

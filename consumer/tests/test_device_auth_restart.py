@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import sys
 import textwrap
@@ -18,13 +19,16 @@ import aiocoap
 import pytest
 from aiocoap import oscore
 from aiocoap.numbers.codes import Code
+from running import consumer_process
 from test_device_auth import Recorder, replay
-from test_process import consumer_process
 
-from conftest import wire_example
+from conftest import EXAMPLES_MAX_AGE_S, wire_example
 from smartgas_consumer import device_auth
 
 pytestmark = pytest.mark.integration
+
+#: The wire example is dated 2026-11-23: the time window is widened for it.
+EXAMPLES = ("--max-reading-age", str(EXAMPLES_MAX_AGE_S))
 
 
 def body(seq: int) -> bytes:
@@ -52,11 +56,12 @@ def stored_seqs(db: Path) -> list[tuple[str, int, int]]:
 async def test_replay_across_a_consumer_kill_9_is_refused(tmp_path: Path) -> None:
     credentials, meters, db = tmp_path / "device-credentials", tmp_path / "meters", tmp_path / "store.db"
     device_auth.provision_meter(credentials, meters, "bottle-a")
-    options = ("--device-auth", "oscore", "--device-credentials", str(credentials))
+    options = ("--device-auth", "oscore", "--device-credentials", str(credentials), *EXAMPLES)
     security = oscore.FilesystemSecurityContext(str(meters / "bottle-a"))
     loop = asyncio.get_running_loop()
     try:
-        async with consumer_process(db, *options) as (process, port):
+        with consumer_process(db, *options) as consumer:
+            port = consumer.coap_port
             transport, recorder = await loop.create_datagram_endpoint(
                 lambda: Recorder(("127.0.0.1", port)), local_addr=("127.0.0.1", 0)
             )
@@ -66,10 +71,10 @@ async def test_replay_across_a_consumer_kill_9_is_refused(tmp_path: Path) -> Non
             finally:
                 transport.close()
             assert response.code == Code.CHANGED
-            process.kill()  # SIGKILL: no clean stop, the replay window is not written back
-            await process.wait()
+            await asyncio.to_thread(consumer.stop, signal.SIGKILL)  # no clean stop: the window is not written back
         (captured,) = recorder.requests
-        async with consumer_process(db, *options) as (process, port):
+        with consumer_process(db, *options) as consumer:
+            port = consumer.coap_port
             answer = await asyncio.to_thread(replay, captured, port)
             # Echo recovery: a protected 4.01 with an Echo challenge (its outer code is 2.04, as for every
             # OSCORE response), which only the meter can answer; the replay never reaches the intake.
@@ -79,8 +84,7 @@ async def test_replay_across_a_consumer_kill_9_is_refused(tmp_path: Path) -> Non
             assert response.code == Code.CHANGED
             again = await asyncio.to_thread(replay, captured, port)
             assert again.code == Code.UNAUTHORIZED and again.payload == b"Replay detected"
-            process.terminate()
-            await process.wait()
+            assert await asyncio.to_thread(consumer.stop) == 0
     finally:
         security._destroy()
     assert stored_seqs(db) == [("bottle-a", 0, 1), ("bottle-a", 1, 1)]
@@ -117,9 +121,9 @@ METER_SCRIPT = textwrap.dedent(
 async def test_meter_killed_with_kill_9_resumes_without_reusing_a_nonce(tmp_path: Path) -> None:
     credentials, meters, db = tmp_path / "device-credentials", tmp_path / "meters", tmp_path / "store.db"
     device_auth.provision_meter(credentials, meters, "bottle-a")
-    options = ("--device-auth", "oscore", "--device-credentials", str(credentials))
-    async with consumer_process(db, *options) as (process, port):
-        uri = f"coap://127.0.0.1:{port}/meters/bottle-a/reading"
+    options = ("--device-auth", "oscore", "--device-credentials", str(credentials), *EXAMPLES)
+    with consumer_process(db, *options) as consumer:
+        uri = f"coap://127.0.0.1:{consumer.coap_port}/meters/bottle-a/reading"
         meter = await asyncio.create_subprocess_exec(
             sys.executable, "-c", METER_SCRIPT, uri, str(meters / "bottle-a"), "3", stdout=asyncio.subprocess.PIPE
         )
@@ -134,6 +138,5 @@ async def test_meter_killed_with_kill_9_resumes_without_reusing_a_nonce(tmp_path
             assert response.code == Code.CHANGED  # a reused number would be refused as a replay
         finally:
             security._destroy()
-        process.terminate()
-        await process.wait()
+        assert await asyncio.to_thread(consumer.stop) == 0
     assert [seq for _, seq, _ in stored_seqs(db)] == [0, 1, 2, 3]

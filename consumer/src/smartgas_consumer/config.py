@@ -75,6 +75,8 @@ class ConsumerConfig:
     coap_port: int = 5683
     # SO_REUSEPORT lets several processes share the port (and split its traffic): only on explicit request.
     coap_reuse_port: bool = False
+    # Processes taking the CoAP traffic (workers.py); 1: the consumer process itself, no workers.
+    workers: int = 1
     # CoAP GET /meters/{id}/reading: off, as anyone on the network could read it (docs/security.md).
     coap_reading_get: bool = False
     # Device identity (docs/security.md): "oscore" takes only OSCORE-protected readings, "none" plain CoAP.
@@ -152,6 +154,13 @@ class ConsumerConfig:
             raise ConfigError("an Elasticsearch password needs a user name (--elasticsearch-username)")
         if self.elasticsearch_api_key is not None and self.elasticsearch_username is not None:
             raise ConfigError("give either an Elasticsearch API key or a user name and password, not both")
+        if self.workers > 1 and self.device_auth != "none":
+            raise ConfigError(
+                "--workers above 1 needs --device-auth none: the worker processes do not share OSCORE contexts "
+                "(their replay windows) yet; run --workers 1 with OSCORE"
+            )
+        if self.workers > 1 and self.coap_reading_get:
+            raise ConfigError("--workers above 1 does not serve --coap-reading-get; turn one of them off")
 
 
 def _port(text: str) -> int:
@@ -332,6 +341,13 @@ SETTINGS: tuple[Setting, ...] = (
         "--coap-reuse-port",
         _boolean,
         "bind the CoAP port with SO_REUSEPORT so several consumer processes share it (each with its own --db)",
+    ),
+    Setting(
+        "workers",
+        "--workers",
+        _positive_int,
+        "processes taking the CoAP traffic on one port (SO_REUSEPORT), all committing through this one's store "
+        "(docs/architecture.md); 1: this process alone. Needs --device-auth none above 1",
     ),
     Setting(
         "coap_reading_get",

@@ -31,6 +31,7 @@ import aiocoap
 from aiocoap.message import Direction, Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.types import CON
+from aiocoap.pipe import error_to_message, run_driving_pipe
 from aiocoap.tokenmanager import TokenManager
 
 #: Marks a request seen but not answered yet (a duplicate then gets nothing, as in aiocoap).
@@ -137,5 +138,10 @@ def bounded_dedup_context(limits: DedupLimits) -> type[aiocoap.Context]:
             message_manager.message_interface = transport
             token_manager.token_interface = message_manager
             self.request_interfaces.append(token_manager)
+
+        def render_to_pipe(self, pipe: Any) -> None:
+            # aiocoap's own method (0.4.17), but its task is not named "Rendering for %r" % request: that
+            # repr (addresses formatted, options listed) was ~4 % of the event loop's time per reading.
+            run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe), name="CoAP request")
 
     return BoundedDedupContext

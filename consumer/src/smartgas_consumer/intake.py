@@ -32,6 +32,7 @@ from smartgas_consumer.store import (
     ReadingStore,
     SequenceOutcome,
     StoreClosed,
+    StoredReading,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -180,6 +181,25 @@ class ReadingIntake:
             raise ImplausibleReading(f"moles: {moles!r} computed from this reading is beyond {physics.MAX_MOLES:g}")
         enrichment, meter = self.enrich(reading)
         enrichment = dataclasses.replace(enrichment, authenticated=authenticated)
+        result = await self.commit(reading, moles, enrichment, meter)
+        if self._log_readings:
+            _LOG.info(
+                "reading %s meter=%s seq=%d pressure_bar=%.2f temperature_c=%.2f moles=%.2f",
+                "stored" if result.stored else "re-sent",
+                reading.meter_id,
+                reading.seq,
+                reading.pressure_bar,
+                reading.temperature_c,
+                result.moles,
+            )
+        return Accepted(reading.meter_id, reading.seq, result.moles, result.stored, result.real)
+
+    async def commit(
+        self, reading: Reading, moles: float, enrichment: Enrichment, meter: FleetMeter | None
+    ) -> CommitResult:
+        """A validated, computed reading into the store (admission of unknown meters, the durable commit),
+        then the listeners. In a ``--workers`` worker this is the one step done by the consumer process
+        (``workers.py``: ``ForwardingIntake``)."""
         if meter is None and self.unknown_meters is not None:
             self.unknown_meters.admit(reading.meter_id)  # 4.03 beyond the cap, 4.29 beyond the rate
         received_at = self._clock()
@@ -199,14 +219,21 @@ class ReadingIntake:
                 listener(event)
         else:
             self.counters.duplicates += 1
-        if self._log_readings:
-            _LOG.info(
-                "reading %s meter=%s seq=%d pressure_bar=%.2f temperature_c=%.2f moles=%.2f",
-                "stored" if result.stored else "re-sent",
-                reading.meter_id,
-                reading.seq,
-                reading.pressure_bar,
-                reading.temperature_c,
-                result.moles,
-            )
-        return Accepted(reading.meter_id, reading.seq, result.moles, result.stored, result.real)
+        return result
+
+    async def commit_forwarded(self, reading: Reading, moles: float, enrichment: Enrichment) -> CommitResult:
+        """``commit`` for a reading a worker process validated and computed (``--workers``): counted here
+        as received, and as rejected if the commit refuses it, so the consumer's counters cover it."""
+        self.counters.received += 1
+        self.metrics.reading_received("coap")  # the workers take CoAP only; MQTT stays in this process
+        try:
+            result = await self.commit(reading, moles, enrichment, self.fleet.meter(reading.meter_id))
+        except ConstructionRenderableError as err:
+            self._count_refusal(reading.meter_id, err, "coap")
+            raise
+        self.metrics.reading_accepted("coap")
+        return result
+
+    async def latest(self, meter_id: str) -> StoredReading | None:
+        """The meter's latest stored reading (CoAP GET)."""
+        return await self.store.latest(meter_id)

@@ -11,6 +11,14 @@ block that passes it, through aiocoap's ``needs_blockwise_assembly`` hook (calle
 it is spooled): a Size1 option announcing more than the limit, or a block ending beyond it, is answered
 4.13 at once, so no peer makes the consumer hold more than the limit per upload.
 
+Per reading, the edge skips two things aiocoap's generic classes do for every request and a reading never
+needs: ``ReadingSite`` hands ``/meters/{id}/reading`` to its resource without the deep copy of the request
+that ``Site`` makes to strip the path (it strips it in place, as ``Site`` itself does for Uri-Path-Abbrev),
+and ``MeterReading.render_to_pipe`` answers a request without Block1/Block2 options directly, without the
+Block2 cache's key (another copy of the options): the answer to a reading is far below one block. Both are
+overrides of aiocoap's documented ``render_to_pipe`` interface; the full path (block-wise transfers,
+other resources) is aiocoap's own. Measured in docs/benchmarks.md.
+
 Refusals are logged per peer at INFO, at most one line per ``RefusalLog.interval_s`` per peer (with a
 count of the lines left out), so a flood of bad datagrams cannot flood the log.
 """
@@ -28,7 +36,8 @@ import cbor2
 from aiocoap import Message, error
 from aiocoap.blockwise import Block1Spool, IncompleteException
 from aiocoap.numbers.codes import Code
-from aiocoap.resource import PathCapable, Resource
+from aiocoap.pipe import Pipe
+from aiocoap.resource import PathCapable, Resource, Site
 from aiocoap.util.linkformat import LinkFormat
 
 from smartgas_consumer.device_auth import MeterContext
@@ -158,6 +167,20 @@ class MeterReading(Resource, PathCapable):
             raise err
         return True
 
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        request = pipe.request
+        if request.opt.block1 is not None or request.opt.block2 is not None:
+            await super().render_to_pipe(pipe)  # aiocoap's block-wise machinery (needs_blockwise_assembly)
+            return
+        response = await self.render(request)
+        if len(response.payload) > request.remote.maximum_payload_size:  # never for a reading's answer
+
+            async def rendered() -> Message:
+                return response
+
+            response = await self._block2.extract_or_insert(request, rendered)
+        pipe.add_response(response, is_last=True)
+
     def get_resources_as_linkheader(self) -> LinkFormat:
         # No per-meter resource is listed anywhere: the list of meters is not for anyone on the network.
         return LinkFormat([])
@@ -223,7 +246,7 @@ class MeterReading(Resource, PathCapable):
         return response
 
     async def _get(self, meter_id: str, request: Message) -> Message:
-        latest = await self._intake.store.latest(meter_id)
+        latest = await self._intake.latest(meter_id)
         if latest is None:
             raise MeterNotFound(f"no reading stored for meter {meter_id}")
         accept = request.opt.accept
@@ -240,6 +263,24 @@ def _peer(request: Message) -> str:
         return host if port.isdigit() else str(request.remote.hostinfo)
     except Exception:  # a remote without host information (never for UDP): log it as unknown
         return "unknown peer"
+
+
+class ReadingSite(Site):
+    """aiocoap's ``Site``, with ``/meters/{id}/reading`` dispatched without copying the request."""
+
+    def __init__(self, meters: MeterReading) -> None:
+        super().__init__()
+        self._meters = meters
+        self.add_resource(["meters"], meters)
+
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        options = pipe.request.opt
+        path = options.uri_path
+        if len(path) == 3 and path[0] == "meters" and options.uri_path_abbrev is None:
+            options.uri_path = path[1:]  # what Site's stripped copy would hold: (meter_id, "reading")
+            await self._meters.render_to_pipe(pipe)
+            return
+        await super().render_to_pipe(pipe)
 
 
 class Health(Resource):

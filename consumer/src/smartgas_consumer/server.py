@@ -51,10 +51,11 @@ from smartgas_consumer.mqtt import CredentialsFileError, MqttIngest, MqttSetting
 from smartgas_consumer.provision import prepare_data_stream
 from smartgas_consumer.queries import FleetQueries
 from smartgas_consumer.realgas import RealGasPhysics
-from smartgas_consumer.resource import Health, MeterReading
+from smartgas_consumer.resource import Health, MeterReading, ReadingSite
 from smartgas_consumer.status import build_report, describe_lag, snapshot_path, write_snapshot
 from smartgas_consumer.store import ReadingStore, StoreLock, StoreSummary, format_timestamp
 from smartgas_consumer.webhook import WEBHOOK_SCHEMA, WebhookDispatcher
+from smartgas_consumer.workers import WorkerPool
 
 _LOG = logging.getLogger(__name__)
 #: Linux's SO_RCVBUFFORCE (not exported by Python's socket module).
@@ -86,12 +87,9 @@ def build_site(
     which verifies and decrypts protected requests; the meters resource then requires its own meter's
     context, while /health and /.well-known/core stay plain CoAP.
     """
-    root = resource.Site()
+    root = ReadingSite(MeterReading(intake, reading_get=reading_get, require_oscore=meter_contexts is not None))
     root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
     root.add_resource(["health"], Health(store_fault))
-    root.add_resource(
-        ["meters"], MeterReading(intake, reading_get=reading_get, require_oscore=meter_contexts is not None)
-    )
     if meter_contexts is None:
         return root
     return GuardedOscoreSite(root, meter_contexts)
@@ -206,6 +204,8 @@ class Consumer:
             config.http_port,
         )
         self._context: aiocoap.Context | None = None
+        # --workers above 1: worker processes take the CoAP traffic and commit through this one (workers.py).
+        self.workers = WorkerPool(config, self.intake, self.store_health.fault) if config.workers > 1 else None
         self.meter_contexts: MeterContexts | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         # What peers can make aiocoap log, bounded (edgelog.py); installed while the socket is open.
@@ -343,6 +343,16 @@ class Consumer:
         self._load_meter_contexts()
         self._coap_log.addFilter(self._noise_filter)
         asyncio.get_running_loop().set_exception_handler(datagram_error_handler(self._coap_log))
+        if self.workers is not None:
+            # Worker processes own the CoAP socket (workers.py); this process commits what they take.
+            try:
+                self.port = await self.workers.start()
+            except OSError as err:
+                raise StartupError(
+                    f"--workers {self.config.workers} on --coap-port {self.config.coap_port}: {err}; "
+                    "check the port and the workers' error above"
+                ) from err
+            return
         # udp6 only: aiocoap would otherwise also open TCP, TLS and WebSocket listeners.
         os.environ[AIOCOAP_REUSE_PORT] = "1" if self.config.coap_reuse_port else "0"
         try:
@@ -467,6 +477,8 @@ class Consumer:
                 await asyncio.gather(task, return_exceptions=True)
         self._status_task = self._refresh_task = None
         await self.http.stop()
+        if self.workers is not None:
+            await self.workers.stop()  # each answers what it holds: the store is still open
         if self._context is not None:
             await self._context.shutdown()
             self._context = None

@@ -761,10 +761,10 @@ class ReadingStore:
             return CommitResult(SequenceOutcome.DUPLICATE, float(copy["moles"]), meter["epoch"], real=real)
         if meter is None:
             outcome, epoch = SequenceOutcome.FIRST, 0
-        elif (
-            meter["last_seq"]
-            < reading.seq
-            <= meter["last_seq"] + _allowed_jump(meter["last_seen"], pending.received_at)
+        elif meter["last_seq"] < reading.seq and (
+            # Within the slack whatever the time: the common case, without parsing last_seen.
+            reading.seq <= meter["last_seq"] + SEQ_JUMP_SLACK
+            or reading.seq <= meter["last_seq"] + _allowed_jump(meter["last_seen"], pending.received_at)
         ):
             epoch = meter["epoch"]
             missing = reading.seq - meter["last_seq"] - 1

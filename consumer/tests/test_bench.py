@@ -1,0 +1,41 @@
+"""The CI smoke run of ``make bench`` (bench/bench_compare.py): it still builds, runs and checks the store.
+
+Tiny counts, no timing assertions (timing goals belong to ``make bench``): the C generator is compiled
+with gcc, a bare aiocoap server and a real consumer process are driven over loopback, and the bench's own
+check (every reading the generator saw acknowledged is in the stopped consumer's store) must pass.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_compare.py"
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc (the bench's C load generator) is not installed")
+def test_bench_smoke_run_stores_every_acknowledged_reading(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--generator", str(tmp_path / "coapload")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout)["results"]
+    assert set(results) == {"bare", "consumer", "oscore"}
+    for name in ("bare", "consumer"):
+        # Every answer of the saturation run (200 requests; one may time out on a loaded machine) is 2.04.
+        assert set(results[name]["codes"]) == {"2.04"}, name
+    consumer = results["consumer"]
+    assert consumer["acknowledged_total"] > 0
+    assert consumer["acknowledged_missing_from_store"] == 0
+    assert consumer["rss_mb_end"] > 0
+    assert results["oscore"]["acknowledged_missing_from_store"] == 0
