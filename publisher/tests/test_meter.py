@@ -47,11 +47,11 @@ def test_send_delays_percentiles_and_late_count() -> None:
     assert delays.percentile_ms(0.5) == 1
     assert delays.percentile_ms(0.99) == 500
     assert delays.percentile_ms(1.0) == 2500
-    assert "late_over_1s=1 (1.00%)" in delays.summary()
+    assert "late_over_1s=1/100 (1.00%)" in delays.summary()
     delays.record(-0.2)  # a send that left before its schedule (clock rounding) counts as on time
     delays.record(3600.0)  # beyond the histogram: in its last bucket, and the maximum kept exactly
     assert delays.percentile_ms(1.0) == 60_000 and round(delays.max_s) == 3600
 
 
 def test_no_sends_no_percentiles() -> None:
-    assert SendDelays().summary() == "send_delay_ms p50=0 p99=0 max=0 late_over_1s=0 (0.00%)"
+    assert SendDelays().summary() == "send_delay_ms p50=0 p99=0 max=0 late_over_1s=0/0 (0.00%)"

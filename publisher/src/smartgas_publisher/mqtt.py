@@ -1,6 +1,6 @@
 """The fleet's MQTT uplink: each meter publishes its readings to the broker over its own MQTT 5 connection.
 
-The contract (docs/wire-format.md, named once in ``smartgas_common.mqtt_contract``): a reading goes to
+The contract (named once for both sides in ``smartgas_common.mqtt_contract``): a reading goes to
 ``smartgas/meters/{meter_id}/reading`` at QoS 1, its payload exactly the CoAP PUT's body (JSON here),
 with the MQTT 5 properties Content Type
 ``application/json``, Response Topic ``smartgas/meters/{meter_id}/answer`` and Correlation Data the

@@ -48,7 +48,7 @@ class SendDelays:
         late_percent = 100 * self.late / self.total if self.total else 0.0
         return (
             f"send_delay_ms p50={self.percentile_ms(0.5)} p99={self.percentile_ms(0.99)}"
-            f" max={round(self.max_s * 1000)} late_over_{LATE_S:g}s={self.late} ({late_percent:.2f}%)"
+            f" max={round(self.max_s * 1000)} late_over_{LATE_S:g}s={self.late}/{self.total} ({late_percent:.2f}%)"
         )
 
 
