@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -22,11 +23,16 @@ from aiocoap.numbers.codes import Code
 from running import consumer_process
 
 from smartgas_consumer.config import ConfigError, ConsumerConfig
+from smartgas_consumer.error import StoreUnavailable
+from smartgas_consumer.reading import Reading
+from smartgas_consumer.store import Enrichment
+from smartgas_consumer.workers import CommitRequest, ConsumerLink, read_frame
 
 #: Meters not in any fleet file (no fleet: the workers start without building gas models), all admitted.
 UNKNOWN_METERS = ("--max-unknown-meters", "200", "--unknown-meters-per-minute", "6000", "--device-auth", "none")
-#: One reading of ``meter_id`` answered by one worker, as the worker's --log-readings line says.
-STORED_BY_WORKER = re.compile(r"\(worker PID (\d+)\): reading (?:stored|re-sent) meter=(\S+) seq=(\d+)")
+#: One reading of ``meter_id`` answered by one worker, as the worker's --log-readings line says (the re-send
+#: below comes from another client socket, so it is left out).
+STORED_BY_WORKER = re.compile(r"\(worker PID (\d+)\): reading stored meter=(\S+) seq=(\d+)")
 
 
 def body(seq: int, ts: str) -> bytes:
@@ -46,7 +52,9 @@ async def send(port: int, meter_id: str, readings: list[tuple[int, str]]) -> lis
                 content_format=50,
             )
             response = await asyncio.wait_for(context.request(request).response, 60)
-            answers.append((response.code, json.loads(response.payload) if response.payload else {}))
+            # A 2.04 carries the answer's JSON, a refusal its diagnostic text.
+            document = json.loads(response.payload) if response.code.is_successful() else {"text": response.payload}
+            answers.append((response.code, document))
     finally:
         await context.shutdown()
     return answers
@@ -67,6 +75,28 @@ def test_workers_above_one_refuse_oscore_and_coap_get() -> None:
     with pytest.raises(ConfigError, match="--coap-reading-get"):
         ConsumerConfig(workers=2, coap_reading_get=True)
     assert ConsumerConfig(workers=1, device_auth="oscore").workers == 1
+
+
+async def test_a_worker_answers_503_at_once_when_too_many_readings_wait_for_the_commit() -> None:
+    """A consumer that does not answer (the far end of a real socket pair that only reads: a stand-in for a
+    consumer slower than its workers) holds at most ``max_waiting`` readings of a worker; the next is
+    refused 5.03 at once instead of piling up in memory."""
+    worker_end, consumer_end = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=worker_end)
+    consumer_reader, consumer_writer = await asyncio.open_unix_connection(sock=consumer_end)
+    link = ConsumerLink(reader, writer, max_waiting=2)
+    link.start()
+    reading = Reading("slow-0001", 1, datetime.now(UTC), 180.0, 15.0, 50.0)
+    waiting = [asyncio.create_task(link.commit(reading, 1.0, Enrichment())) for _ in range(2)]
+    received = [await asyncio.wait_for(read_frame(consumer_reader), 10) for _ in range(2)]
+    assert all(isinstance(request, CommitRequest) for request in received)
+    with pytest.raises(StoreUnavailable, match="2 readings of this worker wait for the commit"):
+        await link.commit(reading, 1.0, Enrichment())
+    consumer_writer.close()  # the consumer goes: the waiting readings are refused 5.03, not left hanging
+    for task in waiting:
+        with pytest.raises(StoreUnavailable, match="the consumer stopped"):
+            await asyncio.wait_for(task, 10)
+    await link.close()
 
 
 @pytest.mark.integration
@@ -120,3 +150,19 @@ async def test_a_killed_worker_is_restarted_and_readings_keep_being_stored(tmp_p
         assert await asyncio.to_thread(consumer.stop) == 0
     assert all([code for code, _ in meter_answers] == [Code.CHANGED] * 2 for meter_answers in answers)
     assert sorted(stored_pairs(db)) == sorted((meter, seq) for meter in meters for seq in range(2))
+
+
+@pytest.mark.integration
+async def test_a_refusal_of_the_commit_step_reaches_the_meter_through_its_worker(tmp_path: Path) -> None:
+    """The admission of unknown meters is the consumer's: its 4.03 and its text come back through the worker."""
+    db = tmp_path / "store.db"
+    options = ("--max-unknown-meters", "2", "--device-auth", "none", "--workers", "2")
+    async with ConsumerProcess.start(db, *options) as consumer:
+        admitted = [await send(consumer.port, f"held-{index}", [(0, now())]) for index in range(2)]
+        ((code, refusal),) = await send(consumer.port, "one-too-many", [(0, now())])
+        assert await consumer.stop() == 0
+    assert [answers[0][0] for answers in admitted] == [Code.CHANGED, Code.CHANGED]
+    assert code == Code.FORBIDDEN
+    assert b"--max-unknown-meters 2" in refusal["text"]  # type: ignore[operator]
+    assert sorted(stored_pairs(db)) == [("held-0", 0), ("held-1", 0)]
+    assert any("rejected=1 (unknown_meter_refused=1)" in line for line in consumer.lines)

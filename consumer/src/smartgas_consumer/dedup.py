@@ -15,8 +15,9 @@ reading once per (meter, epoch, seq) and answers a repeat ``stored: false``). So
 
 ``BoundedDedupMessageManager`` is a small subclass of aiocoap's ``MessageManager`` replacing its two
 duplicate-detection methods; ``bounded_dedup_context`` gives a ``Context`` subclass whose udp6 transport
-uses it. Both rest on aiocoap internals of the pinned version (constraints.txt); ``test_dedup.py`` checks
-that they still exist and that a running consumer uses the subclass.
+uses it (and names each request's task without formatting the request, a per-reading cost:
+docs/benchmarks.md). Both rest on aiocoap internals of the pinned version (constraints.txt);
+``test_dedup.py`` checks that they still exist and that a running consumer uses the subclass.
 """
 
 from __future__ import annotations

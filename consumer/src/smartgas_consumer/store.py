@@ -46,7 +46,8 @@ others of its group commit. Only a failure of the transaction itself (disk full,
 the whole group, and nobody in it is acknowledged.
 
 Timestamps are written in one form everywhere (``format_timestamp``): RFC 3339 UTC, four-digit zero-padded
-year, microseconds, ``Z``, so text order is time order. Schema changes are the ordered ``MIGRATIONS``.
+year, microseconds, ``Z``, so text order is time order. Schema changes are the ordered ``MIGRATIONS``
+(``schema.py``, with the tables; the lock file and the refusals of opening are ``storefile.py``'s).
 
 Opening: the store runs ``PRAGMA quick_check`` and refuses a damaged file (``StoreUnusable``, naming the
 file and the fix). By default both connections use SQLite's ``unix-excl`` VFS: the WAL index lives in the
@@ -66,23 +67,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import errno
-import fcntl
 import logging
 import math
-import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from smartgas_consumer.reading import Reading
 from smartgas_consumer.realgas import NO_REAL_GAS, RealGas
+
+# The schema and the store's file have modules of their own (schema.py, storefile.py); their names are
+# re-exported here, where the other stages have always imported them from.
+from smartgas_consumer.schema import CANONICAL_TIMESTAMP as CANONICAL_TIMESTAMP
+from smartgas_consumer.schema import MIGRATIONS as MIGRATIONS
+from smartgas_consumer.schema import PROBE_SCHEMA, SCHEMA
+from smartgas_consumer.schema import REAL_GAS_COLUMNS as REAL_GAS_COLUMNS
+from smartgas_consumer.schema import SCHEMA_VERSION as SCHEMA_VERSION
+from smartgas_consumer.schema import Migration as Migration
+from smartgas_consumer.schema import format_timestamp as format_timestamp
+from smartgas_consumer.schema import parse_timestamp as parse_timestamp
+from smartgas_consumer.storefile import SQLITE_VFS as SQLITE_VFS
+from smartgas_consumer.storefile import NotAStoreError as NotAStoreError
+from smartgas_consumer.storefile import StoreInUse as StoreInUse
+from smartgas_consumer.storefile import StoreLock as StoreLock
+from smartgas_consumer.storefile import StoreUnusable as StoreUnusable
+from smartgas_consumer.storefile import check_existing_store as check_existing_store
+from smartgas_consumer.storefile import describe_open_failure as describe_open_failure
 
 _LOG = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -91,292 +106,10 @@ _T = TypeVar("_T")
 SEQ_JUMP_SLACK = 1000
 #: ...plus one for every this many seconds since that reading was received (the fastest a meter may send).
 MIN_READING_PERIOD_S = 0.1
-#: The real-gas columns of ``readings`` and their SQLite types, in table order (migration 3 adds them).
-REAL_GAS_COLUMNS = (
-    ("compressibility_z", "REAL"),
-    ("real_moles", "REAL"),
-    ("mass_kg", "REAL"),
-    ("standard_volume_m3", "REAL"),
-    ("liquid_state", "TEXT"),
-)
-#: Bottle swaps (refills): the content stepped up between two readings (forecaster.py); one row per swap,
-#: keyed by the new bottle's first reading, so a replayed or re-judged reading records nothing twice.
-_REFILLS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS refills (
-    meter_id           TEXT    NOT NULL,
-    epoch              INTEGER NOT NULL,
-    seq                INTEGER NOT NULL,  -- the first reading of the new bottle
-    ts                 TEXT    NOT NULL,
-    fill_before_pct    REAL,
-    fill_after_pct     REAL,
-    content_before_mol REAL    NOT NULL,
-    content_after_mol  REAL    NOT NULL,
-    recorded_at        TEXT    NOT NULL,
-    PRIMARY KEY (meter_id, epoch, seq)
-);
-CREATE INDEX IF NOT EXISTS refills_meter_ts ON refills (meter_id, ts);
-"""
-_SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS readings (
-    id            INTEGER PRIMARY KEY,
-    meter_id      TEXT    NOT NULL,
-    epoch         INTEGER NOT NULL,
-    seq           INTEGER NOT NULL,
-    ts            TEXT    NOT NULL,
-    received_at   TEXT    NOT NULL,
-    pressure_bar  REAL    NOT NULL,
-    temperature_c REAL    NOT NULL,
-    volume_l      REAL    NOT NULL,
-    moles         REAL    NOT NULL,
-    fill_pct      REAL,               -- NULL for a meter missing from the fleet file
-    -- Real-gas fields (realgas.py): NULL for an unknown meter, outside the physics envelope, and (but for
-    -- liquid_state) for a liquefied gas while liquid is left.
-    compressibility_z  REAL,
-    real_moles         REAL,
-    mass_kg            REAL,
-    standard_volume_m3 REAL,
-    liquid_state       TEXT,
-    client_id     TEXT,
-    site_id       TEXT,
-    meter_known   INTEGER NOT NULL,
-    authenticated INTEGER NOT NULL DEFAULT 0,  -- 1: protected by the meter's own OSCORE context
-    ship_state    INTEGER NOT NULL DEFAULT 0,  -- 0 pending, 1 shipped, 2 dead-lettered
-    shipped_at    TEXT,
-    UNIQUE (meter_id, epoch, seq)
-);
-CREATE INDEX IF NOT EXISTS readings_meter_ts ON readings (meter_id, ts);
-CREATE INDEX IF NOT EXISTS readings_meter_seq ON readings (meter_id, seq);
-CREATE INDEX IF NOT EXISTS readings_client_ts ON readings (client_id, ts);
-CREATE INDEX IF NOT EXISTS readings_site_ts ON readings (site_id, ts);
-CREATE INDEX IF NOT EXISTS readings_pending ON readings (id) WHERE ship_state = 0;
-CREATE INDEX IF NOT EXISTS readings_shipped_at ON readings (shipped_at) WHERE ship_state = 1;
-CREATE TABLE IF NOT EXISTS dead_letters (
-    reading_id  INTEGER PRIMARY KEY,
-    meter_id    TEXT    NOT NULL,
-    seq         INTEGER NOT NULL,
-    failed_at   TEXT    NOT NULL,
-    status      INTEGER,
-    reason      TEXT    NOT NULL,
-    document    TEXT    NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meters (
-    meter_id    TEXT    PRIMARY KEY,
-    known       INTEGER NOT NULL,
-    client_id   TEXT,
-    site_id     TEXT,
-    first_seen  TEXT    NOT NULL,
-    last_seen   TEXT    NOT NULL,
-    epoch       INTEGER NOT NULL,
-    last_seq    INTEGER NOT NULL,
-    last_ts     TEXT    NOT NULL,
-    readings    INTEGER NOT NULL,
-    last_reading_id INTEGER,                  -- readings.id of the newest stored reading
-    gaps        INTEGER NOT NULL DEFAULT 0,   -- readings missing between stored seqs
-    replays     INTEGER NOT NULL DEFAULT 0,   -- duplicates and replays, acknowledged, not stored
-    reboots     INTEGER NOT NULL DEFAULT 0
-);
-"""
-    + _REFILLS_SCHEMA
-)
-
-
-def format_timestamp(moment: datetime) -> str:
-    """RFC 3339 UTC, year zero-padded to four digits, microseconds and 'Z': sortable as text, the one form
-    every table uses (strftime's ``%Y`` is not zero-padded below year 1000 on glibc)."""
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-#: What ``format_timestamp`` writes, and what the migration to version 2 repairs other forms into.
-CANONICAL_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
-#: A timestamp as older versions may have written it (an unpadded year: ``999-01-01T...``).
-_LOOSE_TIMESTAMP = re.compile(r"(\d{1,4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?(?:Z|\+00:00)")
-
-
-def parse_timestamp(text: str) -> datetime:
-    """A stored timestamp back to an aware datetime; ValueError if it is not one (a damaged row)."""
-    match = _LOOSE_TIMESTAMP.fullmatch(text)
-    if match is None:
-        raise ValueError(f"{text[:40]!r} is not a stored timestamp")
-    year, month, day, hour, minute, second, fraction = match.groups()
-    return datetime(
-        int(year),
-        int(month),
-        int(day),
-        int(hour),
-        int(minute),
-        int(second),
-        int((fraction or "0").ljust(6, "0")),
-        tzinfo=UTC,
-    )
-
-
-#: CANONICAL_TIMESTAMP as an SQLite GLOB, to find the rows to repair without reading every row into Python.
-_CANONICAL_GLOB = (
-    "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]Z"
-)
-
-
-def _repair_timestamps(connection: sqlite3.Connection) -> None:
-    """Migration 1 → 2: rewrite every timestamp a meter could influence into the canonical form."""
-    columns = {
-        "readings": ("ts",),
-        "meters": ("last_ts",),
-        "alerts": ("opened_at", "updated_at", "resolved_at"),
-    }
-    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    repaired = 0
-    for table, names in columns.items():
-        if table not in tables:
-            continue
-        for name in names:
-            rows = connection.execute(
-                f"SELECT rowid, {name} FROM {table} WHERE {name} IS NOT NULL AND NOT ({name} GLOB '{_CANONICAL_GLOB}')"
-            ).fetchall()
-            for rowid, text in rows:
-                try:
-                    fixed = format_timestamp(parse_timestamp(text))
-                except ValueError:
-                    continue  # beyond repair: readers skip such a row and say so
-                connection.execute(f"UPDATE {table} SET {name} = ? WHERE rowid = ?", (fixed, rowid))
-                repaired += 1
-    if repaired:
-        _LOG.warning("store migration: rewrote %d timestamp(s) into the canonical zero-padded form", repaired)
-
-
-def _add_real_gas_columns(connection: sqlite3.Connection) -> None:
-    """Migration 2 → 3: the real-gas columns; readings stored before have none (NULL: not computed then)."""
-    present = {row[1] for row in connection.execute("PRAGMA table_info(readings)")}
-    for column, kind in REAL_GAS_COLUMNS:
-        if column not in present:
-            connection.execute(f"ALTER TABLE readings ADD COLUMN {column} {kind}")
-
-
-def _add_authenticated(connection: sqlite3.Connection) -> None:
-    """Migration 3 → 4: readings record whether the meter's own OSCORE context protected them."""
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(readings)")}
-    if "authenticated" not in columns:
-        connection.execute("ALTER TABLE readings ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0")
-
-
-def _add_refills(connection: sqlite3.Connection) -> None:
-    """Migration 4 → 5: the refills table (swaps before it were not recorded)."""
-    # Statement by statement: executescript would commit the migration's transaction half-way.
-    for statement in _REFILLS_SCHEMA.split(";"):
-        if statement.strip():
-            connection.execute(statement)
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    """One step of the schema: applied, in one transaction, to a store whose version is below ``version``."""
-
-    version: int
-    description: str
-    apply: Callable[[sqlite3.Connection], None]
-
-
-#: The store's schema history, in order; append a step to change the schema. A new store is created at
-#: the latest version directly (``_SCHEMA`` is always the current schema).
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(2, "timestamps zero-padded to a four-digit year (sortable as text)", _repair_timestamps),
-    Migration(3, "real-gas columns on readings (Z, real moles, kg, standard m³, liquid state)", _add_real_gas_columns),
-    Migration(4, "readings record whether OSCORE authenticated them (--device-auth)", _add_authenticated),
-    Migration(5, "bottle swaps (refills) recorded per meter", _add_refills),
-)
-SCHEMA_VERSION = MIGRATIONS[-1].version
-
-
-#: SQLite's VFS that keeps the WAL index in heap memory, not in a memory-mapped ``-shm`` file (no SIGBUS).
-SQLITE_VFS = "unix-excl"
-#: A one-row table the health probe writes to: proof that a commit reaches the disk now.
-_PROBE_SCHEMA = "CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), probed_at TEXT)"
 
 
 class StoreClosed(Exception):
     """The store is closed or closing and takes no more readings."""
-
-
-class StoreUnusable(Exception):
-    """The store cannot be opened as it is; the one-line message names the file and the fix."""
-
-
-def describe_open_failure(path: Path, err: BaseException) -> str:
-    """One line for an operator: which file, what SQLite or the OS said, and what to do about it."""
-    text = str(err)
-    lowered = text.lower()
-    if "readonly" in lowered or "read-only" in lowered or getattr(err, "errno", None) in (errno.EROFS, errno.EPERM):
-        fix = "make the file and its directory writable by this user (chmod/chown, chattr -i, remount rw)"
-    elif "not a database" in lowered:
-        fix = "it is not a SQLite store: point --db at the consumer's store, or move this file away"
-    elif "malformed" in lowered or "corrupt" in lowered:
-        fix = "the file is damaged: restore it from a backup, or move it away (`sqlite3 FILE .recover` saves rows)"
-    elif "locked" in lowered or "busy" in lowered:
-        fix = "another process holds it: stop that process, or give this consumer its own --db"
-    elif "unable to open" in lowered or isinstance(err, PermissionError):
-        fix = "check that the file and its directory exist (or can be created) and are readable and writable"
-    else:
-        fix = "check the file, its directory and the disk"
-    return f"--db {path}: {text}; {fix}"
-
-
-class StoreInUse(StoreUnusable):
-    """Another consumer serves this store (it holds the lock file)."""
-
-
-class StoreLock:
-    """``<db>.lock``: held (``flock``) by the one consumer serving the store, and holding that consumer's PID.
-
-    SQLite's own locks cannot name the holder; this file lets a second consumer say who is in the way. The
-    kernel drops the lock when the holder exits, however it exits, so a stale file never blocks a start.
-    """
-
-    def __init__(self, db: Path) -> None:
-        self.db = db
-        self.path = db.with_name(db.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise StoreInUse naming the holder's PID (StoreUnusable if the file cannot be made)."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise StoreUnusable(
-                f"--db: cannot create the lock file {self.path} ({err.strerror}): make its directory writable"
-            ) from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreInUse(
-                f"--db {self.db}: in use by another consumer (PID {holder}); stop it, or give this one its own --db"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def holder(self) -> str | None:
-        """The PID written by the consumer holding the lock, or None if nobody holds it."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
-        finally:
-            os.close(fd)
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
 
 
 class ReadingRefused(Exception):
@@ -624,7 +357,7 @@ class ReadingStore:
                 "run the consumer version that wrote it"
             )
         fresh = version == 0
-        connection.executescript(_SCHEMA)
+        connection.executescript(SCHEMA)
         if not fresh:
             for migration in MIGRATIONS:
                 if migration.version > version:
@@ -637,7 +370,7 @@ class ReadingStore:
                         connection.execute(f"PRAGMA user_version={migration.version}")
         for schema in self._extra_schema:
             connection.executescript(schema)
-        connection.execute(_PROBE_SCHEMA)
+        connection.execute(PROBE_SCHEMA)
         connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _open_reader(self) -> None:
@@ -996,31 +729,3 @@ def _dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter
         (limit,),
     ).fetchall()
     return [DeadLetter(**dict(row)) for row in rows]
-
-
-class NotAStoreError(Exception):
-    """A path given as an existing store is missing or holds something else; the message names the path."""
-
-
-#: The tables every SmartGas store has; a file without them is someone else's (or empty).
-_STORE_TABLES = frozenset({"readings", "meters", "dead_letters"})
-
-
-def check_existing_store(path: Path) -> None:
-    """Refuse ``path`` unless it is a SmartGas store, without creating or changing anything there.
-
-    For commands that only read a store (``status``): a typo in ``--db`` must not leave a new empty store
-    behind and report it as if it were the consumer's.
-    """
-    if not path.is_file():
-        raise NotAStoreError(f"{path}: no SmartGas store there (no such file)")
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as connection:
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as err:
-        raise NotAStoreError(f"{path}: not a SmartGas store ({err})") from err
-    if version < 1 or not _STORE_TABLES <= tables:
-        raise NotAStoreError(f"{path}: not a SmartGas store (no SmartGas tables in it)")
-    if version > SCHEMA_VERSION:
-        raise NotAStoreError(f"{path} has schema version {version}, newer than this consumer's {SCHEMA_VERSION}")
