@@ -157,10 +157,10 @@ async def test_a_refusal_of_the_commit_step_reaches_the_meter_through_its_worker
     """The admission of unknown meters is the consumer's: its 4.03 and its text come back through the worker."""
     db = tmp_path / "store.db"
     options = ("--max-unknown-meters", "2", "--device-auth", "none", "--workers", "2")
-    async with ConsumerProcess.start(db, *options) as consumer:
-        admitted = [await send(consumer.port, f"held-{index}", [(0, now())]) for index in range(2)]
-        ((code, refusal),) = await send(consumer.port, "one-too-many", [(0, now())])
-        assert await consumer.stop() == 0
+    with consumer_process(db, *options) as consumer:
+        admitted = [await send(consumer.coap_port, f"held-{index}", [(0, now())]) for index in range(2)]
+        ((code, refusal),) = await send(consumer.coap_port, "one-too-many", [(0, now())])
+        assert await asyncio.to_thread(consumer.stop) == 0
     assert [answers[0][0] for answers in admitted] == [Code.CHANGED, Code.CHANGED]
     assert code == Code.FORBIDDEN
     assert b"--max-unknown-meters 2" in refusal["text"]  # type: ignore[operator]
