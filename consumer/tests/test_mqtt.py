@@ -375,3 +375,32 @@ def test_topics_of_the_contract() -> None:
         assert meter_id_of_reading_topic(not_a_reading) is None
     assert shared_filter(None) == "smartgas/meters/+/reading"
     assert shared_filter("ingest") == "$share/ingest/smartgas/meters/+/reading"
+
+
+async def test_a_backlog_is_taken_no_more_than_receive_maximum_at_a_time(
+    mqtt_config: ConsumerConfig, meter: MqttMeter
+) -> None:
+    """Mosquitto 2.0 sends a resumed session's whole backlog at once, whatever the Receive Maximum: the
+    consumer stops reading the socket while it handles --mqtt-receive-maximum readings, so a backlog (or a
+    flood) costs it no more than that, and every reading of it is stored."""
+    config = replace(mqtt_config, mqtt_receive_maximum=8)
+    first = Consumer(config)
+    await first.start()
+    await until(lambda: first.mqtt is not None and first.mqtt.link.connected, "subscribed")
+    await first.stop()
+
+    def publish_backlog() -> None:
+        for seq in range(300):
+            assert str(meter.publish_reading(seq, answer=False)) == "Success"
+
+    await asyncio.to_thread(publish_backlog)
+    second = Consumer(config)
+    await second.start()
+    try:
+        mqtt = second.mqtt
+        assert mqtt is not None
+        await until(lambda: mqtt.accepted == 300, "the backlog taken")
+        assert 1 < mqtt.link.most_handled <= 8
+        assert [seq for _, seq, _ in await stored(second, "m1")] == list(range(300))
+    finally:
+        await second.stop()

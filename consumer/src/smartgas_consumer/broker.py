@@ -290,6 +290,7 @@ class _Connection:
         response_topic = getattr(properties, "ResponseTopic", None)
         correlation_data = getattr(properties, "CorrelationData", None)
         self.handling += 1
+        self.link.most_handled = max(self.link.most_handled, self.handling)
         self.link.on_delivery(
             Delivery(
                 topic=message.topic,
@@ -337,6 +338,7 @@ class BrokerLink:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connects = 0
+        self.most_handled = 0  # the most readings handled at once on one connection, since start
         self.last_error: str | None = "not connected yet"
         self.down_since = time.monotonic()
 
