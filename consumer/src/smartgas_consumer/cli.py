@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only import the Kibana saved objects (what is missing or older than ours); needs --kibana-url",
     )
     healthcheck = commands.add_parser(
-        "healthcheck", help="exit 0 if a CoAP GET of /health answers 2.05 (the consumer serves and its store commits)"
+        "healthcheck",
+        help="exit 0 if a CoAP GET of /health answers 2.05 (the consumer serves and its store commits); with"
+        " --coap-enabled false, if an HTTP GET of /healthz answers 200",
     )
     config_module.add_arguments(healthcheck)
     healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)
