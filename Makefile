@@ -12,13 +12,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use: gcc (the bench's C load generator), libcoap's client (interop), docker-compose (compose file validation),
-# chromium (the dashboard in a headless browser), mosquitto (the MQTT broker of the MQTT tests and of
-# `make run RUN_TRANSPORT=mqtt`; Debian's service is not started, the tests run their own).
+# Debian packages the tests use: gcc (the bench's C load generator), libcoap's client (interop),
+# docker-compose (compose file validation), chromium (the dashboard in a headless browser), mosquitto
+# (the MQTT broker of the MQTT tests and of `make run RUN_TRANSPORT=mqtt`; Debian's service is not started, the tests run their own), mosquitto-clients
+# (mosquitto_sub: the compose broker's healthcheck, run against a real broker in test_deploy_stack.py).
 # command:packages pairs (packages joined by +); the packages are installed when the command is missing,
 # without Debian's recommended packages (chromium would bring udev, avahi and upgrades of systemd): the
 # one recommendation the headless browser needs, a font, is named.
-DEBIAN_TOOLS := gcc:gcc coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium+fonts-liberation mosquitto:mosquitto
+DEBIAN_TOOLS := gcc:gcc coap-client-notls:libcoap3-bin docker-compose:docker-compose chromium:chromium+fonts-liberation mosquitto:mosquitto mosquitto_sub:mosquitto-clients
 RUN_DIR ?= var
 RUN_PORT ?= 5683
 RUN_HTTP_PORT ?= 8080

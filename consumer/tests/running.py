@@ -19,17 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def stored_per_metrics(http_port: int) -> int:
-    """Readings the consumer on ``http_port`` stored since it started (0 until it answers)."""
+def metric_value(http_port: int, name: str) -> float:
+    """One sample of the consumer's ``/metrics`` (a full line start, labels included); 0 until it answers."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as response:
             text = response.read().decode()
     except OSError:
-        return 0
+        return 0.0
     for line in text.splitlines():
-        if line.startswith("smartgas_readings_stored_total "):
-            return int(float(line.split()[1]))
-    return 0
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def stored_per_metrics(http_port: int) -> int:
+    """Readings the consumer on ``http_port`` stored since it started (0 until it answers)."""
+    return int(metric_value(http_port, "smartgas_readings_stored_total"))
 
 
 def stored_in_file(db: Path) -> int:
@@ -79,7 +84,8 @@ def run_serve(db: Path, *options: str, env: dict[str, str] | None = None) -> sub
 
 @dataclass
 class ConsumerProcess:
-    """A consumer started by ``consumer_process``: its process, the ports it listens on, its log file."""
+    """A consumer started by ``consumer_process``: its process, the ports it listens on (``coap_port`` 0 with
+    ``--coap-enabled false``), its log file."""
 
     process: subprocess.Popen[bytes]
     coap_port: int
@@ -92,6 +98,9 @@ class ConsumerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        return metric_value(self.http_port, name)
 
     @property
     def lines(self) -> list[str]:
@@ -130,6 +139,7 @@ def consumer_process(db: Path, *options: str, env: dict[str, str] | None = None)
     print it.
     """
     # consumer-<store>-<n>.log: one per start, and no name the store's own files (store.db*) could take.
+    coap_enabled = "--coap-enabled false" not in " ".join(options)
     log_path = db.parent / f"consumer-{db.name}-{len(list(db.parent.glob(f'consumer-{db.name}-*.log')))}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(serve_command(db, *options), stderr=log_file, env=env)
@@ -138,12 +148,12 @@ def consumer_process(db: Path, *options: str, env: dict[str, str] | None = None)
         while True:
             text = log_path.read_text(errors="replace")
             coap, http = COAP_LISTENING.search(text), HTTP_LISTENING.search(text)
-            if coap and http:
+            if http and (coap or not coap_enabled):
                 break
             assert process.poll() is None, f"the consumer exited ({process.returncode}) before it listened:\n{text}"
             assert time.monotonic() < deadline, f"the consumer did not listen within {START_TIMEOUT_S} s:\n{text}"
             time.sleep(0.05)
-        yield ConsumerProcess(process, int(coap.group(1)), int(http.group(1)), log_path)
+        yield ConsumerProcess(process, int(coap.group(1)) if coap else 0, int(http.group(1)), log_path)
     finally:
         if process.poll() is None:
             process.terminate()

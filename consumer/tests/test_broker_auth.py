@@ -206,7 +206,7 @@ def test_provisioning_again_keeps_rotate_replaces_revoke_removes(
     connected = meter(broker, provisioned, "bottle-a").connect()
     argv = ["revoke-meter", "bottle-a", "--device-credentials", str(provisioned.credentials)]
     assert cli.main(argv) == 0
-    assert "its context and its broker user removed" in capsys.readouterr().out
+    assert "revoked (its context and its broker user removed)" in capsys.readouterr().out
     broker.process.send_signal(signal.SIGHUP)
     # Mosquitto re-checks the clients it has: the revoked meter's open connection is closed too.
     wait_until(lambda: not connected.client.is_connected(), WAIT_S, "the revoked meter disconnected")
@@ -237,3 +237,14 @@ def test_reserved_meter_ids_are_refused(tmp_path: Path, meter_id: str, capsys: p
     assert cli.main([*argv, "--meter-credentials", str(tmp_path / "m")]) == 2
     assert "reserved" in capsys.readouterr().err
     assert not (tmp_path / "c" / meter_id).exists()
+
+
+def test_broker_files_can_live_in_a_directory_of_their_own(tmp_path: Path) -> None:
+    """The compose stack keeps them in the broker's volume, away from the OSCORE secrets."""
+    files = tmp_path / "broker" / "auth"
+    common = ["--device-credentials", str(tmp_path / "c"), "--broker-files", str(files)]
+    assert cli.main(["provision-meter", "bottle-a", *common, "--meter-credentials", str(tmp_path / "m")]) == 0
+    assert not (tmp_path / "c" / broker_auth.BROKER_DIR).exists()
+    assert "bottle-a" in broker_auth.read_password_file(files / broker_auth.PASSWORD_FILE)
+    assert cli.main(["revoke-meter", "bottle-a", *common]) == 0
+    assert broker_auth.read_password_file(files / broker_auth.PASSWORD_FILE).keys() == {broker_auth.CONSUMER_USER}

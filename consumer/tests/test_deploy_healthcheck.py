@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import httpx
 import pytest
@@ -74,3 +75,28 @@ def test_probe_uri(host: str, uri: str) -> None:
 def test_probe_uri_needs_a_fixed_port() -> None:
     with pytest.raises(Unhealthy, match="port is 0"):
         probe_uri(ConsumerConfig(coap_port=0))
+
+
+@pytest.mark.usefixtures("chattr")
+async def test_without_coap_the_healthcheck_asks_healthz(consumer_config: ConsumerConfig) -> None:
+    """--coap-enabled false (MQTT only): the healthcheck probes GET /healthz, which passes while the store
+    commits (even with the broker away: degraded, not unhealthy) and fails while it cannot."""
+    from smartgas_common.mosquitto import free_loopback_port
+
+    config = dataclasses.replace(
+        consumer_config,
+        coap_enabled=False,
+        http_port=free_loopback_port(),
+        mqtt_broker=f"mqtt://127.0.0.1:{free_loopback_port()}",  # nothing there: MQTT is down
+    )
+    running = Consumer(config)
+    await running.start()
+    try:
+        assert await healthcheck(config, timeout_s=5) == 0
+        db = config.db
+        with immutable(db, db.with_name(db.name + "-wal")):
+            await asyncio.sleep(PROBE_EVERY_S)  # past the cached answer of the probe before
+            assert await healthcheck(config, timeout_s=5) == 1
+    finally:
+        await running.stop()
+    assert await healthcheck(config, timeout_s=2) == 1  # nothing answers any more

@@ -9,11 +9,13 @@ by name (consumer/Dockerfile: ``--ignore=tests/test_deploy_stack.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,7 @@ def test_no_version_key_and_only_known_services(compose: dict[str, Any]) -> None
         "setup",
         "kibana-setup",
         "provision",
+        "mosquitto",
         "consumer",
         "publisher",
         "prometheus",
@@ -182,6 +185,7 @@ def test_host_ports_bind_the_loopback_unless_told_otherwise(compose: dict[str, A
         "elasticsearch": ["127.0.0.1:9200:9200"],
         "kibana": ["127.0.0.1:5601:5601"],
         "consumer": ["127.0.0.1:5683:5683/udp", "127.0.0.1:8080:8080"],
+        "mosquitto": ["127.0.0.1:1883:1883"],
         "prometheus": ["127.0.0.1:9090:9090"],
         "grafana": ["127.0.0.1:3000:3000"],
     }
@@ -209,6 +213,7 @@ def test_start_order_is_acyclic_and_waits_on_health(compose: dict[str, Any]) -> 
         "setup": {"elasticsearch": "service_healthy"},
         "kibana-setup": {"setup": "service_completed_successfully"},  # and nothing depends on it
         "provision": {},  # the meters' OSCORE contexts, before the consumer loads them
+        "mosquitto": {"provision": "service_completed_successfully"},  # its password file and ACL
         "consumer": {
             "setup": "service_completed_successfully",
             "provision": "service_completed_successfully",
@@ -254,6 +259,7 @@ def test_state_lives_in_named_volumes(compose: dict[str, Any]) -> None:
             "kibanadata",
             "consumerdata",
             "meterdata",
+            "brokerdata",
             "prometheusdata",
             "grafanadata",
         }
@@ -429,3 +435,75 @@ def test_cluster_has_three_nodes_with_tls_between_them() -> None:
     # Clients keep the single-node URL: es01 is still the service "elasticsearch".
     assert services["consumer"]["environment"]["SMARTGAS_CONSUMER_ELASTICSEARCH_URL"] == "http://elasticsearch:9200"
     assert services["elasticsearch"]["ports"] == ["127.0.0.1:9200:9200/tcp"]
+
+
+# -- the MQTT broker (service mosquitto) ----------------------------------------------------------------
+
+MOSQUITTO_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
+BROKER_VOLUME = "/var/lib/smartgas-broker"
+
+
+def test_broker_and_consumer_share_the_provisioned_files(compose: dict[str, Any]) -> None:
+    """provision writes the broker's files into brokerdata, away from consumerdata's OSCORE secrets; the
+    broker runs as the user that wrote them (0600), and the consumer logs in with its own broker user."""
+    services = compose["services"]
+    provision = cli.build_parser().parse_args(services["provision"]["command"])
+    assert str(provision.broker_files) == f"{BROKER_VOLUME}/auth"
+    assert f"brokerdata:{BROKER_VOLUME}" in services["provision"]["volumes"]
+    broker = services["mosquitto"]
+    assert broker["user"] == "10001:10001"  # the consumer image's smartgas user (consumer/Dockerfile)
+    assert "useradd --system --uid 10001" in DOCKERFILES["consumer"].read_text()
+    assert f"brokerdata:{BROKER_VOLUME}" in broker["volumes"]
+    assert not any(mount.startswith(("consumerdata", "meterdata")) for mount in broker["volumes"])
+    assert "./deploy/mosquitto:/mosquitto/config:ro" in broker["volumes"]
+    consumer_env = services["consumer"]["environment"]
+    config = load({}, {k: str(v) for k, v in consumer_env.items() if k.startswith("SMARTGAS_CONSUMER_MQTT")})
+    assert config.mqtt_broker == "mqtt://mosquitto:1883"
+    assert str(config.mqtt_credentials) == f"{BROKER_VOLUME}/auth/consumer.json"
+    assert f"brokerdata:{BROKER_VOLUME}:ro" in services["consumer"]["volumes"]
+    text = MOSQUITTO_CONF.read_text()
+    assert f"password_file {BROKER_VOLUME}/auth/password_file" in text
+    assert f"acl_file {BROKER_VOLUME}/auth/acl_file" in text
+    assert "allow_anonymous false" in text and "persistence true" in text
+
+
+def test_the_repositorys_broker_config_and_healthcheck_run_on_a_real_mosquitto(
+    tmp_path: Path, compose: dict[str, Any]
+) -> None:
+    """deploy/mosquitto/mosquitto.conf, its paths moved into a temporary folder, run by Debian's Mosquitto
+    with what provision-meters writes: the compose healthcheck passes (as the consumer's user, through the
+    ACL), and a meter logs in with its mqtt.json; with the broker stopped, the healthcheck fails."""
+    from smartgas_common.mosquitto import free_loopback_port, mosquitto_binary
+
+    binary = mosquitto_binary()
+    if binary is None or shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto and mosquitto_sub are not installed (make deps installs them)")
+    volume, port = tmp_path / "brokerdata", free_loopback_port()
+    argv = ["--device-credentials", str(tmp_path / "c"), "--meter-credentials", str(tmp_path / "m")]
+    assert cli.main(["provision-meter", "bottle-a", *argv, "--broker-files", str(volume / "auth")]) == 0
+    config = MOSQUITTO_CONF.read_text().replace(BROKER_VOLUME, str(volume)).replace("1883 0.0.0.0", f"{port} 127.0.0.1")
+    config += "user root\n" if os.geteuid() == 0 else ""  # as root, Mosquitto would switch to its own user
+    (tmp_path / "mosquitto.conf").write_text(config)
+    healthcheck = compose["services"]["mosquitto"]["healthcheck"]["test"]
+    assert healthcheck[0] == "CMD-SHELL"
+    command = healthcheck[1].replace("$$", "$").replace(BROKER_VOLUME, str(volume)).replace("-p 1883", f"-p {port}")
+    broker = subprocess.Popen([binary, "-c", str(tmp_path / "mosquitto.conf")], stdout=subprocess.PIPE, text=True)
+    try:
+        outcome = None
+        for _ in range(100):  # bounded: until the broker listens (a loaded machine takes a second or two)
+            outcome = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30, check=False)
+            if outcome.returncode == 0 or broker.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert outcome is not None and outcome.returncode == 0, (outcome, broker.poll())
+        meter = json.loads((tmp_path / "m" / "bottle-a" / "mqtt.json").read_text())
+        as_meter = command.replace("-u smartgas-consumer", f"-u {meter['username']}")
+        as_meter = as_meter[: as_meter.index(" -P ")] + f" -P {meter['password']} -t smartgas/meters/bottle-a/answer"
+        # A meter may log in but may not read the broker's uptime: the ACL is in force (nothing arrives).
+        refused = subprocess.run(["sh", "-c", as_meter], capture_output=True, text=True, timeout=30, check=False)
+        assert refused.returncode != 0 and "not authori" not in refused.stderr, refused
+    finally:
+        broker.terminate()
+        broker.wait(timeout=30)
+    down = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30, check=False)
+    assert down.returncode != 0

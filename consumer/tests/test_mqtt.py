@@ -15,6 +15,7 @@ from typing import Any
 import cbor2
 import httpx
 import pytest
+from chattr import chattr, immutable  # noqa: F401 (chattr is a fixture)
 from mqtt_meter import MqttMeter, reading_body
 
 from conftest import wire_example
@@ -375,3 +376,52 @@ def test_topics_of_the_contract() -> None:
         assert meter_id_of_reading_topic(not_a_reading) is None
     assert shared_filter(None) == "smartgas/meters/+/reading"
     assert shared_filter("ingest") == "$share/ingest/smartgas/meters/+/reading"
+
+
+async def test_a_backlog_is_taken_no_more_than_receive_maximum_at_a_time(
+    mqtt_config: ConsumerConfig, meter: MqttMeter
+) -> None:
+    """Mosquitto 2.0 sends a resumed session's whole backlog at once, whatever the Receive Maximum: the
+    consumer stops reading the socket while it handles --mqtt-receive-maximum readings, so a backlog (or a
+    flood) costs it no more than that, and every reading of it is stored."""
+    config = replace(mqtt_config, mqtt_receive_maximum=8)
+    first = Consumer(config)
+    await first.start()
+    await until(lambda: first.mqtt is not None and first.mqtt.link.connected, "subscribed")
+    await first.stop()
+
+    def publish_backlog() -> None:
+        for seq in range(300):
+            assert str(meter.publish_reading(seq, answer=False)) == "Success"
+
+    await asyncio.to_thread(publish_backlog)
+    second = Consumer(config)
+    await second.start()
+    try:
+        mqtt = second.mqtt
+        assert mqtt is not None
+        await until(lambda: mqtt.accepted == 300, "the backlog taken")
+        assert 1 < mqtt.link.most_handled <= 8
+        assert [seq for _, seq, _ in await stored(second, "m1")] == list(range(300))
+    finally:
+        await second.stop()
+
+
+@pytest.mark.usefixtures("chattr")
+async def test_a_store_that_cannot_commit_holds_readings_back_for_the_broker(
+    running: Consumer, meter: MqttMeter
+) -> None:
+    """5.03 over MQTT: the reading is neither answered nor acknowledged, the consumer drops the connection,
+    and once the store commits again the broker's copy is stored, once, and answered. (A real fault: the
+    store's files made immutable with chattr +i.)"""
+    mqtt = running.mqtt
+    assert mqtt is not None
+    db = running.config.db
+    with immutable(db, db.with_name(db.name + "-wal")):
+        await asyncio.to_thread(meter.publish_reading, 1)
+        await until(lambda: mqtt.held_back >= 1, "the reading held back")
+        assert meter.answers == [] and await stored(running, "m1") == []
+    (answer,) = await asyncio.to_thread(meter.wait_answers, 1, 60.0)
+    assert answer.document["code"] == "2.04" and answer.document["stored"] is True
+    assert await stored(running, "m1") == [("m1", 1, 0)]
+    assert mqtt.link.connects >= 2  # reconnected to be sent the reading again

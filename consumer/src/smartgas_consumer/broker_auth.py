@@ -6,6 +6,7 @@ its own. Layout::
 
     <meter credentials>/<meter_id>/mqtt.json      {"username": meter_id, "password": ...}: the meter's side
     <device credentials>/mosquitto/password_file  Mosquitto's password file: user:$7$ PBKDF2-SHA512 hashes
+                                                  (``--broker-files DIR`` puts these three elsewhere)
     <device credentials>/mosquitto/acl_file       Mosquitto's ACL: each meter writes its own reading topic
                                                   and reads its own answer topic; the consumer reads every
                                                   reading topic and writes every answer topic
@@ -80,6 +81,7 @@ class BrokerProvisioned:
 
 
 def broker_dir(credentials: Path) -> Path:
+    """Where the broker's files go by default: beside the OSCORE contexts (``--broker-files`` moves them)."""
     return credentials / BROKER_DIR
 
 
@@ -181,13 +183,13 @@ def check_meter_id_for_broker(meter_id: str) -> None:
 
 
 def provision_broker(
-    credentials: Path, meter_credentials: Path, meter_ids: Iterable[str], *, rotate: bool = False
+    directory: Path, meter_credentials: Path, meter_ids: Iterable[str], *, rotate: bool = False
 ) -> BrokerProvisioned:
     """Broker users for ``meter_ids`` and the consumer, then the password file and the ACL, rewritten whole.
 
     Run after the OSCORE contexts (``device_auth.provision_meters``): rotating a meter's context replaces
-    its directory on the meter side, ``mqtt.json`` with it, and a new broker password is made here."""
-    directory = broker_dir(credentials)
+    its directory on the meter side, ``mqtt.json`` with it, and a new broker password is made here.
+    ``directory``: the broker's files (``broker_dir(device credentials)`` unless told otherwise)."""
     _private_dir(directory)
     password_file = directory / PASSWORD_FILE
     users = read_password_file(password_file)
@@ -204,10 +206,10 @@ def provision_broker(
     return BrokerProvisioned(created, kept, directory)
 
 
-def revoke_broker_user(credentials: Path, meter_id: str) -> bool:
-    """Remove the meter's user from the password file (the broker refuses it once it re-read the file);
-    False if it had none."""
-    password_file = broker_dir(credentials) / PASSWORD_FILE
+def revoke_broker_user(directory: Path, meter_id: str) -> bool:
+    """Remove the meter's user from the password file in ``directory`` (the broker refuses it, and closes its
+    connection, once it re-read the file: SIGHUP); False if it had none."""
+    password_file = directory / PASSWORD_FILE
     users = read_password_file(password_file)
     if meter_id in RESERVED_METER_IDS or meter_id not in users:
         return False

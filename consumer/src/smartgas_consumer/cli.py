@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only import the Kibana saved objects (what is missing or older than ours); needs --kibana-url",
     )
     healthcheck = commands.add_parser(
-        "healthcheck", help="exit 0 if a CoAP GET of /health answers 2.05 (the consumer serves and its store commits)"
+        "healthcheck",
+        help="exit 0 if a CoAP GET of /health answers 2.05 (the consumer serves and its store commits); with"
+        " --coap-enabled false, if an HTTP GET of /healthz answers 200",
     )
     config_module.add_arguments(healthcheck)
     healthcheck.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0)
@@ -91,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         config_module.add_arguments(device)
         if name != "provision-meters":
             device.add_argument("meter_id", metavar="METER_ID")
+        device.add_argument(
+            "--broker-files",
+            metavar="DIR",
+            type=Path,
+            default=None,
+            help="directory of the broker's password file, ACL and the consumer's broker user (default:"
+            " <--device-credentials>/mosquitto; the compose stack keeps them in the broker's own volume)",
+        )
         if name != "revoke-meter":
             device.add_argument(
                 "--meter-credentials",
@@ -130,6 +140,7 @@ _COMMAND_OPTIONS = {
     "meter_id",
     "meter_credentials",
     "rotate",
+    "broker_files",
 }
 
 
@@ -145,10 +156,11 @@ def configure_logging(level: str) -> None:
 def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int:
     """provision-meter, provision-meters, revoke-meter: print one line per meter (never a secret)."""
     credentials = config.device_credentials
+    broker_files = arguments.broker_files or broker_auth.broker_dir(credentials)
     if arguments.command == "revoke-meter":
         meter_id = check_meter_id_text(arguments.meter_id)
         had_context = device_auth.revoke_meter(credentials, meter_id)
-        had_user = broker_auth.revoke_broker_user(credentials, meter_id)
+        had_user = broker_auth.revoke_broker_user(broker_files, meter_id)
         if not (had_context or had_user):
             print(f"smartgas-consumer: meter {meter_id!r} has no context in {credentials}", file=sys.stderr)
             return 1
@@ -156,7 +168,7 @@ def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int
             what for what, done in (("its context", had_context), ("its broker user", had_user)) if done
         )
         print(
-            f"{meter_id}: revoked ({removed} removed from {credentials});"
+            f"{meter_id}: revoked ({removed} removed);"
             " the broker refuses it once it re-reads its password file (SIGHUP)"
         )
         return 0
@@ -178,7 +190,7 @@ def device_command(arguments: argparse.Namespace, config: ConsumerConfig) -> int
         if arguments.command == "provision-meter" or done.created:
             print(done.describe())
     # The broker users after the contexts: a rotated context replaces the meter's side, mqtt.json with it.
-    broker = broker_auth.provision_broker(credentials, arguments.meter_credentials, meter_ids, rotate=arguments.rotate)
+    broker = broker_auth.provision_broker(broker_files, arguments.meter_credentials, meter_ids, rotate=arguments.rotate)
     print(
         f"{created} context(s) created, {len(meter_ids) - created} kept; consumer side in {credentials};"
         f" {broker.describe()}"

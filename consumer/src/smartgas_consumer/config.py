@@ -428,7 +428,8 @@ SETTINGS: tuple[Setting, ...] = (
         "mqtt_receive_maximum",
         "--mqtt-receive-maximum",
         _receive_maximum,
-        "readings the broker may have awaiting the consumer's acknowledgement at once (MQTT 5 Receive Maximum)",
+        "MQTT readings handled at once: the Receive Maximum told the broker, and the consumer reads no more"
+        " from it while it handles that many",
     ),
     Setting("db", "--db", Path, "path of the SQLite store (created if missing)"),
     Setting(

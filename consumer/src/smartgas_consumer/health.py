@@ -4,7 +4,8 @@ The container's healthcheck (``smartgas-consumer healthcheck``) runs this inside
 container. It passes only when the CoAP server answers ``2.05 Content``, which ``/health`` does only after
 a real write to the store committed (5.03 with the reason otherwise: a read-only or immutable file, a disk
 error). So it proves the UDP socket is bound, the event loop serves requests and the store commits, not
-merely that the process exists.
+merely that the process exists. A consumer without CoAP (``--coap-enabled false``, MQTT only) is probed
+over HTTP instead: ``GET /healthz`` answers 200 only when the same store probe passes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from datetime import UTC, datetime
 
 import aiocoap
+import aiohttp
 
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.store import ReadingStore, StoreClosed
@@ -89,13 +91,42 @@ async def probe(uri: str, *, timeout_s: float) -> str:
     return text
 
 
+def http_probe_uri(config: ConsumerConfig) -> str:
+    """``/healthz`` at the configured HTTP address and port (the loopback for a wildcard bind)."""
+    if config.http_port == 0:
+        raise Unhealthy("the HTTP port is 0 (picked at start): the probe needs a fixed --http-port")
+    host = "127.0.0.1" if config.http_host in _WILDCARDS else config.http_host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.http_port}/healthz"
+
+
+async def probe_http(uri: str, *, timeout_s: float) -> str:
+    """GET ``uri`` once; return its body if it answered 200, or raise Unhealthy."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(uri) as response,
+        ):
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise Unhealthy(f"{uri}: {err or type(err).__name__}") from err
+    if response.status != 200:
+        raise Unhealthy(f"{uri} answered {response.status}: {text[:300]}")
+    return text
+
+
 async def healthcheck(config: ConsumerConfig, *, timeout_s: float = 5.0) -> int:
     """Exit code for a container healthcheck: 0 healthy, 1 not (the reason is logged)."""
     try:
-        uri = probe_uri(config)
-        await probe(uri, timeout_s=timeout_s)
+        if config.coap_enabled:
+            uri = probe_uri(config)
+            await probe(uri, timeout_s=timeout_s)
+        else:
+            uri = http_probe_uri(config)
+            await probe_http(uri, timeout_s=timeout_s)
     except Unhealthy as err:
         _LOG.error("unhealthy: %s", err)
         return 1
-    _LOG.info("healthy: %s answered 2.05", uri)
+    _LOG.info("healthy: %s answered %s", uri, "2.05" if config.coap_enabled else "200")
     return 0

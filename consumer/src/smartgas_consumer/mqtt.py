@@ -15,12 +15,13 @@ commits it, as for CoAP, and the CoAP code the same reading would get decides th
 Answers are JSON (``{"code": "2.04", …the 2.04 body…}`` or ``{"code": "4.00", "diagnostic": "…"}``), QoS 1,
 with the reading's Correlation Data, and always go to ``smartgas/meters/{meter_id}/answer`` of the topic's
 meter: a Response Topic naming anything else is not followed (a meter must not make the consumer publish
-on another meter's topic). A reading is acknowledged only once its answer reached the broker; if the
-broker refuses an answer topic (an ACL without the consumer's write permission), that topic is not
-answered again, and the reading is acknowledged unanswered rather than sent back forever.
+on another meter's topic). A reading that is answered is acknowledged once the broker acknowledged its
+answer, so the broker has the answer before it lets the reading go; if the broker refuses an answer
+topic (an ACL without the consumer's write permission), that topic is not answered again, and its
+readings are acknowledged unanswered rather than sent back forever.
 
-``receive_maximum`` workers take deliveries from a queue: the broker never has more readings awaiting the
-consumer's PUBACK (the CONNECT's Receive Maximum), so this is also the bound on what the consumer holds.
+``receive_maximum`` workers take deliveries from a queue, which holds at most that many: the link stops
+reading from the broker while as many readings await their PUBACK (``broker.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from smartgas_common.mqtt_contract import (
     meter_id_of_reading_topic,
     shared_filter,
 )
-from smartgas_consumer.broker import BrokerCredentials, BrokerLink, Delivery, Published, publish_properties
+from smartgas_consumer.broker import BrokerCredentials, BrokerLink, Delivery, publish_properties
 from smartgas_consumer.config import BrokerAddress
 from smartgas_consumer.error import InvalidMeterId, StoreUnavailable, UnsupportedFormat
 from smartgas_consumer.intake import ReadingIntake
@@ -126,6 +127,7 @@ class MqttIngest:
             receive_maximum=settings.receive_maximum,
             on_delivery=self._delivered,
             on_state=self._metrics.mqtt_state,
+            on_publish_refused=self._answer_refused,
         )
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
@@ -154,6 +156,7 @@ class MqttIngest:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
                 await self._queue.join()
+                await self.link.answers_settled()
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -166,16 +169,19 @@ class MqttIngest:
     async def _work(self) -> None:
         while True:
             delivery = await self._queue.get()
+            acknowledge = False
             try:
-                await self.handle(delivery)
+                acknowledge = await self.handle(delivery)
             except Exception:  # a bug must cost one reading (sent again by the broker), not the worker
                 _LOG.exception("MQTT: reading on %r not handled", delivery.topic[:120])
                 self.link.recycle("a reading failed unexpectedly")
             finally:
+                self.link.settle(delivery, acknowledge=acknowledge)
                 self._queue.task_done()
 
-    async def handle(self, delivery: Delivery) -> None:
-        """One reading: intake, answer, PUBACK (or, for 5.03, none of them)."""
+    async def handle(self, delivery: Delivery) -> bool:
+        """One reading: intake, then answer; return whether to acknowledge it now. Not for 5.03 (the broker
+        sends it again), nor when it is answered: then it is acknowledged once the answer is in the broker."""
         self.received += 1
         meter_id = meter_id_of_reading_topic(delivery.topic)
         answer: dict[str, Any] | None
@@ -196,7 +202,7 @@ class MqttIngest:
             self.held_back += 1
             _LOG.warning("MQTT: reading of %r held back (the broker sends it again): %s", meter_id, err.message)
             self.link.recycle("the store cannot commit now")
-            return
+            return False
         except ConstructionRenderableError as err:
             self.refused += 1
             self._refusals.refused(f"mqtt meter {(meter_id or '?')[:64]}", meter_id or "", err)
@@ -204,26 +210,33 @@ class MqttIngest:
         else:
             self.accepted += 1
             answer = {"code": Code.CHANGED.dotted, **accepted.as_dict()} if delivery.response_topic else None
-        if answer is not None and meter_id is not None and not await self._answer(delivery, meter_id, answer):
-            return  # the connection went before the answer was in the broker: the reading comes again
-        self.link.ack(delivery)
+        if answer is not None and meter_id is not None and self._answer(delivery, meter_id, answer):
+            return False  # acknowledged when the broker has the answer
+        return True
 
-    async def _answer(self, delivery: Delivery, meter_id: str, answer: dict[str, Any]) -> bool:
-        """Publish the answer; False only if the connection was lost (then the reading is not acknowledged)."""
+    def _answer(self, delivery: Delivery, meter_id: str, answer: dict[str, Any]) -> bool:
+        """Publish the answer, the reading to be acknowledged after it; False if it is not sent (a topic
+        the broker refused before: the reading is acknowledged unanswered)."""
         topic = answer_topic(meter_id)
         if topic in self._unanswerable:
-            return True
+            return False
         if delivery.response_topic is not None and delivery.response_topic != topic:
             _LOG.debug("MQTT: response topic %r of %r not followed", delivery.response_topic[:120], meter_id)
         properties = publish_properties()
         properties.ContentType = CONTENT_TYPE_JSON
         if delivery.correlation_data is not None:
             properties.CorrelationData = delivery.correlation_data
-        outcome = await self.link.publish(delivery, topic, json.dumps(answer).encode(), properties)
-        if outcome is Published.REFUSED:
-            _LOG.warning("MQTT: the broker refused the answer topic %s (its ACL?): not answered again", topic)
-            self._unanswerable[topic] = None
-            while len(self._unanswerable) > MAX_UNANSWERABLE_TOPICS:
-                self._unanswerable.popitem(last=False)
-            return True
-        return outcome is Published.DELIVERED
+        # If the connection is gone, nothing is sent, and acknowledging then does nothing either.
+        self.link.answer_then_acknowledge(delivery, topic, json.dumps(answer).encode(), properties)
+        return True
+
+    def _answer_refused(self, topic: str, reason: str) -> None:
+        """The broker refused an answer (its ACL does not let the consumer write there; Mosquitto then also
+        drops the connection): that topic is not answered again, or its reading would come back forever."""
+        if topic not in self._unanswerable:
+            _LOG.warning(
+                "MQTT: the broker refused the answer on %s (%s): that topic is not answered again", topic, reason
+            )
+        self._unanswerable[topic] = None
+        while len(self._unanswerable) > MAX_UNANSWERABLE_TOPICS:
+            self._unanswerable.popitem(last=False)
