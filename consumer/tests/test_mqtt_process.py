@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from mqtt_meter import MqttMeter
-from running import ConsumerProcess, consumer_process
+from running import ConsumerProcess, consumer_process, metric_value
 
 from smartgas_common.mosquitto import Mosquitto, mosquitto_binary
 
@@ -68,8 +68,11 @@ def publish_all(meters: list[MqttMeter], readings: int, published: list[tuple[st
 
 
 async def stop(consumer: ConsumerProcess) -> None:
-    consumer.process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(consumer.process.wait(), timeout=WAIT_S) == 0
+    assert await asyncio.to_thread(consumer.stop, signal.SIGTERM) == 0
+
+
+def connected(consumer: ConsumerProcess) -> bool:
+    return metric_value(consumer.http_port, "smartgas_mqtt_connected") == 1
 
 
 async def test_kill_9_under_mqtt_load_loses_nothing_and_stores_each_reading_once(
@@ -82,16 +85,18 @@ async def test_kill_9_under_mqtt_load_loses_nothing_and_stores_each_reading_once
     meters = [await asyncio.to_thread(MqttMeter(broker.port, f"kill-{n}").connect) for n in range(METERS)]
     published: list[tuple[str, int]] = []
     try:
-        async with consumer_process(db, *mqtt_options(broker, "smartgas-kill")) as first:
-            await until(lambda: first.metric("smartgas_mqtt_connected") == 1, "the first consumer subscribed")
+        with consumer_process(db, *mqtt_options(broker, "smartgas-kill")) as first:
+            await until(lambda: connected(first), "the first consumer subscribed")
             publishing = asyncio.create_task(asyncio.to_thread(publish_all, meters, readings, published))
-            await until(lambda: first.metric("smartgas_readings_stored_total") >= readings, "a quarter stored")
-            first.process.send_signal(signal.SIGKILL)  # mid-stream: readings in flight, some committed unacked
-            await first.process.wait()
+            await until(
+                lambda: metric_value(first.http_port, "smartgas_readings_stored_total") >= readings, "a quarter stored"
+            )
+            first.process.kill()  # SIGKILL mid-stream: readings in flight, some committed and not acknowledged
+            await asyncio.to_thread(first.process.wait)
         answered_before = {(m.meter_id, a.document["seq"]) for m in meters for a in m.answers}
         await asyncio.wait_for(publishing, timeout=WAIT_S)  # the broker took every reading meanwhile
         assert len(published) == METERS * readings
-        async with consumer_process(db, *mqtt_options(broker, "smartgas-kill")) as second:
+        with consumer_process(db, *mqtt_options(broker, "smartgas-kill")) as second:
 
             def all_answered() -> bool:
                 return all({a.document["seq"] for a in m.answers} >= set(range(readings)) for m in meters)
@@ -119,12 +124,12 @@ async def test_two_consumers_on_one_shared_subscription_store_each_reading_once(
     meters = [await asyncio.to_thread(MqttMeter(broker.port, f"shared-{n}").connect) for n in range(METERS)]
     published: list[tuple[str, int]] = []
     try:
-        async with (
+        with (
             consumer_process(dbs[0], *mqtt_options(broker, "smartgas-a", "--mqtt-shared-group", "ingest")) as a,
             consumer_process(dbs[1], *mqtt_options(broker, "smartgas-b", "--mqtt-shared-group", "ingest")) as b,
         ):
             for consumer in (a, b):
-                await until(lambda c=consumer: c.metric("smartgas_mqtt_connected") == 1, "both subscribed")
+                await until(lambda c=consumer: connected(c), "both subscribed")
             await asyncio.to_thread(publish_all, meters, readings, published)
             await until(lambda: sum(len(m.answers) for m in meters) >= METERS * readings, "every reading answered")
             await stop(a)
