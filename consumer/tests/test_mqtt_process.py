@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from mqtt_meter import MqttMeter
-from running import ConsumerProcess, consumer_process, metric_value
+from running import ConsumerProcess, consumer_process
 
 from smartgas_common.mosquitto import Mosquitto, mosquitto_binary
 
@@ -68,11 +68,7 @@ def publish_all(meters: list[MqttMeter], readings: int, published: list[tuple[st
 
 
 async def stop(consumer: ConsumerProcess) -> None:
-    assert await asyncio.to_thread(consumer.stop, signal.SIGTERM) == 0
-
-
-def connected(consumer: ConsumerProcess) -> bool:
-    return metric_value(consumer.http_port, "smartgas_mqtt_connected") == 1
+    assert await asyncio.to_thread(consumer.stop) == 0, consumer.log()
 
 
 async def test_kill_9_under_mqtt_load_loses_nothing_and_stores_each_reading_once(
@@ -86,13 +82,11 @@ async def test_kill_9_under_mqtt_load_loses_nothing_and_stores_each_reading_once
     published: list[tuple[str, int]] = []
     try:
         with consumer_process(db, *mqtt_options(broker, "smartgas-kill")) as first:
-            await until(lambda: connected(first), "the first consumer subscribed")
+            await until(lambda: first.metric("smartgas_mqtt_connected") == 1, "the first consumer subscribed")
             publishing = asyncio.create_task(asyncio.to_thread(publish_all, meters, readings, published))
-            await until(
-                lambda: metric_value(first.http_port, "smartgas_readings_stored_total") >= readings, "a quarter stored"
-            )
-            first.process.kill()  # SIGKILL mid-stream: readings in flight, some committed and not acknowledged
-            await asyncio.to_thread(first.process.wait)
+            await until(lambda: first.metric("smartgas_readings_stored_total") >= readings, "a quarter stored")
+            # mid-stream: readings in flight, some committed unacked
+            await asyncio.to_thread(first.stop, signal.SIGKILL)
         answered_before = {(m.meter_id, a.document["seq"]) for m in meters for a in m.answers}
         await asyncio.wait_for(publishing, timeout=WAIT_S)  # the broker took every reading meanwhile
         assert len(published) == METERS * readings
@@ -129,7 +123,7 @@ async def test_two_consumers_on_one_shared_subscription_store_each_reading_once(
             consumer_process(dbs[1], *mqtt_options(broker, "smartgas-b", "--mqtt-shared-group", "ingest")) as b,
         ):
             for consumer in (a, b):
-                await until(lambda c=consumer: connected(c), "both subscribed")
+                await until(lambda c=consumer: c.metric("smartgas_mqtt_connected") == 1, "both subscribed")
             await asyncio.to_thread(publish_all, meters, readings, published)
             await until(lambda: sum(len(m.answers) for m in meters) >= METERS * readings, "every reading answered")
             await stop(a)
