@@ -19,9 +19,8 @@ on another meter's topic). A reading is acknowledged only once its answer reache
 broker refuses an answer topic (an ACL without the consumer's write permission), that topic is not
 answered again, and the reading is acknowledged unanswered rather than sent back forever.
 
-``receive_maximum`` workers take deliveries from a queue: the CONNECT's Receive Maximum asks the broker to
-have no more readings awaiting the consumer's PUBACK; Mosquitto 2.0 sends more while the consumer answers,
-and those wait in the queue (``broker.py``).
+``receive_maximum`` workers take deliveries from a queue: the broker never has more readings awaiting the
+consumer's PUBACK (the CONNECT's Receive Maximum), so this is also the bound on what the consumer holds.
 """
 
 from __future__ import annotations
