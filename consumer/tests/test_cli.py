@@ -69,6 +69,19 @@ def test_help_shows_a_percent_sign_literally() -> None:
     assert "this % of the bottle's nominal filling pressure" in " ".join(result.stdout.split())
 
 
+def test_help_names_each_value_after_its_setting_not_its_first_word() -> None:
+    """``--mqtt-broker MQTT`` and ``--device-credentials DEVICE`` told a newcomer nothing (the value was named
+    by the setting's first word, shared by a whole family of settings)."""
+    serve = next(
+        action.choices["serve"] for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    metavars = {action.option_strings[0]: action.metavar for action in serve._actions if action.option_strings}
+    assert metavars["--mqtt-broker"] == "BROKER"
+    assert metavars["--device-credentials"] == "CREDENTIALS"
+    assert metavars["--group-window-ms"] == "MS"
+    assert metavars["--workers"] == "WORKERS"
+
+
 def test_readme_lists_every_subcommand() -> None:
     block = README.read_text().split("## Commands", 1)[1].split("```")[1]
     listed = sorted(set(re.findall(r"^smartgas-consumer ([a-z-]+)", block, flags=re.MULTILINE)))

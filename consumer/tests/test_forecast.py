@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from smartgas_common.content import LiquidState
 from smartgas_consumer.fleet import Fleet, FleetMeter, parse_fleet
 from smartgas_consumer.forecast import (
     MAX_POINTS,
@@ -208,6 +209,23 @@ def test_a_liquefied_bottle_gets_its_state_not_days() -> None:
     )
     assert result.days_to_empty is None and result.basis is None
     assert "liquefied" in result.note and "present" in result.note
+
+
+@pytest.mark.parametrize(
+    ("state", "words"),
+    [
+        (LiquidState.LIQUID_PRESENT, "(liquid present)"),
+        (LiquidState.LIQUID_EXHAUSTED, "(liquid exhausted)"),
+        (LiquidState.OVER_PRESSURE, "(over pressure)"),
+        (LiquidState.SUPERCRITICAL, "(supercritical)"),
+    ],
+)
+def test_a_liquefied_bottles_note_names_its_state_in_words(state: LiquidState, words: str) -> None:
+    """The note is the dashboard's tooltip: it read "(liquid liquid_present)" with the state's real values."""
+    co2 = fleet().meters["co2"]
+    result = forecast(co2, None, ts=START, content_mol=50.0, fill_pct=None, liquid_state=state, reserve_fill_pct=10)
+    assert words in result.note, result.note
+    assert "_" not in result.note and "liquid liquid" not in result.note
 
 
 def test_an_unknown_meter_gets_no_figure() -> None:

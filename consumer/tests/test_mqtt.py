@@ -211,6 +211,36 @@ async def test_a_packet_beyond_the_maximum_packet_size_is_dropped_by_the_broker(
     assert await stored(running, "m1") == [("m1", 1, 0)]
 
 
+async def test_a_flood_of_refused_readings_does_not_silence_the_consumer(
+    running: Consumer, broker: Mosquitto, meter: MqttMeter
+) -> None:
+    """Mosquitto 2.0 keeps to the Receive Maximum only while its client publishes nothing: to a consumer that
+    answers as it acknowledges, it sends far beyond it (1,203 unacknowledged for a Receive Maximum of 4,
+    measured with two Paho clients). A consumer that dropped the connection then got them all again at once
+    on resuming its session, dropped it again, and so on: a flood of garbage silenced MQTT for good. Every
+    reading is taken, the connection stays, and the next good reading is stored and answered."""
+    flooded = 1500
+
+    def flood() -> None:
+        flooder = MqttMeter(broker.port, "flood", subscribe_answers=False).connect()
+        try:
+            sent = [flooder.client.publish(reading_topic(f"f{n}"), b"garbage", qos=1) for n in range(flooded)]
+            for info in sent:
+                info.wait_for_publish(WAIT_S)
+        finally:
+            flooder.close()
+
+    await asyncio.to_thread(flood)
+    assert running.mqtt is not None
+    mqtt = running.mqtt
+    await until(lambda: mqtt.refused == flooded, f"{flooded} refusals", timeout_s=2 * WAIT_S)
+    await asyncio.to_thread(meter.publish_reading, 1)
+    (answer,) = await asyncio.to_thread(meter.wait_answers, 1, WAIT_S)
+    assert answer.document["code"] == "2.04"
+    assert await stored(running, "m1") == [("m1", 1, 0)]
+    assert mqtt.link.connects == 1 and mqtt.link.connected
+
+
 async def test_answers_never_go_to_another_meters_topic(running: Consumer, broker: Mosquitto) -> None:
     """A Response Topic naming another meter's answer topic is not followed: the answer goes to the
     publishing meter's own topic (with the Correlation Data), nothing to the other one."""

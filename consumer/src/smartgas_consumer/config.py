@@ -621,7 +621,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             setting.flag,
             dest=setting.field,
             default=None,
-            metavar=setting.field.split("_")[0].upper(),
+            metavar=setting.field.split("_")[-1].upper(),  # the value, by the last word: --group-window-ms MS
             help=argparse_text(f"{setting.help} [env {setting.env}, default {getattr(defaults, setting.field)}]"),
         )
 

@@ -243,7 +243,8 @@ def forecast(
     if meter is None:
         return no_forecast(reserve_fill_pct, "not in the fleet file: no bottle size or working hours to forecast from")
     if meter.gas.storage is Storage.LIQUEFIED:
-        state = f" (liquid {liquid_state})" if liquid_state else ""
+        # In words (the note is the dashboard's tooltip): "liquid_present" → "(liquid present)".
+        state = f" ({liquid_state.replace('_', ' ')})" if liquid_state else ""
         return no_forecast(
             reserve_fill_pct, f"liquefied gas: its pressure gives the liquid state{state}, not the content left"
         )
