@@ -94,8 +94,9 @@ class MqttMeter:
         content_type: str | None = None,
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
-    ) -> ReasonCode:
-        """Publish at QoS 1 and return the reason code of the broker's PUBACK."""
+        qos: int = 1,
+    ) -> ReasonCode | None:
+        """Publish at QoS 1 and return the reason code of the broker's PUBACK (at QoS 0: None, once sent)."""
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         if content_type is not None:
             properties.ContentType = content_type
@@ -104,12 +105,14 @@ class MqttMeter:
         if correlation_data is not None:
             properties.CorrelationData = correlation_data
         with self._lock:
-            info = self.client.publish(topic or reading_topic(self.meter_id), payload, qos=1, properties=properties)
+            info = self.client.publish(topic or reading_topic(self.meter_id), payload, qos=qos, properties=properties)
             assert info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS, info.rc
+            if qos == 0:
+                return None
             assert self._lock.wait_for(lambda: info.mid in self._published, ROUND_TRIP_S), "no PUBACK"
             return self._published.pop(info.mid)
 
-    def publish_reading(self, seq: int, *, answer: bool = True, **fields: Any) -> ReasonCode:
+    def publish_reading(self, seq: int, *, answer: bool = True, **fields: Any) -> ReasonCode | None:
         """A valid reading, asking for an answer (Response Topic and Correlation Data = seq) by default."""
         return self.publish(
             reading_body(seq, **fields),

@@ -187,6 +187,20 @@ async def test_malformed_payloads_are_refused_naming_the_problem(
     assert metric(running, 'smartgas_transport_readings_refused_total{transport="mqtt"}') == 1
 
 
+async def test_a_qos_0_reading_is_refused_with_an_answer_saying_why(running: Consumer, meter: MqttMeter) -> None:
+    """A QoS 0 reading has no PUBACK that could follow its commit: refused 4.00, answered, counted, not stored
+    (it used to be dropped without a word: a misconfigured meter heard nothing)."""
+    await asyncio.to_thread(meter.publish, reading_body(1), qos=0)
+    (answer,) = await asyncio.to_thread(meter.wait_answers, 1)
+    assert answer.document["code"] == "4.00"
+    assert "QoS 1" in answer.document["diagnostic"] and reading_topic("m1") in answer.document["diagnostic"]
+    assert metric(running, 'smartgas_transport_readings_refused_total{transport="mqtt"}') == 1
+    await asyncio.to_thread(meter.publish_reading, 2)  # the same meter at QoS 1 goes on as usual
+    answers = await asyncio.to_thread(meter.wait_answers, 2)
+    assert answers[1].document["code"] == "2.04"
+    assert await stored(running, "m1") == [("m1", 2, 0)]
+
+
 async def test_cbor_readings_are_taken_like_json_ones(running: Consumer, meter: MqttMeter) -> None:
     body = cbor2.dumps(json.loads(reading_body(3)))
     await asyncio.to_thread(

@@ -87,7 +87,8 @@ class BrokerCredentials:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One QoS 1 PUBLISH from the broker, until the ingest acknowledges it through ``BrokerLink.ack``."""
+    """One PUBLISH from the broker, until the ingest acknowledges it through ``BrokerLink.ack`` (a QoS 0 one
+    has nothing to acknowledge: the ingest refuses it, with an answer)."""
 
     topic: str
     payload: bytes
@@ -96,6 +97,7 @@ class Delivery:
     correlation_data: bytes | None
     mid: int
     connection: _Connection = field(repr=False)
+    qos: int = 1
 
 
 class _Connection:
@@ -275,7 +277,7 @@ class _Connection:
         if reason.is_failure and self.link.on_publish_refused is not None:
             self.link.on_publish_refused(topic, str(reason))
         if not self.closed.is_set():
-            self.client.ack(delivery.mid, 1)
+            self.client.ack(delivery.mid, delivery.qos)  # QoS 0: nothing to send
 
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: ReasonCode, _properties: Any) -> None:
         if not self.closed.is_set():
@@ -283,8 +285,6 @@ class _Connection:
             self._closed()
 
     def _on_message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
-        if message.qos == 0:
-            return  # only QoS 1 readings are taken (the subscription's QoS); a QoS 0 one has no PUBACK
         properties = getattr(message, "properties", None)
         content_type = getattr(properties, "ContentType", None)
         response_topic = getattr(properties, "ResponseTopic", None)
@@ -300,6 +300,7 @@ class _Connection:
                 correlation_data=bytes(correlation_data) if isinstance(correlation_data, bytes | bytearray) else None,
                 mid=message.mid,
                 connection=self,
+                qos=message.qos,
             )
         )
 
@@ -393,7 +394,7 @@ class BrokerLink:
         connection.settled()
         if not acknowledge or connection is not self._connection or connection.closed.is_set():
             return False
-        return connection.client.ack(delivery.mid, 1) == MQTTErrorCode.MQTT_ERR_SUCCESS
+        return connection.client.ack(delivery.mid, delivery.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def answer_then_acknowledge(self, delivery: Delivery, topic: str, payload: bytes, properties: Properties) -> bool:
         """Publish an answer at QoS 1 on ``delivery``'s connection, and acknowledge ``delivery`` once the

@@ -42,6 +42,12 @@ class PayloadTooLarge(coap_error.ConstructionRenderableError):
         return response
 
 
+class UnacknowledgedQoS(coap_error.ConstructionRenderableError):
+    """An MQTT reading published at QoS 0: no acknowledgement could say it was committed: 4.00 (mqtt.py)."""
+
+    code = Code.BAD_REQUEST
+
+
 class UnsupportedFormat(coap_error.ConstructionRenderableError):
     """A Content-Format other than JSON (50) or CBOR (60): 4.15."""
 

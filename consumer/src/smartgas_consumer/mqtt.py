@@ -43,11 +43,12 @@ from smartgas_common.mqtt_contract import (
     CONTENT_TYPE_JSON,
     answer_topic,
     meter_id_of_reading_topic,
+    reading_topic,
     shared_filter,
 )
 from smartgas_consumer.broker import BrokerCredentials, BrokerLink, Delivery, publish_properties
 from smartgas_consumer.config import BrokerAddress
-from smartgas_consumer.error import InvalidMeterId, StoreUnavailable, UnsupportedFormat
+from smartgas_consumer.error import InvalidMeterId, StoreUnavailable, UnacknowledgedQoS, UnsupportedFormat
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON
@@ -191,6 +192,12 @@ class MqttIngest:
                 self._intake.refused_early("", err, TRANSPORT)
                 raise err
             try:
+                if delivery.qos == 0:
+                    # Taken, it could be lost unseen (no PUBACK after commit); refused, the meter hears why.
+                    raise UnacknowledgedQoS(
+                        f"readings are published at QoS 1 on {reading_topic(meter_id)}; this one came at QoS 0,"
+                        " which nothing could acknowledge after its commit"
+                    )
                 coap_format = content_format(delivery.content_type)
             except ConstructionRenderableError as err:
                 self._intake.refused_early(meter_id, err, TRANSPORT)
