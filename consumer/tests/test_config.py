@@ -73,3 +73,24 @@ def test_admin_key_is_secret_and_works() -> None:
     assert principal is not None and principal.is_admin
     assert keys.authenticate("other") is None
     assert secret not in repr(keys)
+
+
+@pytest.mark.parametrize("flag", ["--mqtt-credentials", "--mqtt-shared-group"])
+def test_an_mqtt_setting_without_a_broker_is_refused_naming_it(flag: str, tmp_path: Path) -> None:
+    # It used to be ignored without a word: the user believed MQTT was configured.
+    value = str(tmp_path / "consumer.json") if flag == "--mqtt-credentials" else "ingest"
+    field = flag.removeprefix("--").replace("-", "_")
+    with pytest.raises(ConfigError) as refused:
+        load({field: value}, {})
+    assert str(refused.value).startswith(f"{flag} takes effect only with MQTT on: give --mqtt-broker")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [("workers", "2x", "must be a whole number"), ("alert_jump_bar", "fifty", "must be a number")],
+)
+def test_a_value_that_is_not_a_number_is_refused_in_words(field: str, value: str, words: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load({field: value}, {})
+    assert str(refused.value).endswith(f"={value!r}: {words}")
+    assert "int()" not in str(refused.value) and "float" not in str(refused.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,4 +39,10 @@ def test_deps_installs_missing_debian_packages_without_recommends(tmp_path: Path
     assert len(install) == 1
     words = install[0].split()
     assert "--no-install-recommends" in words
-    assert {"libcoap3-bin", "docker-compose", "chromium", "fonts-liberation"} <= set(words)
+    packages = {word for word in words[words.index("install") + 1 :] if not word.startswith("-")}
+    assert {"libcoap3-bin", "docker-compose", "chromium", "fonts-liberation"} <= packages
+    # The README names every package make test installs, and no other.
+    readme = (REPO / "README.md").read_text()
+    sentence = " ".join(readme.split("`make test` installs Debian's", 1)[1].split(" with `apt-get`", 1)[0].split())
+    named = set(re.findall(r"`([a-z0-9.+-]+)`", sentence))
+    assert named == packages, (named, packages)

@@ -458,7 +458,7 @@ class BrokerLink:
             self.down_since = time.monotonic()
         # Logged when it changes, not at every attempt of a broker that stays away.
         if reason != self.last_error:
-            _LOG.warning("MQTT: %s; retrying with backoff (CoAP goes on)", reason)
+            _LOG.warning("MQTT: %s; retrying with backoff", reason)
         self.last_error = reason
         if was_up and self._on_state is not None:
             self._on_state(False)

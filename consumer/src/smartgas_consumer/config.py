@@ -150,6 +150,11 @@ class ConsumerConfig:
                 "--coap-enabled false leaves no way for readings to arrive: give --mqtt-broker mqtt://HOST:PORT"
                 " or keep CoAP on"
             )
+        if self.mqtt_broker is None and (self.mqtt_credentials is not None or self.mqtt_shared_group is not None):
+            given = "--mqtt-credentials" if self.mqtt_credentials is not None else "--mqtt-shared-group"
+            raise ConfigError(
+                f"{given} takes effect only with MQTT on: give --mqtt-broker mqtt://HOST:PORT or leave {given} out"
+            )
         if self.elasticsearch_password is not None and self.elasticsearch_username is None:
             raise ConfigError("an Elasticsearch password needs a user name (--elasticsearch-username)")
         if self.elasticsearch_api_key is not None and self.elasticsearch_username is not None:
@@ -646,8 +651,18 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Consume
             values[setting.field] = setting.parse(str(raw))
         except ValueError as err:
             shown = "(hidden)" if setting.secret else repr(raw)
-            raise ConfigError(f"{source}={shown}: {err}") from err
+            raise ConfigError(f"{source}={shown}: {_plain(err)}") from err
     return ConsumerConfig(**values)
+
+
+def _plain(err: ValueError) -> str:
+    """A parse error in words a user acts on: int()'s and float()'s own messages name Python, not the fix."""
+    text = str(err)
+    if text.startswith("invalid literal for int()"):
+        return "must be a whole number"
+    if text.startswith("could not convert string to float"):
+        return "must be a number"
+    return text
 
 
 def settings_table(settings: Sequence[Setting] = SETTINGS) -> str:
