@@ -90,6 +90,7 @@ class ConsumerConfig:
     coap_dedup_lifetime_s: float = 60.0
     # Meters missing from the fleet file: how many the consumer keeps, and how fast new ones may appear.
     max_unknown_meters: int = 2000
+    max_pending_readings: int = 2048
     unknown_meters_per_minute: float = 600.0
     # MQTT ingest (mqtt.py): off unless a broker URL is given.
     mqtt_broker: str | None = None
@@ -390,6 +391,13 @@ SETTINGS: tuple[Setting, ...] = (
         "--coap-dedup-lifetime",
         _positive_float,
         "seconds a CoAP request's answer is kept for retransmissions; later repeats are processed again",
+    ),
+    Setting(
+        "max_pending_readings",
+        "--max-pending-readings",
+        _positive_int,
+        "readings that may wait for the commit at once; beyond, a reading is refused 5.03 at once (a peer "
+        "sending faster than the store commits must not grow memory without end)",
     ),
     Setting(
         "max_unknown_meters",

@@ -66,6 +66,11 @@ class StoreUnavailable(coap_error.ConstructionRenderableError):
     code = Code.SERVICE_UNAVAILABLE
 
 
+class Overloaded(StoreUnavailable):
+    """More readings wait for the commit than ``--max-pending-readings``: 5.03 at once, the meter retries later.
+    A ``StoreUnavailable``, so the MQTT edge holds the reading back for the broker as for a store fault."""
+
+
 class UnknownMeterRefused(coap_error.ConstructionRenderableError):
     """A meter missing from the fleet file, beyond the cap on such meters: 4.03 (admission.py)."""
 

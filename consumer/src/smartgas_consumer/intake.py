@@ -20,7 +20,7 @@ from aiocoap.error import ConstructionRenderableError
 
 from smartgas_consumer import physics
 from smartgas_consumer.admission import UnknownMeters
-from smartgas_consumer.error import ImplausibleReading, StoreUnavailable
+from smartgas_consumer.error import ImplausibleReading, Overloaded, StoreUnavailable
 from smartgas_consumer.fleet import Fleet, FleetMeter
 from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.reading import Reading, TimeWindow, check_meter_id, decode_body, parse_reading
@@ -111,6 +111,7 @@ class ReadingIntake:
         unknown_meters: UnknownMeters | None = None,
         max_reading_age_s: float = 25 * 3600.0,
         max_clock_skew_s: float = 300.0,
+        max_pending: int = 2048,
     ) -> None:
         self.store = store
         # The cap and rate limit on meters missing from the fleet file; None takes every meter (tests).
@@ -124,6 +125,11 @@ class ReadingIntake:
         self._clock = clock
         self._max_reading_age_s = max_reading_age_s
         self._max_clock_skew_s = max_clock_skew_s
+        # Readings in ``accept`` now (most waiting for the group commit): beyond ``max_pending`` a reading is
+        # refused 5.03 at once. Without the bound, a peer sending faster than the store commits piled
+        # requests up in memory without end (measured: +132 MB in two minutes at twice the commit rate).
+        self.pending = 0
+        self._max_pending = max_pending
         # Called after each newly stored reading (sinks wake up to ship it, alerts evaluate it).
         self.on_stored: list[Callable[[StoredEvent], None]] = []
 
@@ -143,13 +149,21 @@ class ReadingIntake:
         ``coap`` or ``mqtt``, for the per-transport counts."""
         self.counters.received += 1
         self.metrics.reading_received(transport)
+        self.pending += 1
         try:
+            if self.pending > self._max_pending:
+                raise Overloaded(
+                    f"reading not stored, retry later: {self.pending - 1} readings wait for the commit"
+                    f" (--max-pending-readings {self._max_pending})"
+                )
             window = TimeWindow(self._clock(), self._max_reading_age_s, self._max_clock_skew_s)
             reading = parse_reading(check_meter_id(meter_id), decode_body(payload, content_format), window)
             accepted = await self._store(reading, authenticated)
         except ConstructionRenderableError as err:
             self._count_refusal(meter_id, err, transport)
             raise
+        finally:
+            self.pending -= 1
         self.metrics.reading_accepted(transport)
         return accepted
 

@@ -163,6 +163,7 @@ class Consumer:
             unknown_meters=self.unknown_meters,
             max_reading_age_s=config.max_reading_age_s,
             max_clock_skew_s=config.max_clock_skew_s,
+            max_pending=config.max_pending_readings,
         )
         self.store_health = StoreHealth(self.store)
         self.alerts = AlertEngine(self.store, config, fleet=self.fleet)
