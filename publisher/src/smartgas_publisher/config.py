@@ -171,11 +171,11 @@ def _to_float(text: str) -> float:
     return value
 
 
-def _to_consumer_uri(text: str) -> str:
-    """Normalise ``coap://HOST[:PORT][/]`` to ``coap://HOST:PORT`` without resolving the host."""
+def _normal_url(text: str, scheme: str, default_port: int, what: str) -> str:
+    """Normalise ``SCHEME://HOST[:PORT][/]`` to ``SCHEME://HOST:PORT`` without resolving the host."""
     parts = urlsplit(text.strip())
-    if parts.scheme != "coap":
-        raise ValueError(f"must be a coap:// URI (plain CoAP over UDP), got {text!r}")
+    if parts.scheme != scheme:
+        raise ValueError(f"must be {what}, got {text!r}")
     try:
         port = parts.port
     except ValueError:
@@ -183,30 +183,19 @@ def _to_consumer_uri(text: str) -> str:
     if not parts.hostname:
         raise ValueError(f"must name a host, got {text!r}")
     if parts.username is not None or parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ValueError(f"must be only scheme, host and port (coap://HOST:PORT), got {text!r}")
+        raise ValueError(f"must be only scheme, host and port ({scheme}://HOST:PORT), got {text!r}")
     if port == 0:
         raise ValueError(f"port must be 1 to 65535, got {text!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"coap://{host}:{5683 if port is None else port}"
+    return f"{scheme}://{host}:{default_port if port is None else port}"
+
+
+def _to_consumer_uri(text: str) -> str:
+    return _normal_url(text, "coap", 5683, "a coap:// URI (plain CoAP over UDP)")
 
 
 def _to_broker_url(text: str) -> str:
-    """Normalise ``mqtt://HOST[:PORT][/]`` to ``mqtt://HOST:PORT`` without resolving the host."""
-    parts = urlsplit(text.strip())
-    if parts.scheme != "mqtt":
-        raise ValueError(f"must be an mqtt:// URL (MQTT over TCP), got {text!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"has an invalid port, got {text!r}") from None
-    if not parts.hostname:
-        raise ValueError(f"must name a host, got {text!r}")
-    if parts.username is not None or parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ValueError(f"must be only scheme, host and port (mqtt://HOST:PORT), got {text!r}")
-    if port == 0:
-        raise ValueError(f"port must be 1 to 65535, got {text!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"mqtt://{host}:{MQTT_DEFAULT_PORT if port is None else port}"
+    return _normal_url(text, "mqtt", MQTT_DEFAULT_PORT, "an mqtt:// URL (MQTT over TCP)")
 
 
 def _to_transport(text: str) -> str:
