@@ -177,9 +177,16 @@ async def test_503_429_and_timeouts_are_retried_with_the_same_delivery_id(
         # a request before it reads its delay, so its count alone let a third attempt succeed.
         await wait_until(lambda: dispatcher.counters.failed_attempts >= 3 and len(receiver.received) >= 3)
         receiver.delay_s = 0.0
-        await wait_until(lambda: dispatcher.counters.delivered == 1)
+
+        async def delivered_durably() -> bool:
+            # The outbox row, not the counter: the counter moves before the row's write, and stopping the
+            # dispatcher in between once left a row read with one attempt fewer (a loaded machine).
+            return [row["delivered_at"] is not None for row in await outbox(store)] == [True]
+
+        await wait_until(delivered_durably)
     finally:
         await dispatcher.stop()
+    assert dispatcher.counters.delivered == 1
     assert [r.status for r in receiver.received[:2]] == [503, 429]
     assert len({r.delivery_id for r in receiver.received}) == 1  # at least once, always under one id
     (row,) = await outbox(store)
