@@ -33,7 +33,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -49,9 +48,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import bench_ingest  # noqa: E402  (the Python clients of the OSCORE row, and the bench fleet file)
+import serving  # noqa: E402  (start a server, learn its ports)
 
 GENERATOR_SOURCE = BENCH_DIR / "coapload.c"
-LISTENING = re.compile(r"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 #: How long a server may take to say it listens (the consumer builds its gas models first).
 START_TIMEOUT_S = 120.0
 #: How long a consumer may take to commit and exit once asked.
@@ -132,53 +131,16 @@ class Server:
 
 @contextlib.contextmanager
 def started(name: str, command: list[str], db: Path | None = None) -> Iterator[Server]:
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    assert process.stdout is not None
-    log: list[str] = []
-    deadline = time.monotonic() + START_TIMEOUT_S
-    port = None
-    while port is None:
-        line = process.stdout.readline()
-        if not line or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"{name} did not start: {''.join(log[-20:])}")
-        log.append(line)
-        match = LISTENING.search(line)
-        port = int(match.group(1)) if match else None
-    # Keep reading its output so the pipe never fills (the consumer logs a line now and then).
-    drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
-    server = Server(name, process, port, db, log)
+    running = serving.start(command, name=name, http=False)
+    server = Server(name, running.process, running.coap_port, db, running.log)
     try:
         yield server
     finally:
-        try:
-            server.stop()
-        finally:
-            drain.wait(10)
+        server.stop()
 
 
 def consumer_command(db: Path, fleet: Path, extra: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "smartgas_consumer",
-        "serve",
-        "--coap-host",
-        "127.0.0.1",
-        "--coap-port",
-        "0",
-        "--http-port",
-        "0",
-        "--db",
-        str(db),
-        "--fleet",
-        str(fleet),
-        "--device-auth",
-        "none",
-        *extra,
-    ]
+    return serving.serve_command(db, "--fleet", str(fleet), "--device-auth", "none", *extra)
 
 
 @dataclass

@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import selectors
 import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+import serving  # a sibling module: the script runs as consumer/bench/bench_flood.py
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
-LISTENING = re.compile(r"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 RESEND_AFTER_S = 2.0
 
 
@@ -113,22 +109,9 @@ def main() -> int:
     parser.add_argument("consumer_args", nargs="*", help="extra consumer flags, after --")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        serve = ["serve", "--coap-host", "127.0.0.1", "--coap-port", "0", "--http-port", "0"]
-        serve += ["--db", str(Path(scratch) / "flood.db"), *arguments.consumer_args]
-        process = subprocess.Popen(
-            [sys.executable, "-m", "smartgas_consumer", *serve],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        running = serving.start(serving.serve_command(Path(scratch) / "flood.db", *arguments.consumer_args), http=False)
+        process, port = running.process, running.coap_port
         try:
-            assert process.stderr is not None
-            port = None
-            for line in process.stderr:
-                if (match := LISTENING.search(line)) is not None:
-                    port = int(match.group(1))
-                    break
-            assert port is not None, "consumer did not start"
-            threading.Thread(target=process.stderr.read, daemon=True).start()  # keeps the log pipe open
             time.sleep(1.0)
             idle = rss_mb(process.pid)
             deadline = time.monotonic() + arguments.timeout

@@ -21,15 +21,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import serving  # a sibling module: the script runs as consumer/bench/bench_mqtt.py
+
 from smartgas_common.mosquitto import Mosquitto
 
-LISTENING = re.compile(r"listening on coap://\[127\.0\.0\.1\]:(\d+)")
-HTTP = re.compile(r"HTTP API on http://127\.0\.0\.1:(\d+)/api")
 FINISHED = re.compile(r"fleet finished: meters=\d+ produced=(\d+) sent=\d+ acked=(\d+)")
 #: Readings stored since start (Prometheus text format).
 STORED = re.compile(r"^smartgas_readings_stored_total (\S+)$", re.MULTILINE)
@@ -45,36 +44,12 @@ def start_consumer(
     scratch: Path, broker: Mosquitto, meters: int, receive_maximum: int | None
 ) -> tuple[subprocess.Popen[str], int, int]:
     extra = [] if receive_maximum is None else ["--mqtt-receive-maximum", str(receive_maximum)]
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "smartgas_consumer", "serve",
-            "--coap-host", "127.0.0.1", "--coap-port", "0", "--http-host", "127.0.0.1", "--http-port", "0",
-            "--db", str(scratch / "bench.db"), "--device-auth", "none",
-            "--mqtt-broker", broker.url,
-            "--max-unknown-meters", str(2 * meters), "--unknown-meters-per-minute", str(120 * meters),
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    command = serving.serve_command(
+        scratch / "bench.db", "--device-auth", "none", "--mqtt-broker", broker.url,
+        "--max-unknown-meters", str(2 * meters), "--unknown-meters-per-minute", str(120 * meters), *extra,
     )  # fmt: skip
-    assert process.stderr is not None
-    coap_port = http_port = None
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    while (coap_port is None or http_port is None) and time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            raise SystemExit("consumer did not start:\n" + "".join(lines[-10:]))
-        lines.append(line)
-        if match := LISTENING.search(line):
-            coap_port = int(match.group(1))
-        if match := HTTP.search(line):
-            http_port = int(match.group(1))
-    if coap_port is None or http_port is None:
-        process.kill()
-        raise SystemExit("consumer did not start within 120 s")
-    threading.Thread(target=lambda: process.stderr and process.stderr.read(), daemon=True).start()
-    return process, coap_port, http_port
+    running = serving.start(command)
+    return running.process, running.coap_port, running.http_port
 
 
 def drive(
