@@ -287,12 +287,10 @@ class WebhookDispatcher:
         now = self._clock()
         if outcome is Outcome.DELIVERED:
             next_attempt_at = now
-            self.counters.delivered += 1
             self.failures_in_a_row[delivery.url] = 0
             self.last_error[delivery.url] = None
         elif outcome is Outcome.REFUSED:
             next_attempt_at = now + timedelta(seconds=self.backoff.cap_s)
-            self.counters.refused += 1
             _LOG.error(
                 "webhook %s refused delivery %s (%s of %s), attempt %d; retrying in %.0f s: %s",
                 delivery.url,
@@ -305,7 +303,6 @@ class WebhookDispatcher:
             )
         else:
             next_attempt_at = now  # due again as soon as the URL's backoff is over
-            self.counters.failed_attempts += 1
 
         def update(connection: sqlite3.Connection) -> None:
             connection.execute(
@@ -321,6 +318,13 @@ class WebhookDispatcher:
             )
 
         await self.store.write(update)
+        # Counted once the outbox row says so: a reader of the counters then finds the row agreeing.
+        if outcome is Outcome.DELIVERED:
+            self.counters.delivered += 1
+        elif outcome is Outcome.REFUSED:
+            self.counters.refused += 1
+        else:
+            self.counters.failed_attempts += 1
 
     async def _back_off(self, url: str, attempt: Attempt) -> None:
         failures = self.failures_in_a_row[url]
