@@ -96,7 +96,7 @@ def tree_cpu_seconds(pid: int) -> float:
     total = 0.0
     for each in tree_pids(pid):
         with contextlib.suppress(OSError):
-            total += bench_ingest.cpu_seconds(each)
+            total += serving.cpu_seconds(each)
     return total
 
 

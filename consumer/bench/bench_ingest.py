@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiocoap
+import serving  # a sibling module: the script runs as consumer/bench/bench_ingest.py (or is imported beside it)
 from aiocoap import oscore
 from aiocoap.numbers.codes import Code
 
@@ -38,17 +36,8 @@ from smartgas_consumer import device_auth
 
 #: How long one reading may wait for its answer; one that waits longer counts as not acknowledged.
 RESPONSE_DEADLINE_S = 60.0
-LISTENING = re.compile(rb"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 #: The gases of the bench fleet, in turn: every compressed built-in gas, the two mixtures included.
 BENCH_GASES = ("oxygen", "nitrogen", "argon", "argon-co2", "medical-air", "helium", "hydrogen", "methane")
-#: Clock ticks per second of /proc/PID/stat's CPU times.
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` so far: what the consumer spent, whatever else runs."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def meter_id(index: int) -> str:
@@ -131,19 +120,8 @@ async def run(
             consumer_credentials, meter_credentials = Path(scratch) / "device", Path(scratch) / "meters"
             device_auth.provision_meters(consumer_credentials, meter_credentials, meter_ids)  # not measured
             auth_options += ["--device-credentials", str(consumer_credentials)]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "smartgas_consumer",
-            "serve",
-            "--coap-host",
-            "127.0.0.1",
-            "--coap-port",
-            "0",
-            "--http-port",
-            "0",
-            "--db",
-            str(db),
+        command = serving.serve_command(
+            db,
             "--group-window-ms",
             str(group_window_ms),
             *fleet_options,
@@ -153,24 +131,14 @@ async def run(
             "--unknown-meters-per-minute",
             str(max(meters, 1)),
             *auth_options,
-            stderr=asyncio.subprocess.PIPE,
         )
-        drain: asyncio.Task[bytes] | None = None
+        consumer = await asyncio.to_thread(serving.start, command)
+        process = consumer.process
         try:
-            assert process.stderr is not None
-            match = None
-            # Start-up builds the gas models (CoolProp, a few seconds on a loaded machine).
-            deadline = time.monotonic() + 60
-            while match is None and time.monotonic() < deadline:
-                line = await asyncio.wait_for(process.stderr.readline(), 60)
-                assert line, "consumer did not start"
-                match = LISTENING.search(line)
-            assert match, "consumer did not start"
-            drain = asyncio.create_task(process.stderr.read())  # keeps the log pipe from filling up
-            port = int(match.group(1))
+            port = consumer.coap_port
             latencies: list[float] = []
             timed_out: list[str] = []
-            cpu_before = cpu_seconds(process.pid)
+            cpu_before = serving.cpu_seconds(process.pid)
             started = time.perf_counter()
             acknowledged = await asyncio.wait_for(
                 asyncio.gather(
@@ -182,16 +150,14 @@ async def run(
                 timeout_s,
             )
             elapsed = time.perf_counter() - started
-            consumer_cpu_s = cpu_seconds(process.pid) - cpu_before
+            consumer_cpu_s = serving.cpu_seconds(process.pid) - cpu_before
         finally:
             process.terminate()
-            await process.wait()
-            if drain is not None:
-                drain.cancel()
+            await asyncio.to_thread(process.wait)
         with sqlite3.connect(db) as connection:
             stored = connection.execute("SELECT count(*) FROM readings").fetchone()[0]
     total = sum(acknowledged)
-    cuts = statistics.quantiles(latencies, n=100)
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")  # never beyond the largest
     return {
         "device_auth": device_auth_mode,
         "meters": meters,

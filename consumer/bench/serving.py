@@ -1,11 +1,13 @@
 """A server process for a benchmark: started on loopback ephemeral ports, its ports read from its log.
 
-Shared by the benchmark scripts (``bench_compare.py``, ``bench_mqtt.py``, ``bench_flood.py``), which run it
-as a sibling module; the tests have their own helper (``consumer/tests/running.py``).
+Shared by the benchmark scripts (``bench_compare.py``, ``bench_ingest.py``, ``bench_mqtt.py``,
+``bench_flood.py``, and the publisher's ``bench_scale.py``), which import it as a sibling module (the
+publisher's puts this folder on its path); the tests have their own helper (``consumer/tests/running.py``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +20,14 @@ COAP_LISTENING = re.compile(r"listening on coap://\[127\.0\.0\.1\]:(\d+)")
 HTTP_LISTENING = re.compile(r"HTTP API on http://127\.0\.0\.1:(\d+)/api")
 #: A consumer builds its gas models at start (CoolProp): seconds, more on a loaded machine.
 START_TIMEOUT_S = 120.0
+#: Clock ticks per second of /proc/PID/stat's CPU times.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far: what it spent, whatever else shares the cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def serve_command(db: Path, *options: str) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -27,20 +26,16 @@ import threading
 import time
 from pathlib import Path
 
-LISTENING = re.compile(r"listening on coap://\[127\.0\.0\.1\]:(\d+)")
+# The consumer's bench helpers (start a server, CPU time of a process): consumer/bench/serving.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "consumer" / "bench"))
+import serving
+
 SUMMARY = re.compile(
     r"fleet finished: meters=(?P<meters>\d+) produced=(?P<produced>\d+) sent=(?P<sent>\d+) acked=(?P<acked>\d+)"
     r" retried=(?P<retried>\d+) failed=(?P<failed>\d+) dropped=(?P<dropped>\d+) unsent=(?P<unsent>\d+)"
     r".* send_delay_ms p50=(?P<p50>\d+) p99=(?P<p99>\d+) max=(?P<max>\d+)"
     r" late_over_1s=(?P<late>\d+)/(?P<first_sent>\d+)"
 )
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -51,42 +46,21 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_consumer(
-    scratch: Path, meters: int, device_auth: str, workers: int
-) -> tuple[subprocess.Popen[str], int, list[str]]:
-    """A consumer on ephemeral ports; returns the process, its CoAP port and its log lines (kept read)."""
+def start_consumer(scratch: Path, meters: int, device_auth: str, workers: int) -> serving.Started:
+    """A consumer on ephemeral ports, its log kept read (``consumer/bench/serving.py``)."""
     options = ["--device-auth", device_auth, "--workers", str(workers)]
     if device_auth == "oscore":
         options += ["--device-credentials", str(scratch / "device")]
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "smartgas_consumer", "serve",
-            "--coap-host", "127.0.0.1", "--coap-port", "0", "--http-port", "0",
-            "--db", str(scratch / "bench.db"),
-            # The simulated meters are in no fleet file, and all of them start within one period.
-            "--max-unknown-meters", str(meters), "--unknown-meters-per-minute", str(meters * 60),
-            *options,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    command = serving.serve_command(
+        scratch / "bench.db",
+        # The simulated meters are in no fleet file, and all of them start within one period.
+        "--max-unknown-meters", str(meters), "--unknown-meters-per-minute", str(meters * 60),
+        *options,
     )  # fmt: skip
-    assert process.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    port = None
-    while port is None and time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            raise SystemExit(f"consumer did not start: {''.join(lines[-5:])}")
-        lines.append(line)
-        if match := LISTENING.search(line):
-            port = int(match.group(1))
-    if port is None:
-        process.kill()
-        raise SystemExit("consumer did not start within 120 s")
-    # Keep reading its log, so a full pipe never blocks it.
-    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()  # type: ignore[arg-type]
-    return process, port, lines
+    try:
+        return serving.start(command)
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
 
 
 def run(
@@ -101,9 +75,10 @@ def run(
             ids = [f"sim-{number:04d}" for number in range(1, meters + 1)]
             provisioning.provision_meters(scratch / "device", scratch / "meters", ids)
             publisher_options = ["--credentials", str(scratch / "meters")]
-        consumer, port, consumer_log = start_consumer(scratch, meters, device_auth, workers)
+        started_consumer = start_consumer(scratch, meters, device_auth, workers)
+        consumer, port, consumer_log = started_consumer.process, started_consumer.coap_port, started_consumer.log
         try:
-            consumer_cpu_before = cpu_seconds(consumer.pid)
+            consumer_cpu_before = serving.cpu_seconds(consumer.pid)
             started = time.monotonic()
             publisher = subprocess.Popen(
                 [
@@ -125,14 +100,14 @@ def run(
                     publisher.kill()
                     raise SystemExit(f"publisher still running after {timeout_s:g} s")
                 try:  # measured while it runs: after it exits /proc no longer has it
-                    publisher_cpu_s, peak_mb = cpu_seconds(publisher.pid), peak_rss_mb(publisher.pid)
+                    publisher_cpu_s, peak_mb = serving.cpu_seconds(publisher.pid), peak_rss_mb(publisher.pid)
                 except (FileNotFoundError, ProcessLookupError, IndexError):
                     break
                 time.sleep(0.5)
             publisher.wait()
             reader.join(10)
             elapsed_s = time.monotonic() - started
-            consumer_cpu_s = cpu_seconds(consumer.pid) - consumer_cpu_before
+            consumer_cpu_s = serving.cpu_seconds(consumer.pid) - consumer_cpu_before
         finally:
             consumer.terminate()
             try:
