@@ -1,0 +1,176 @@
+"""The fast path of the CoAP edge: a reading's PUT taken from the message layer straight to the intake.
+
+**What.** The product's traffic is one request: a CON or NON PUT to ``/meters/{id}/reading``. A request of
+exactly that shape (its options only Uri-Path, three segments ``meters``, the id, ``reading``, and
+Content-Format, besides Uri-Host and Uri-Port, which a server ignores) is handed by the message layer
+(``dedup.BoundedDedupMessageManager.dispatch_message``), once past the duplicate detection
+(``dedup.RecentRequests``), to ``ReadingFastPath.handle``. That runs ``MeterReading.put`` (so
+``ReadingIntake.accept``: a ``--workers`` worker's ``ForwardingIntake`` too) in a task, encodes the answer
+and sends it, and keeps its bytes for the request's duplicates. Anything else (another method or path,
+Block1/Block2/Size1, Observe, No-Response, OSCORE, Uri-Path-Abbrev, proxying, any other option, critical
+or not; pings, ACKs, RSTs) takes aiocoap's full path unchanged. A consumer with ``--device-auth oscore``
+has no fast path: aiocoap's OSCORE site wrapper must see every request.
+
+**Why.** Between decoding a request and encoding its answer, aiocoap 0.4 runs each request through the
+TokenManager (a ``Pipe`` with its event callbacks), the Context (a second, error-translating pipe and a
+render task), the ``Site``, a loop timer per CON request (the empty ACK after EMPTY_ACK_DELAY), the pipe's
+events back and ``MessageManager.send_message``: about half of the consumer's event loop per reading
+(docs/benchmarks.md, "Where the time goes"). Here a reading costs the decode, one task and the encode.
+
+**The same answers.** A CON request's answer is piggybacked on the ACK (the request's message id and
+token); a NON request gets a NON answer with a fresh message id from the message manager's own counter; a
+refusal (``error.RenderableError``) is its ``to_message()``, as aiocoap renders it (code, diagnostic
+payload, Size1 of a 4.13, Max-Age of a 4.29); any other exception is logged on aiocoap's logger and
+answered 5.00, as aiocoap does. An answer not ready after EMPTY_ACK_DELAY (0.1 s: a slow commit) is
+handled as aiocoap does: an empty ACK goes out (kept for the request's duplicates), then the answer as a
+separate CON message that aiocoap's message layer retransmits until acknowledged. Only the timer differs:
+one for all requests waiting, set at the oldest one's delay, instead of one per request. (Piggybacking a
+late answer, which RFC 7252 allows, was tried: a client holding one exchange at a time per peer (NSTART 1,
+as aiocoap's and so the publisher's sockets do) then sends nothing more to the consumer until the slow
+reading is answered, and ``test_overload.py`` stalled.) ``test_fastpath.py`` sends the same requests to a
+consumer with and without the fast path and compares the answers. Two requests on one token at once are
+both answered (aiocoap drops the first).
+
+**aiocoap internals it rests on** (0.4.17, pinned in constraints.txt; ``test_fastpath.py`` checks they
+still exist): ``MessageManager.dispatch_message`` (overridden), ``_next_message_id`` (a NON answer's id),
+``_send_empty_ack``, ``send_message`` (a separate answer) and ``message_interface.send`` (given an object
+with ``remote`` and ``encode()``); ``TransportTuning.EMPTY_ACK_DELAY``; ``Options._options``
+(the option numbers a request carries); ``Context.serversite`` (where the context finds the fast path);
+``EndpointAddress.as_response_address``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING
+
+from aiocoap import Message, error
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
+from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.numbers.types import ACK, CON, NON
+
+if TYPE_CHECKING:
+    from smartgas_consumer.dedup import BoundedDedupMessageManager
+
+#: The options a request on the fast path may carry; any other sends it down aiocoap's full path.
+FAST_PATH_OPTIONS = frozenset(
+    {OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.URI_PATH, OptionNumber.CONTENT_FORMAT}
+)
+
+#: aiocoap's default EMPTY_ACK_DELAY (numbers.constants.TransportTuning): how long a CON request's answer may
+#: take before an empty ACK goes out and the answer follows as a separate CON message.
+EMPTY_ACK_DELAY_S = TransportTuning.EMPTY_ACK_DELAY
+
+#: ``MeterReading.put``: (meter id, request, when it arrived per ``time.perf_counter``) → the 2.04, or a
+#: ``ConstructionRenderableError`` raised.
+PutReading = Callable[[str, Message, float], Awaitable[Message]]
+
+
+class ReadingFastPath:
+    """Answers readings' PUTs for the message layer; ``taken`` counts the requests it took."""
+
+    def __init__(self, put: PutReading, empty_ack_delay_s: float = EMPTY_ACK_DELAY_S) -> None:
+        self._put = put
+        self.empty_ack_delay_s = empty_ack_delay_s
+        self.taken = 0
+        # Requests being processed: referenced until done (a task only weakly held may vanish), and
+        # cancelled when the transport shuts down.
+        self._tasks: set[asyncio.Task[None]] = set()
+        # CON requests whose answer can still be piggybacked: key → (arrival per the loop's clock, request,
+        # its message manager), in arrival order. One timer for all of them, at the oldest one's delay,
+        # sends their empty ACKs (aiocoap schedules a timer per request).
+        self._piggybackable: dict[Hashable, tuple[float, Message, BoundedDedupMessageManager]] = {}
+        self._empty_acks: asyncio.TimerHandle | None = None
+
+    def takes(self, message: Message) -> bool:
+        if message.code != Code.PUT or (message.mtype is not CON and message.mtype is not NON):
+            return False
+        if not message.opt._options.keys() <= FAST_PATH_OPTIONS:
+            return False
+        path = message.opt.uri_path
+        return len(path) == 3 and path[0] == "meters" and path[2] == "reading"
+
+    def handle(self, message: Message, key: Hashable, manager: BoundedDedupMessageManager) -> None:
+        self.taken += 1
+        if message.mtype is CON:
+            loop = manager.loop
+            arrived = loop.time()
+            self._piggybackable[key] = (arrived, message, manager)
+            if self._empty_acks is None:
+                self._empty_acks = loop.call_at(arrived + self.empty_ack_delay_s, self._send_empty_acks, loop)
+        task = asyncio.create_task(self._answer(message, key, manager, time.perf_counter()), name="CoAP reading")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._empty_acks is not None:
+            self._empty_acks.cancel()
+            self._empty_acks = None
+        self._piggybackable.clear()
+
+    def _send_empty_acks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """An empty ACK for each CON request unanswered for ``empty_ack_delay_s``, as aiocoap sends (so the
+        client stops retransmitting and, holding one exchange at a time, sends its next requests)."""
+        self._empty_acks = None
+        now = loop.time()
+        while self._piggybackable:
+            key, (arrived, request, manager) = next(iter(self._piggybackable.items()))
+            due = arrived + self.empty_ack_delay_s
+            if due > now:
+                self._empty_acks = loop.call_at(due, self._send_empty_acks, loop)
+                return
+            del self._piggybackable[key]
+            # Kept for the request's duplicates, as aiocoap keeps it (_store_response_for_duplicates).
+            manager._send_empty_ack(request.remote, request.mid, "Response took too long to prepare")
+
+    async def _answer(
+        self, request: Message, key: Hashable, manager: BoundedDedupMessageManager, started: float
+    ) -> None:
+        try:
+            response = await self._put(request.opt.uri_path[1], request, started)
+        except error.RenderableError as err:
+            response = _refusal(err, manager)
+        except Exception as err:  # a bug of ours: what aiocoap's error_to_message does with it
+            manager.log.error("An exception occurred while rendering a resource: %r", err, exc_info=err)
+            response = Message(code=Code.INTERNAL_SERVER_ERROR)
+        response.token = request.token
+        remote = request.remote.as_response_address()
+        if request.mtype is NON:
+            response.mtype, response.mid = NON, manager._next_message_id()
+        elif self._still_piggybackable(key, request):
+            del self._piggybackable[key]
+            response.mtype, response.mid = ACK, request.mid
+        else:  # its empty ACK went out: a separate CON answer, retransmitted by aiocoap until acknowledged
+            response.mtype, response.remote = CON, remote
+            manager.send_message(response, _ignore_reset)
+            return
+        encoded = bytes(response.encode())
+        manager.recent_requests.answer(key, encoded)
+        manager.send_encoded(remote, encoded)
+
+    def _still_piggybackable(self, key: Hashable, request: Message) -> bool:
+        """Whether no empty ACK went out for ``request`` (under ``key``: not another request since under it)."""
+        entry = self._piggybackable.get(key)
+        return entry is not None and entry[1] is request
+
+
+def _ignore_reset() -> None:
+    """A separate answer the client rejected (RST) or never acknowledged: nothing to undo (as in aiocoap,
+    whose render task is over by then)."""
+
+
+def _refusal(err: error.RenderableError, manager: BoundedDedupMessageManager) -> Message:
+    """The answer aiocoap renders for an error raised by a resource (``aiocoap.pipe.error_to_message``)."""
+    try:
+        response = err.to_message()
+        if response is None:
+            raise ValueError(f"Exception to_message failed to produce a message on {err!r}")
+    except Exception as failure:
+        manager.log.error("Rendering the renderable exception failed: %r", failure, exc_info=failure)
+        return Message(code=Code.INTERNAL_SERVER_ERROR)
+    return response  # type: ignore[no-any-return]
