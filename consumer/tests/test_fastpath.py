@@ -18,6 +18,7 @@ import dataclasses
 import json
 import shutil
 import socket
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -40,7 +41,7 @@ from chattr import chattr, immutable  # noqa: F401 (chattr is a fixture)
 from conftest import reading_uri, wire_example
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dedup import BoundedDedupMessageManager
-from smartgas_consumer.fastpath import EMPTY_ACK_DELAY_S, ReadingFastPath
+from smartgas_consumer.fastpath import DATAGRAMS_PER_WAKEUP, EMPTY_ACK_DELAY_S, ReadingFastPath
 from smartgas_consumer.reading import MAX_PAYLOAD_BYTES
 from smartgas_consumer.server import Consumer
 
@@ -500,3 +501,68 @@ async def test_no_fast_path_with_oscore(consumer_config: ConsumerConfig, tmp_pat
         assert message_manager(consumer).fast_path is None  # aiocoap's OSCORE wrapper sees every request
     finally:
         await consumer.stop()
+
+
+class _Interface:
+    """What a UDP6EndpointAddress holds a weak reference to (its transport)."""
+
+
+@pytest.mark.parametrize(
+    ("local_address", "multicast"), [("::ffff:127.0.0.1", False), ("::1", False), ("ff02::fd", True)]
+)
+def test_the_answer_goes_back_as_aiocoap_would_send_it(local_address: str, multicast: bool) -> None:
+    interface = _Interface()
+    pktinfo = struct.pack("16sI", socket.inet_pton(socket.AF_INET6, local_address), 1)
+    remote = UDP6EndpointAddress(("::ffff:127.0.0.1", 40000, 0, 0), interface, pktinfo=pktinfo)
+    fast_path = ReadingFastPath(put=None)  # type: ignore[arg-type]
+    for _ in range(2):  # worked out once per local address, then remembered
+        answer_address = fast_path._response_address(remote)
+        assert answer_address == remote.as_response_address()
+        assert (answer_address is remote) is not multicast
+        assert answer_address.pktinfo == (None if multicast else pktinfo)
+
+
+@pytest.mark.integration
+async def test_a_burst_of_datagrams_is_read_by_the_fast_paths_reader(consumer: Consumer, peer: socket.socket) -> None:
+    assert consumer.port is not None
+    fast_path = message_manager(consumer).fast_path
+    assert isinstance(fast_path, ReadingFastPath) and fast_path.reader is not None
+    before = fast_path.reader.datagrams
+    inbox = Inbox(peer)
+    burst = 2 * DATAGRAMS_PER_WAKEUP + 5  # sent at once: more than a batch waits in the socket
+    for n in range(burst):
+        meter = ("meters", f"burst-{n}", "reading")
+        await inbox.send(consumer.port, datagram(Type.CON, 100 + n, b"b%d" % n, path=meter, payload=as_json(0)))
+    for n in range(burst):
+        answer = await inbox.take(lambda m, n=n: m.token == b"b%d" % n, consumer.port)
+        assert answer.code == Code.CHANGED
+    assert fast_path.reader.datagrams - before == burst and fast_path.taken == burst
+    assert consumer.intake.counters.stored == burst
+
+
+@pytest.mark.integration
+async def test_an_icmp_error_is_read_from_the_error_queue_and_serving_goes_on(consumer: Consumer) -> None:
+    assert consumer.port is not None
+    fast_path = message_manager(consumer).fast_path
+    assert isinstance(fast_path, ReadingFastPath) and fast_path.reader is not None
+    # A peer that sends and is gone before the answer: the answer meets a closed port, and the kernel queues
+    # the ICMP "port unreachable" on the consumer's socket (IPV6_RECVERR), which aiocoap is told of.
+    gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gone.bind(("127.0.0.1", 0))
+    gone.sendto(
+        datagram(Type.CON, 1, b"gone", code=Code.GET, path=("health",), content_format=None),
+        ("127.0.0.1", consumer.port),
+    )
+    gone.close()
+    for _ in range(1000):  # bounded: 10 s
+        if fast_path.reader.errors:
+            break
+        await asyncio.sleep(0.01)
+    assert fast_path.reader.errors >= 1
+    client = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        message = Message(code=Code.PUT, uri=reading_uri(consumer), payload=as_json(0), content_format=50)
+        response = await asyncio.wait_for(client.request(message).response, timeout=ANSWER_TIMEOUT_S)
+        assert response.code == Code.CHANGED
+    finally:
+        await client.shutdown()

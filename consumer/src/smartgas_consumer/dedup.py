@@ -24,6 +24,7 @@ duplicate detection. Both rest on aiocoap internals of the pinned version (const
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -131,6 +132,10 @@ class FastPath(Protocol):
         """Drop the requests still being processed (the transport shuts down, as aiocoap's does)."""
         ...
 
+    def read_datagrams(self, message_interface: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the datagrams of ``message_interface`` (aiocoap's udp6 transport) from now on."""
+        ...
+
 
 class BoundedDedupMessageManager(MessageManager):  # type: ignore[misc]
     """aiocoap's CoAP-over-UDP message layer, with duplicate detection held in ``RecentRequests`` and the
@@ -193,6 +198,8 @@ def bounded_dedup_context(limits: DedupLimits) -> type[aiocoap.Context]:
             message_manager = BoundedDedupMessageManager(token_manager, limits, fast_path)
             transport = await message_interface_constructor(message_manager)
             message_manager.message_interface = transport
+            if fast_path is not None:  # its datagrams read in batches too (fastpath.DatagramReader)
+                fast_path.read_datagrams(transport, self.loop)
             token_manager.token_interface = message_manager
             self.request_interfaces.append(token_manager)
 
