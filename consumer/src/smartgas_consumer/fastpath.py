@@ -250,8 +250,10 @@ class DatagramReader:
                 self._protocol.error_received(exc)
                 break
             read += 1
+            self.datagrams += 1
+            # A datagram aiocoap cannot decode raises here, as from aiocoap's reader (edgelog.py drops it);
+            # the datagrams after it are read on the next wake-up.
             self._protocol.datagram_msg_received(data, ancdata, flags, address)
-        self.datagrams += read
         if self._errqueue and (read == 0 or read == DATAGRAMS_PER_WAKEUP):
             self._read_errors()
 
