@@ -5,9 +5,9 @@ ids, tokens and options are the test's to choose), to two real consumers on loop
 path, one without (``Consumer(..., coap_fast_path=False)``: every request through aiocoap's layers). Their
 answers must agree in code, options and payload; the message type and id follow the request (a CON's
 answer piggybacked on its ACK, a NON's answer a NON). Both paths answer a CON separately (an empty ACK
-first) when the commit takes longer than EMPTY_ACK_DELAY, which one test forces with a commit held back;
-elsewhere the helper accepts a separate answer (on a loaded machine the timer may fire before a quick
-commit) and acknowledges it, as a client must. libcoap's
+first) when the commit takes longer than their empty-ACK delay (aiocoap's 0.1 s, the fast path's 1 s),
+which one test forces with a commit held back; elsewhere the helper accepts a separate answer (on a
+loaded machine the timer may fire before a quick commit) and acknowledges it, as a client must. libcoap's
 ``coap-client-notls`` and aiocoap's client check that real clients read the fast path's answers.
 """
 
@@ -137,7 +137,8 @@ def test_the_aiocoap_internals_the_fast_path_rests_on_still_exist() -> None:
     # fastpath.py rests on aiocoap 0.4.17 (constraints.txt); a release that renames these breaks it here.
     for name in ("dispatch_message", "_next_message_id", "_send_empty_ack", "send_message", "shutdown"):
         assert callable(getattr(MessageManager, name))
-    assert TransportTuning.EMPTY_ACK_DELAY == EMPTY_ACK_DELAY_S
+    # The fast path waits longer than aiocoap before an empty ACK, and less than a client before re-sending.
+    assert TransportTuning.EMPTY_ACK_DELAY < EMPTY_ACK_DELAY_S < TransportTuning.ACK_TIMEOUT
     assert isinstance(Options()._options, dict)
     assert request(content_format=JSON_FORMAT).opt._options.keys() == {OptionNumber.URI_PATH, 12}
     assert callable(MessageInterfaceUDP6.send) and callable(UDP6EndpointAddress.as_response_address)
@@ -419,7 +420,7 @@ async def test_overload_5_03_and_a_slow_commit_answered_separately_alike(pair: P
         over, over_separate = await inbox.answer_to(port, refused)
         assert over.code == Code.SERVICE_UNAVAILABLE and not over_separate
         assert b"(--max-pending-readings 1)" in over.payload
-        # An empty ACK after EMPTY_ACK_DELAY; a retransmission meanwhile gets it again.
+        # An empty ACK after the empty-ACK delay (0.1 s, 1 s on the fast path); a retransmission gets it again.
         empty = await inbox.take(lambda m: m.mid == 60, port)
         assert (empty.mtype, empty.code, empty.token) == (Type.ACK, Code.EMPTY, b"")
         await inbox.send(port, waiting)

@@ -22,15 +22,17 @@ events back and ``MessageManager.send_message``: about half of the consumer's ev
 token); a NON request gets a NON answer with a fresh message id from the message manager's own counter; a
 refusal (``error.RenderableError``) is its ``to_message()``, as aiocoap renders it (code, diagnostic
 payload, Size1 of a 4.13, Max-Age of a 4.29); any other exception is logged on aiocoap's logger and
-answered 5.00, as aiocoap does. An answer not ready after EMPTY_ACK_DELAY (0.1 s: a slow commit) is
+answered 5.00, as aiocoap does. An answer not ready after ``EMPTY_ACK_DELAY_S`` (a slow commit) is
 handled as aiocoap does: an empty ACK goes out (kept for the request's duplicates), then the answer as a
-separate CON message that aiocoap's message layer retransmits until acknowledged. Only the timer differs:
-one for all requests waiting, set at the oldest one's delay, instead of one per request. (Piggybacking a
-late answer, which RFC 7252 allows, was tried: a client holding one exchange at a time per peer (NSTART 1,
-as aiocoap's and so the publisher's sockets do) then sends nothing more to the consumer until the slow
-reading is answered, and ``test_overload.py`` stalled.) ``test_fastpath.py`` sends the same requests to a
-consumer with and without the fast path and compares the answers. Two requests on one token at once are
-both answered (aiocoap drops the first).
+separate CON message that aiocoap's message layer retransmits until acknowledged. Two things differ: the
+delay is 1 s, not aiocoap's 0.1 s (why at ``EMPTY_ACK_DELAY_S``), so an answer between the two rides on
+the ACK where aiocoap's would come separately; and one timer serves all requests waiting, set at the
+oldest one's delay, instead of one per request. (Piggybacking however late, which RFC 7252 allows, was
+tried: a client holding one exchange at a time per peer (NSTART 1, as aiocoap's and so the publisher's
+sockets do) then sends nothing more to the consumer until the slow reading is answered, and
+``test_overload.py`` stalled.) ``test_fastpath.py`` sends the same requests to a consumer with and without
+the fast path and compares the answers. Two requests on one token at once are both answered (aiocoap
+drops the first).
 
 **Datagrams read in batches.** aiocoap's udp6 transport reads one datagram per wake-up of the event loop,
 and first asks the socket's error queue (ICMP errors, ``IPV6_RECVERR``) with a ``recvmsg`` that, nearly
@@ -44,7 +46,7 @@ after a full batch (so a flood does not keep errors waiting), handing each to ai
 **aiocoap internals it rests on** (0.4.17, pinned in constraints.txt; ``test_fastpath.py`` checks they
 still exist): ``MessageManager.dispatch_message`` (overridden), ``_next_message_id`` (a NON answer's id),
 ``_send_empty_ack``, ``send_message`` (a separate answer) and ``message_interface.send`` (given an object
-with ``remote`` and ``encode()``); ``TransportTuning.EMPTY_ACK_DELAY``; ``Options._options``
+with ``remote`` and ``encode()``); ``Options._options``
 (the option numbers a request carries); ``Context.serversite`` (where the context finds the fast path);
 ``EndpointAddress.as_response_address``; ``MessageInterfaceUDP6.transport`` (whose ``max_size``, and
 whose socket's reader callback, ``DatagramReader`` replaces), ``datagram_msg_received``,
@@ -62,7 +64,6 @@ from typing import TYPE_CHECKING, Any
 from aiocoap import Message, error
 from aiocoap.interfaces import EndpointAddress
 from aiocoap.numbers.codes import Code
-from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import ACK, CON, NON
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
@@ -76,9 +77,14 @@ FAST_PATH_OPTIONS = frozenset(
     {OptionNumber.URI_HOST, OptionNumber.URI_PORT, OptionNumber.URI_PATH, OptionNumber.CONTENT_FORMAT}
 )
 
-#: aiocoap's default EMPTY_ACK_DELAY (numbers.constants.TransportTuning): how long a CON request's answer may
-#: take before an empty ACK goes out and the answer follows as a separate CON message.
-EMPTY_ACK_DELAY_S = TransportTuning.EMPTY_ACK_DELAY
+#: How long a CON reading's answer may take before an empty ACK goes out and the answer follows as a separate
+#: CON message: 1 s, where aiocoap waits 0.1 s (TransportTuning.EMPTY_ACK_DELAY), below the 2 s after which
+#: a client first re-sends (ACK_TIMEOUT). Separate answers cost more (an exchange each, retransmission
+#: timers) and go to each client address one at a time (NSTART 1, each waiting for the client's ACK), so
+#: a consumer that fell 0.1 s behind under load fell further behind: at 1,489 readings/s on the loaded
+#: development machine, 16,741 separate answers, p99 5 s and 2,800 readings unanswered within 5 s with
+#: 0.1 s; none, p99 273 ms and all answered with 1 s (docs/benchmarks.md).
+EMPTY_ACK_DELAY_S = 1.0
 
 #: Datagrams read per wake-up of the event loop at most (then other callbacks run): 32 × ~0.1 ms.
 DATAGRAMS_PER_WAKEUP = 32
