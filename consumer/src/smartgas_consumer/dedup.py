@@ -16,20 +16,24 @@ reading once per (meter, epoch, seq) and answers a repeat ``stored: false``). So
 ``BoundedDedupMessageManager`` is a small subclass of aiocoap's ``MessageManager`` replacing its two
 duplicate-detection methods; ``bounded_dedup_context`` gives a ``Context`` subclass whose udp6 transport
 uses it (and names each request's task without formatting the request, a per-reading cost:
-docs/benchmarks.md). Both rest on aiocoap internals of the pinned version (constraints.txt);
+docs/benchmarks.md). When the server site offers a ``fast_path`` (``fastpath.py``: a reading's PUT taken
+from here straight to the intake), the message manager hands it the requests it takes, after the same
+duplicate detection. Both rest on aiocoap internals of the pinned version (constraints.txt);
 ``test_dedup.py`` checks that they still exist and that a running consumer uses the subclass.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiocoap
-from aiocoap.message import Direction, Message
+from aiocoap.interfaces import EndpointAddress
+from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.types import CON
 from aiocoap.pipe import error_to_message, run_driving_pipe
@@ -99,12 +103,69 @@ class RecentRequests:
             self.evicted += 1
 
 
-class BoundedDedupMessageManager(MessageManager):  # type: ignore[misc]
-    """aiocoap's CoAP-over-UDP message layer, with duplicate detection held in ``RecentRequests``."""
+class EncodedAnswer:
+    """An answer already encoded, in the shape aiocoap's ``MessageInterface.send`` reads (``remote`` and
+    ``encode()``): sent as these bytes, without decoding and encoding them again."""
 
-    def __init__(self, token_manager: TokenManager, limits: DedupLimits) -> None:
+    __slots__ = ("data", "remote")
+
+    def __init__(self, remote: EndpointAddress, data: bytes) -> None:
+        self.remote = remote
+        self.data = data
+
+    def encode(self) -> bytes:
+        return self.data
+
+
+class FastPath(Protocol):
+    """What the message layer asks of a fast path (``fastpath.ReadingFastPath``)."""
+
+    def takes(self, message: Message) -> bool:
+        """Whether ``message`` (a request, decoded, not yet deduplicated) is one this path answers."""
+        ...
+
+    def handle(self, message: Message, key: Hashable, manager: BoundedDedupMessageManager) -> None:
+        """Answer ``message``, new under ``key`` in ``manager.recent_requests``; keep the answer there."""
+        ...
+
+    def cancel(self) -> None:
+        """Drop the requests still being processed (the transport shuts down, as aiocoap's does)."""
+        ...
+
+    def read_datagrams(self, message_interface: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the datagrams of ``message_interface`` (aiocoap's udp6 transport) from now on."""
+        ...
+
+
+class BoundedDedupMessageManager(MessageManager):  # type: ignore[misc]
+    """aiocoap's CoAP-over-UDP message layer, with duplicate detection held in ``RecentRequests`` and the
+    requests a ``fast_path`` takes handed to it."""
+
+    def __init__(self, token_manager: TokenManager, limits: DedupLimits, fast_path: FastPath | None = None) -> None:
         super().__init__(token_manager)
         self.recent_requests = RecentRequests(limits)
+        self.fast_path = fast_path
+
+    def dispatch_message(self, message: Message) -> None:
+        fast_path = self.fast_path
+        if fast_path is None or not fast_path.takes(message):
+            super().dispatch_message(message)
+            return
+        key = (message.remote, message.mid)
+        answer = self.recent_requests.seen(key)
+        if answer is None:
+            fast_path.handle(message, key, self)
+        elif message.mtype is CON and answer != NOT_ANSWERED:
+            self.send_encoded(message.remote.as_response_address(), answer)
+
+    def send_encoded(self, remote: EndpointAddress, data: bytes) -> None:
+        """Put an encoded answer on the wire as it is (aiocoap's transport, with its error attribution)."""
+        self.message_interface.send(EncodedAnswer(remote, data))
+
+    async def shutdown(self) -> None:
+        if self.fast_path is not None:
+            self.fast_path.cancel()  # as aiocoap's TokenManager drops the requests it still renders
+        await super().shutdown()
 
     def _deduplicate_message(self, message: Message) -> bool:
         """True if ``message`` is a duplicate (then its first answer, if any, is sent again)."""
@@ -112,9 +173,7 @@ class BoundedDedupMessageManager(MessageManager):  # type: ignore[misc]
         if answer is None:
             return False
         if message.mtype is CON and answer != NOT_ANSWERED:
-            again = Message.decode(answer, message.remote.as_response_address())
-            again.direction = Direction.OUTGOING
-            self._send_via_transport(again)
+            self.send_encoded(message.remote.as_response_address(), answer)
         return True
 
     def _store_response_for_duplicates(self, message: Message) -> None:
@@ -125,7 +184,8 @@ class BoundedDedupMessageManager(MessageManager):  # type: ignore[misc]
 
 
 def bounded_dedup_context(limits: DedupLimits) -> type[aiocoap.Context]:
-    """A ``Context`` class whose udp6 (and other message-managed) transports use ``BoundedDedupMessageManager``.
+    """A ``Context`` class whose udp6 (and other message-managed) transports use ``BoundedDedupMessageManager``,
+    with the server site's ``fast_path`` if it has one.
 
     Use it as ``aiocoap.Context`` is used: ``await bounded_dedup_context(limits).create_server_context(...)``.
     """
@@ -134,9 +194,12 @@ def bounded_dedup_context(limits: DedupLimits) -> type[aiocoap.Context]:
         async def _append_tokenmanaged_messagemanaged_transport(self, message_interface_constructor: Any) -> None:
             # aiocoap's own method (0.4.17), with the message manager swapped for ours.
             token_manager = TokenManager(self)
-            message_manager = BoundedDedupMessageManager(token_manager, limits)
+            fast_path = getattr(self.serversite, "fast_path", None)  # resource.ReadingSite's, unless turned off
+            message_manager = BoundedDedupMessageManager(token_manager, limits, fast_path)
             transport = await message_interface_constructor(message_manager)
             message_manager.message_interface = transport
+            if fast_path is not None:  # its datagrams read in batches too (fastpath.DatagramReader)
+                fast_path.read_datagrams(transport, self.loop)
             token_manager.token_interface = message_manager
             self.request_interfaces.append(token_manager)
 

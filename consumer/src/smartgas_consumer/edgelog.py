@@ -23,6 +23,9 @@ from typing import Any
 COAP_LOGGER = "smartgas_consumer.coap"
 #: The exceptions a datagram can raise while aiocoap decodes it (options that are not UTF-8, ...).
 DECODE_ERRORS = (UnicodeDecodeError, ValueError, IndexError, KeyError)
+#: The callbacks that read datagrams and hand them to aiocoap: its transport's, or the fast path's reader
+#: (``fastpath.DatagramReader``); a decode error escapes either (the datagrams after it wait for the next).
+DATAGRAM_READERS = ("DatagramTransport", "DatagramReader.read_ready")
 
 
 class PeerNoiseFilter(logging.Filter):
@@ -56,7 +59,8 @@ def datagram_error_handler(log: logging.Logger) -> Callable[[asyncio.AbstractEve
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exception = context.get("exception")
-        if isinstance(exception, DECODE_ERRORS) and "DatagramTransport" in repr(context.get("handle")):
+        handle = repr(context.get("handle"))
+        if isinstance(exception, DECODE_ERRORS) and any(reader in handle for reader in DATAGRAM_READERS):
             log.warning("ignored a datagram that could not be decoded: %s", exception)
             return
         loop.default_exception_handler(context)

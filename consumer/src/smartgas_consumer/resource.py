@@ -17,7 +17,8 @@ that ``Site`` makes to strip the path (it strips it in place, as ``Site`` itself
 and ``MeterReading.render_to_pipe`` answers a request without Block1/Block2 options directly, without the
 Block2 cache's key (another copy of the options): the answer to a reading is far below one block. Both are
 overrides of aiocoap's documented ``render_to_pipe`` interface; the full path (block-wise transfers,
-other resources) is aiocoap's own. Measured in docs/benchmarks.md.
+other resources) is aiocoap's own. Measured in docs/benchmarks.md. A reading's plain PUT does not even get
+here: ``ReadingSite.fast_path`` (``fastpath.py``) answers it from the message layer with ``MeterReading.put``.
 
 Refusals are logged per peer at INFO, at most one line per ``RefusalLog.interval_s`` per peer (with a
 count of the lines left out), so a flood of bad datagrams cannot flood the log.
@@ -42,6 +43,7 @@ from aiocoap.util.linkformat import LinkFormat
 
 from smartgas_consumer.device_auth import MeterContext
 from smartgas_consumer.error import MeterNotFound, NotAuthenticated, PayloadTooLarge, StoreUnavailable, WrongMeter
+from smartgas_consumer.fastpath import ReadingFastPath
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, MAX_PAYLOAD_BYTES, check_meter_id
 
@@ -192,7 +194,7 @@ class MeterReading(Resource, PathCapable):
             raise error.NotFound()
         if request.code == Code.PUT:
             # The intake checks the meter id itself, so a bad one is counted as a rejected reading.
-            return await self._put(path[0], request, started)
+            return await self.put(path[0], request, started)
         if request.code != Code.GET:
             raise error.UnallowedMethod()
         if self._require_oscore:
@@ -221,7 +223,9 @@ class MeterReading(Resource, PathCapable):
             raise WrongMeter(f"this OSCORE context belongs to another meter, not to {meter_id[:80]!r}")
         return True
 
-    async def _put(self, meter_id: str, request: Message, started: float) -> Message:
+    async def put(self, meter_id: str, request: Message, started: float) -> Message:
+        """A PUT of ``meter_id``'s reading (from ``render``, or from the fast path): the 2.04, or a refusal
+        raised; ``started`` (``time.perf_counter``) is when it arrived, for the ack-latency metric."""
         content_format = request.opt.content_format
         try:
             authenticated = self._authenticated(meter_id, request)
@@ -266,12 +270,14 @@ def _peer(request: Message) -> str:
 
 
 class ReadingSite(Site):
-    """aiocoap's ``Site``, with ``/meters/{id}/reading`` dispatched without copying the request."""
+    """aiocoap's ``Site``, with ``/meters/{id}/reading`` dispatched without copying the request, and the
+    ``fast_path`` its context's message layer hands readings' PUTs to (``fastpath.py``), unless turned off."""
 
-    def __init__(self, meters: MeterReading) -> None:
+    def __init__(self, meters: MeterReading, *, fast_path: bool = True) -> None:
         super().__init__()
         self._meters = meters
         self.add_resource(["meters"], meters)
+        self.fast_path = ReadingFastPath(meters.put) if fast_path else None
 
     async def render_to_pipe(self, pipe: Pipe) -> None:
         options = pipe.request.opt

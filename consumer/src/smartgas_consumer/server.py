@@ -79,15 +79,18 @@ def build_site(
     store_fault: Callable[[], Awaitable[str | None]],
     reading_get: bool = False,
     meter_contexts: MeterContexts | None = None,
+    fast_path: bool = True,
 ) -> resource.Site | GuardedOscoreSite:
     """The CoAP resource tree: /.well-known/core, /health, /meters/{meter_id}/reading (PUT; GET if enabled).
 
     ``GET /meters`` (the list of meters) is not served: it would tell anyone on the network the fleet.
     With ``meter_contexts`` (``--device-auth oscore``) the tree sits behind aiocoap's OSCORE wrapper,
     which verifies and decrypts protected requests; the meters resource then requires its own meter's
-    context, while /health and /.well-known/core stay plain CoAP.
+    context, while /health and /.well-known/core stay plain CoAP. ``fast_path``: readings' plain PUTs are
+    answered from the message layer (``fastpath.py``); never with OSCORE, whose wrapper must see every request.
     """
-    root = ReadingSite(MeterReading(intake, reading_get=reading_get, require_oscore=meter_contexts is not None))
+    meters = MeterReading(intake, reading_get=reading_get, require_oscore=meter_contexts is not None)
+    root = ReadingSite(meters, fast_path=fast_path and meter_contexts is None)
     root.add_resource([".well-known", "core"], resource.WKCResource(root.get_resources_as_linkheader, impl_info=None))
     root.add_resource(["health"], Health(store_fault))
     if meter_contexts is None:
@@ -129,8 +132,10 @@ def garbage_collector_tuned_for_serving() -> Iterator[None]:
 class Consumer:
     """One running consumer. ``await start()``, then ``await stop()`` (idempotent, safe after a failed start)."""
 
-    def __init__(self, config: ConsumerConfig) -> None:
+    def __init__(self, config: ConsumerConfig, *, coap_fast_path: bool = True) -> None:
         self.config = config
+        # False: every CoAP request takes aiocoap's full path (the tests compare the two; fastpath.py).
+        self.coap_fast_path = coap_fast_path
         self.store_lock = StoreLock(config.db)
         # The fleet and keys files are read here, before any socket opens: a broken file stops the start.
         self.fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
@@ -365,6 +370,7 @@ class Consumer:
                     store_fault=self.store_health.fault,
                     reading_get=self.config.coap_reading_get,
                     meter_contexts=self.meter_contexts,
+                    fast_path=self.coap_fast_path,
                 ),
                 bind=(self.config.coap_host, self.config.coap_port),
                 transports=["udp6"],
