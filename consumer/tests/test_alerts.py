@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import tracemalloc
 from dataclasses import dataclass, field
@@ -391,3 +392,15 @@ def test_a_meter_s_track_with_a_full_leak_window_takes_under_8_kb() -> None:
         tracemalloc.stop()
     assert len(track.window) >= 180
     assert held < 8_000
+
+
+def test_a_meter_s_track_gives_the_garbage_collector_a_handful_of_objects_to_walk() -> None:
+    """A full collection walks every tracked object: the flat window adds none per reading, where a
+    ``Sample`` per point made 1,000 meters' windows 183,000 objects (a 25 ms full collection, 0.4 ms now)."""
+    steady_track(KNOWN, 100, 1.0)  # anything made once, on first use, is made now
+    gc.collect()
+    before = len(gc.get_objects())
+    track = steady_track(KNOWN, 3600, 1.0)
+    gc.collect()
+    assert len(track.window) >= 180
+    assert len(gc.get_objects()) - before <= 12
