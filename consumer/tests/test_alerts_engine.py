@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from fake_elasticsearch import FakeElasticsearch
-from test_alerts import VOLUME_L, fleet, pressure_for
+from test_alerts import VOLUME_L, fleet, pressure_for, stored_event
 
 from smartgas_consumer.alert_records import ALERT_SCHEMA, AlertNotOpen
 from smartgas_consumer.alert_rules import LEAK_MIN_READINGS
 from smartgas_consumer.alert_shipping import AlertSource, to_alert_document
-from smartgas_consumer.alerts import AlertEngine
+from smartgas_consumer.alerts import READINGS_PER_TURN, AlertEngine
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.elastic import make_client
 from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
@@ -525,3 +525,29 @@ async def test_a_refused_alert_is_dead_lettered_with_the_reason(rig: Rig, fake_e
     assert sink.counters.dead_lettered == 1
     await rig.send(231.0)  # a later change is a new version: pending again
     assert len(await AlertSource(rig.store).pending(10)) == 1
+
+
+async def test_a_backlog_is_judged_a_few_readings_per_turn_of_the_event_loop(rig: Rig) -> None:
+    """Readings queued faster than they are judged (a burst) are judged READINGS_PER_TURN at a time, with a
+    turn of the event loop between: the CoAP answers waiting behind them are not held up by the whole
+    backlog. Counted by a task that runs once per turn while the engine judges 400 queued readings."""
+    engine = await rig.open()
+    readings = 400
+    meter = rig.fleet.meters["m1"]
+    for seq in range(readings):  # queued at once, as the intake's listener queues them after a group commit
+        engine.on_stored(stored_event(meter, seq, T0 + timedelta(seconds=10 * seq), 150.0))
+    turns = 0
+    stop = asyncio.Event()
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    assert engine.backlog == readings
+    counter = asyncio.create_task(count_turns())
+    await engine.flush()
+    stop.set()
+    await counter
+    assert turns >= readings // READINGS_PER_TURN - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -191,7 +192,7 @@ def test_until_the_fit_is_confident_the_declared_draw_stands_in() -> None:
 def test_after_a_swap_the_series_starts_again() -> None:
     series, _ts, _content = simulate(3.0)
     series.restart()
-    assert series.working_h == [] and series.fit() is None
+    assert len(series.working_h) == 0 and series.fit() is None
 
 
 def test_below_the_reserve_is_zero_days() -> None:
@@ -259,3 +260,17 @@ def test_a_meter_read_every_2_s_is_measured_within_30_working_minutes(seed: int)
         ts += timedelta(seconds=2)
     assert result.basis is Basis.MEASURED, result.note
     assert result.days_to_empty == pytest.approx(known_days(content, 3.0), rel=0.10)
+
+
+def test_a_meter_s_series_holds_max_points_in_under_3_kb_however_long_it_runs() -> None:
+    """A week of readings every 10 s in working hours: at most MAX_POINTS points, measured by tracemalloc
+    under 3 KB (the points as Python floats in lists took ~8 KB a meter)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        series, _ts, _content = simulate(2.0, days=7.0, period=timedelta(seconds=10), noise_mol=0.5)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert MAX_POINTS // 2 <= len(series.working_h) <= MAX_POINTS
+    assert held < 3_000

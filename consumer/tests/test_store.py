@@ -22,6 +22,7 @@ from smartgas_consumer.store import (
     ReadingStore,
     SequenceOutcome,
     StoreClosed,
+    StoreSummary,
     StoreUnusable,
     format_timestamp,
     parse_timestamp,
@@ -394,3 +395,44 @@ async def test_migration_adds_the_real_gas_columns_and_keeps_older_readings(tmp_
     assert rows == [(0, 307.7, None, None), (1, 305.6, 300.0, None)]
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def summary_and_its_steps(store: ReadingStore) -> tuple[StoreSummary, int]:
+    """The store's summary and how many SQLite virtual-machine steps its statements took."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0  # go on
+
+    await store.read(lambda connection: connection.set_progress_handler(count, 1))
+    summary = await store.summary()
+    await store.read(lambda connection: connection.set_progress_handler(None, 1))
+    return summary, steps[0]
+
+
+async def test_the_summary_is_right_and_walks_one_index_entry_per_reading(tmp_path: Path) -> None:
+    """The status timer reads the summary every 10 s while readings arrive: its cost grows with the store,
+    by ~3 SQLite steps a reading (two index walks for the counts). It took ~8 when the newest and oldest
+    pending readings were found by max/min of ``received_at``, a walk of every row."""
+    store = await open_store(tmp_path / "s.db")
+    received = [T0 + timedelta(seconds=index) for index in range(2000)]
+    try:
+        for start in (0, 1000):
+            await asyncio.gather(
+                *(
+                    store.add(reading(f"m{index % 50}", index // 50), 1.0, received[index])
+                    for index in range(start, start + 1000)
+                )
+            )
+            if start == 0:
+                small, small_steps = await summary_and_its_steps(store)
+        await store.mark_shipped(range(1, 501), T0)  # ids are the commit order, from 1
+        large, large_steps = await summary_and_its_steps(store)
+    finally:
+        await store.close()
+    assert (small.readings, small.pending, small.newest_received_at) == (1000, 1000, format_timestamp(received[999]))
+    assert small.oldest_pending_received_at == format_timestamp(received[0])
+    assert (large.readings, large.pending, large.newest_received_at) == (2000, 1500, format_timestamp(received[-1]))
+    assert large.oldest_pending_received_at == format_timestamp(received[500])
+    assert (large_steps - small_steps) / 1000 <= 4

@@ -27,8 +27,10 @@ hysteresis) or nothing (cannot judge, or inside the hysteresis band). Nothing he
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,15 +137,61 @@ class Sample:
         )
 
 
+class LeakWindow:
+    """A meter's leak window: the time, content and regime of each reading the fit uses, oldest first.
+
+    Held in three flat arrays (17 bytes a reading) rather than as objects (~280 bytes a ``Sample``): a
+    window holds up to LEAK_WINDOW / (LEAK_MIN_STEP_PERIODS × expected period) readings per meter (90 for a
+    meter sending every 10 s, 180 for one sending faster): for 10,000 meters at most ~30 MB, where whole
+    samples took up to ~460 MB (``test_alerts.py`` measures a meter's track).
+    """
+
+    __slots__ = ("moles", "ts_s", "working")
+
+    def __init__(self) -> None:
+        self.ts_s = array("d")  # the meter's timestamps, POSIX seconds, increasing
+        self.moles = array("d")  # the content the rule fits (``Sample.moles``)
+        self.working = bytearray()  # 1 if the meter's site was working in that hour (the fit's regimes)
+
+    def __len__(self) -> int:
+        return len(self.ts_s)
+
+    def clear(self) -> None:
+        del self.ts_s[:], self.moles[:], self.working[:]
+
+    def append(self, ts_s: float, moles: float, working: bool) -> None:
+        self.ts_s.append(ts_s)
+        self.moles.append(moles)
+        self.working.append(working)
+        if len(self.ts_s) > LEAK_MAX_READINGS:
+            self.drop_oldest(len(self.ts_s) - LEAK_MAX_READINGS)
+
+    def drop_before(self, oldest_s: float) -> None:
+        """Forget the readings older than ``oldest_s`` (the window slides)."""
+        self.drop_oldest(bisect.bisect_left(self.ts_s, oldest_s))
+
+    def drop_oldest(self, count: int) -> None:
+        del self.ts_s[:count], self.moles[:count], self.working[:count]
+
+    def fit(self, working: bool) -> Fit | None:
+        """The loss rate fitted to the readings of one regime (the site working or idle)."""
+        keep = [index for index, flag in enumerate(self.working) if flag == working]
+        if len(keep) == len(self.working):
+            return fit_points(self.ts_s, self.moles)
+        return fit_points([self.ts_s[i] for i in keep], [self.moles[i] for i in keep])
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """What the rules judge: the new reading with the meter's recent history (same epoch) and thresholds."""
 
     sample: Sample
     recent: Sequence[Sample]  # the last few readings, oldest first, ending with ``sample``
-    window: Sequence[Sample]  # the leak window, oldest first, ending with ``sample`` (unless left out)
+    #: The meter's leak window itself (empty: no leak rule), to be read by ``judge`` right after ``observe``.
+    window: LeakWindow
     meter: FleetMeter | None
     config: ConsumerConfig
+    in_window: bool = False  # ``sample`` is the window's newest point (not left out as too close)
 
 
 # -- steps between consecutive readings -----------------------------------------------------------------
@@ -194,15 +242,24 @@ def classify_step(previous: Sample, current: Sample, meter: FleetMeter | None, c
 # -- per-meter memory --------------------------------------------------------------------------------------
 
 
+def has_leak_rule(meter: FleetMeter | None) -> bool:
+    """Whether the leak rule judges this meter's readings: a fleet meter of a compressed gas."""
+    return meter is not None and meter.gas.storage is Storage.COMPRESSED
+
+
 @dataclass(slots=True)
 class MeterTrack:
-    """What the engine remembers of one meter: its last readings and its leak window."""
+    """What the engine remembers of one meter: its last readings and its leak window.
+
+    The window is kept only for a meter the leak rule judges (``has_leak_rule``): an unknown meter or a
+    liquefied gas holds none.
+    """
 
     meter_id: str
     client_id: str | None = None
     site_id: str | None = None
     recent: deque[Sample] = field(default_factory=lambda: deque(maxlen=SENSOR_CLEAR_STEPS + 1))
-    window: deque[Sample] = field(default_factory=lambda: deque(maxlen=LEAK_MAX_READINGS))
+    window: LeakWindow = field(default_factory=LeakWindow)
 
     def observe(self, sample: Sample, meter: FleetMeter | None, config: ConsumerConfig) -> Observation | None:
         """Take the next reading into the history; None if it is older than what was already seen."""
@@ -213,21 +270,25 @@ class MeterTrack:
         if previous is None or previous.epoch != sample.epoch:
             self.recent.clear()
         self.recent.append(sample)
+        if not has_leak_rule(meter):
+            return Observation(sample, tuple(self.recent), self.window, meter, config)
+        assert meter is not None
+        ts_s, working = sample.ts.timestamp(), meter.site.is_working(sample.ts.hour)
         if previous is None or previous.epoch != sample.epoch or step in (Step.SWAP, Step.JUMP):
             # A new bottle, a suspect value or a rebooted meter: the fit starts again from here.
             self.window.clear()
-            self.window.append(sample)
+            self.window.append(ts_s, sample.moles, working)
+            in_window = True
         else:
-            if self.window and self.window[-1].ts >= sample.ts:
-                self.window.clear()  # the meter's clock went back: the window must stay in time order
-            while self.window and self.window[0].ts < sample.ts - LEAK_WINDOW:
-                self.window.popleft()
-            too_close = self.window and (sample.ts - self.window[-1].ts).total_seconds() < (
-                LEAK_MIN_STEP_PERIODS * config.expected_period_s
-            )
-            if not too_close:
-                self.window.append(sample)
-        return Observation(sample, tuple(self.recent), tuple(self.window), meter, config)
+            window = self.window
+            if window and window.ts_s[-1] >= ts_s:
+                window.clear()  # the meter's clock went back: the window must stay in time order
+            window.drop_before(ts_s - LEAK_WINDOW.total_seconds())
+            too_close = bool(window) and ts_s - window.ts_s[-1] < LEAK_MIN_STEP_PERIODS * config.expected_period_s
+            in_window = not too_close
+            if in_window:
+                window.append(ts_s, sample.moles, working)
+        return Observation(sample, tuple(self.recent), self.window, meter, config, in_window)
 
 
 # -- the rules ---------------------------------------------------------------------------------------------
@@ -304,12 +365,16 @@ class Fit:
 
 def fit_loss_rate(samples: Sequence[Sample]) -> Fit | None:
     """The slope of moles over time, as a loss (positive when gas goes), or None below three readings."""
-    if len(samples) < 3:
+    return fit_points([s.ts.timestamp() for s in samples], [s.moles for s in samples])
+
+
+def fit_points(times_s: Sequence[float], moles: Sequence[float]) -> Fit | None:
+    """``fit_loss_rate`` of readings given as their times (POSIX seconds, in order) and their moles."""
+    n = len(times_s)
+    if n < 3:
         return None
-    origin = samples[0].ts
-    hours = [(s.ts - origin).total_seconds() / 3600.0 for s in samples]
-    moles = [s.moles for s in samples]
-    n = len(samples)
+    origin_s = times_s[0]
+    hours = [(t - origin_s) / 3600.0 for t in times_s]
     mean_t, mean_n = sum(hours) / n, sum(moles) / n
     sxx = sum((t - mean_t) ** 2 for t in hours)
     if sxx <= 0:
@@ -322,20 +387,17 @@ def fit_loss_rate(samples: Sequence[Sample]) -> Fit | None:
 
 def check_leak(observation: Observation) -> Check | None:
     """Leak: the fitted loss rate beats the limit by LEAK_CONFIDENCE_SE standard errors (known meters)."""
-    meter, config, sample = observation.meter, observation.config, observation.sample
-    if meter is None or not observation.window or observation.window[-1] is not sample:
+    meter, config = observation.meter, observation.config
+    # A liquefied gas has no window (``has_leak_rule``): its pressure is the vapour pressure, set by the
+    # temperature, so it shows no loss of liquid, and the ideal moles of a cooling bottle would fall like a leak's.
+    if meter is None or not observation.in_window or not observation.window:
         return None
-    if meter.gas.storage is Storage.LIQUEFIED:
-        # Its pressure is the vapour pressure, set by the temperature: it shows no loss of liquid, and
-        # the ideal moles of a cooling bottle would fall like a leak's.
-        return None
-    working = meter.site.is_working(sample.ts.hour)
+    working = bool(observation.window.working[-1])
     limit = config.alert_leak_factor * meter.draw_mol_per_h
     if not working:
         limit = min(limit, config.alert_idle_draw_mol_per_h)
     # Only readings of the same regime: the end of the working day must not pass for an idle-time leak.
-    samples = [s for s in observation.window if meter.site.is_working(s.ts.hour) == working]
-    fit = fit_loss_rate(samples)
+    fit = observation.window.fit(working)
     if fit is None or fit.readings < LEAK_MIN_READINGS:
         return None
     if fit.span_h * 3600.0 < LEAK_MIN_SPAN_PERIODS * config.expected_period_s:

@@ -714,13 +714,28 @@ def _meter_ids(connection: sqlite3.Connection) -> list[str]:
 
 
 def _summary(connection: sqlite3.Connection) -> StoreSummary:
-    readings, newest = connection.execute("SELECT count(*), max(received_at) FROM readings").fetchone()
+    """Counts and ages for the status timer (every ``status_interval_s``, while readings arrive).
+
+    The counts walk an index (count(*) has no shortcut in SQLite); the newest and oldest pending readings
+    are found by ``id``, the commit order, in one step each: ``max(received_at)`` and the pending
+    readings' ``min(received_at)`` read every row of the table (measured: 53 ms every interval at 72,000
+    readings, 17 ms this way; ``test_store.py`` counts SQLite's steps). Received times follow the commit
+    order unless the consumer's clock is stepped back.
+    """
+    (readings,) = connection.execute("SELECT count(*) FROM readings").fetchone()
+    newest = connection.execute("SELECT received_at FROM readings ORDER BY id DESC LIMIT 1").fetchone()
     (meters,) = connection.execute("SELECT count(*) FROM meters").fetchone()
-    pending, oldest = connection.execute(
-        "SELECT count(*), min(received_at) FROM readings WHERE ship_state = 0"
-    ).fetchone()
+    (pending,) = connection.execute("SELECT count(*) FROM readings WHERE ship_state = 0").fetchone()
+    oldest = connection.execute("SELECT received_at FROM readings WHERE ship_state = 0 ORDER BY id LIMIT 1").fetchone()
     (dead,) = connection.execute("SELECT count(*) FROM dead_letters").fetchone()
-    return StoreSummary(readings, meters, newest, pending, oldest, dead)
+    return StoreSummary(
+        readings,
+        meters,
+        newest[0] if newest is not None else None,
+        pending,
+        oldest[0] if oldest is not None else None,
+        dead,
+    )
 
 
 def _dead_letters(connection: sqlite3.Connection, limit: int) -> list[DeadLetter]:
