@@ -13,6 +13,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.optionnumbers import OptionNumber
 
 from conftest import reading_uri, wire_example
 from smartgas_consumer.config import ConsumerConfig
@@ -107,6 +108,43 @@ async def test_bad_input_never_touches_accepted_data(consumer: Consumer, coap: a
     latest = await consumer.store.latest("bottle-0001")
     assert latest is not None and (latest.pressure_bar, latest.seq) == (250.0, 0)
     assert (await consumer.store.summary()).readings == 1
+
+
+def with_options(message: aiocoap.Message, *options: tuple[int, bytes]) -> aiocoap.Message:
+    for number, value in options:
+        message.opt.add_option(OptionNumber(number).create_option(value=value))
+    return message
+
+
+@pytest.mark.parametrize(
+    ("option", "name"),
+    [
+        ((int(OptionNumber.IF_MATCH), b"\x01"), "If-Match"),
+        ((int(OptionNumber.IF_NONE_MATCH), b""), "If-None-Match"),
+        ((int(OptionNumber.OSCORE), b"\x09\x00"), "OSCORE on a consumer without device authentication"),
+        ((65001, b"x"), "an unknown critical option"),
+    ],
+)
+async def test_a_critical_option_nobody_here_acts_on_is_4_02_and_nothing_is_stored(
+    consumer: Consumer, coap: aiocoap.Context, option: tuple[int, bytes], name: str
+) -> None:
+    body = json.dumps(wire_example("reading-250bar.json")).encode()
+    message = aiocoap.Message(code=Code.PUT, uri=reading_uri(consumer), payload=body, content_format=50)
+    response = await asyncio.wait_for(coap.request(with_options(message, option)).response, timeout=10)
+    assert response.code == Code.BAD_OPTION, name
+    assert f"critical option(s) {option[0]} not supported" in response.payload.decode()
+    assert (await consumer.store.summary()).readings == 0
+    counters = consumer.intake.counters
+    assert (counters.received, counters.rejected["bad_option"]) == (1, 1)
+
+
+async def test_an_elective_option_unknown_here_is_ignored(consumer: Consumer, coap: aiocoap.Context) -> None:
+    body = json.dumps(wire_example("reading-250bar.json")).encode()
+    message = aiocoap.Message(code=Code.PUT, uri=reading_uri(consumer), payload=body, content_format=50)
+    response = await asyncio.wait_for(coap.request(with_options(message, (65000, b"x"))).response, timeout=10)
+    assert response.code == Code.CHANGED
+    health = aiocoap.Message(code=Code.GET, uri=f"coap://127.0.0.1:{consumer.port}/health?verbose")
+    assert (await asyncio.wait_for(coap.request(health).response, timeout=10)).code == Code.CONTENT
 
 
 async def test_invalid_meter_id_is_400(consumer: Consumer, coap: aiocoap.Context) -> None:

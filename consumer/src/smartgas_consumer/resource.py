@@ -37,6 +37,7 @@ import cbor2
 from aiocoap import Message, error
 from aiocoap.blockwise import Block1Spool, IncompleteException
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.pipe import Pipe
 from aiocoap.resource import PathCapable, Resource, Site
 from aiocoap.util.linkformat import LinkFormat
@@ -48,6 +49,26 @@ from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, MAX_PAYLOAD_BYTES, check_meter_id
 
 READING_RESOURCE_TYPE = "smartgas.reading"
+#: The critical options a request here may carry: the URI's parts, Accept (a GET's format), block-wise
+#: transfer and Uri-Path-Abbrev (aiocoap's), proxying (aiocoap answers 5.05). Any other critical option,
+#: If-Match and If-None-Match included (no resource here takes conditional requests), is answered 4.02;
+#: so is OSCORE on a consumer without device authentication (RFC 8613 §8.2), whose wrapper would
+#: otherwise have removed it.
+RECOGNISED_CRITICAL_OPTIONS = frozenset(
+    int(number)
+    for number in (
+        OptionNumber.URI_HOST,
+        OptionNumber.URI_PORT,
+        OptionNumber.URI_PATH,
+        OptionNumber.URI_QUERY,
+        OptionNumber.URI_PATH_ABBREV,
+        OptionNumber.ACCEPT,
+        OptionNumber.BLOCK1,
+        OptionNumber.BLOCK2,
+        OptionNumber.PROXY_URI,
+        OptionNumber.PROXY_SCHEME,
+    )
+)
 #: What a GET of a reading leaves out even when it is on: whose bottle it is and where.
 PRIVATE_FIELDS = ("client_id", "site_id")
 
@@ -163,9 +184,7 @@ class MeterReading(Resource, PathCapable):
             )
         if refusal is not None:
             err = PayloadTooLarge(refusal, MAX_PAYLOAD_BYTES)
-            meter_id = request.opt.uri_path[0] if request.opt.uri_path else ""
-            self._intake.refused_early(meter_id, err)
-            self._refusals.refused(_peer(request), meter_id, err)
+            self.refused_early(request, request.opt.uri_path[0] if request.opt.uri_path else "", err)
             raise err
         return True
 
@@ -223,6 +242,11 @@ class MeterReading(Resource, PathCapable):
             raise WrongMeter(f"this OSCORE context belongs to another meter, not to {meter_id[:80]!r}")
         return True
 
+    def refused_early(self, request: Message, meter_id: str, err: error.ConstructionRenderableError) -> None:
+        """Count and log a reading's PUT refused before the intake took it."""
+        self._intake.refused_early(meter_id, err)
+        self._refusals.refused(_peer(request), meter_id, err)
+
     async def put(self, meter_id: str, request: Message, started: float) -> Message:
         """A PUT of ``meter_id``'s reading (from ``render``, or from the fast path): the 2.04, or a refusal
         raised; ``started`` (``time.perf_counter``) is when it arrived, for the ack-latency metric."""
@@ -230,8 +254,7 @@ class MeterReading(Resource, PathCapable):
         try:
             authenticated = self._authenticated(meter_id, request)
         except error.ConstructionRenderableError as err:
-            self._intake.refused_early(meter_id, err)
-            self._refusals.refused(_peer(request), meter_id, err)
+            self.refused_early(request, meter_id, err)
             raise
         try:
             accepted = await self._intake.accept(
@@ -282,11 +305,32 @@ class ReadingSite(Site):
     async def render_to_pipe(self, pipe: Pipe) -> None:
         options = pipe.request.opt
         path = options.uri_path
+        self._refuse_unrecognised_critical_options(pipe.request)
         if len(path) == 3 and path[0] == "meters" and options.uri_path_abbrev is None:
             options.uri_path = path[1:]  # what Site's stripped copy would hold: (meter_id, "reading")
             await self._meters.render_to_pipe(pipe)
             return
         await super().render_to_pipe(pipe)
+
+    def _refuse_unrecognised_critical_options(self, request: Message) -> None:
+        """4.02 Bad Option for a request carrying a critical option nobody here acts on (RFC 7252 §5.4.1).
+
+        aiocoap 0.4.17 leaves this to each resource (its issue #268) and, over UDP, processes such a
+        request as if the option were absent: a PUT with If-Match, or protected with OSCORE on a consumer
+        without device authentication, would be stored and answered 2.04."""
+        numbers = {int(option.number) for option in request.opt.option_list()}
+        # Odd option numbers are critical (RFC 7252 §5.4.6).
+        unrecognised = sorted(number for number in numbers - RECOGNISED_CRITICAL_OPTIONS if number & 1)
+        if not unrecognised:
+            return
+        err = error.BadOption(
+            f"critical option(s) {', '.join(map(str, unrecognised))} not supported here"
+            " (RFC 7252 §5.4.1: a request carrying one is refused, not processed without it)"
+        )
+        path = request.opt.uri_path
+        if request.code == Code.PUT and len(path) == 3 and path[0] == "meters" and path[2] == "reading":
+            self._meters.refused_early(request, path[1], err)  # counted as a refused reading, logged per peer
+        raise err
 
 
 class Health(Resource):
