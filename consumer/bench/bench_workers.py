@@ -1,0 +1,113 @@
+"""Where a ``--workers`` consumer spends its CPU: each of its processes' CPU per acknowledged reading.
+
+Starts the consumer (``--device-auth none``, the bench fleet) with ``--workers N`` (1: one process), warms
+it up, then drives the closed loop of ``coapload`` (``--outstanding`` in flight) ``--rounds`` times and
+prints, for each round, the readings/s and the CPU ms per acknowledged reading of the consumer process,
+of each worker and of all of them (``/proc/PID/stat``). ``--py-spy DIR`` also records a speedscope profile
+of every process during the last round (``py-spy record --nonblocking``, into DIR).
+
+Run: ``python consumer/bench/bench_workers.py --workers 2`` (after ``make .venv/bin/coapload``). What it
+measured is in docs/benchmarks.md ("The hand-off of ``--workers``").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench_compare  # noqa: E402
+import bench_ingest  # noqa: E402
+
+
+def process_cpu(pids: list[int]) -> dict[int, float]:
+    cpu: dict[int, float] = {}
+    for pid in pids:
+        try:
+            cpu[pid] = bench_ingest.cpu_seconds(pid)
+        except OSError:
+            continue
+    return cpu
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--meters", type=int, default=1000)
+    parser.add_argument("--sockets", type=int, default=64)
+    parser.add_argument("--outstanding", type=int, default=64)
+    parser.add_argument("--count", type=int, default=40000, help="requests of a round")
+    parser.add_argument("--duration-s", type=float, default=15.0, help="longest a round lasts")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--py-spy", type=Path, help="record every process during the last round into this folder")
+    parser.add_argument("--consumer-arg", action="append", default=[], help="one more flag for the consumer")
+    parser.add_argument("--generator", type=Path, default=BENCH_DIR.parents[1] / ".venv" / "bin" / "coapload")
+    arguments = parser.parse_args()
+    binary = bench_compare.build_generator(arguments.generator)
+    rounds: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        fleet, db = scratch / "fleet.yaml", scratch / "bench.db"
+        bench_ingest.write_fleet(fleet, arguments.meters)
+        extra = [*arguments.consumer_arg, "--workers", str(arguments.workers)]
+        command = bench_compare.consumer_command(db, fleet, extra)
+        with bench_compare.started("consumer", command, db) as server:
+            generator = bench_compare.Generator(binary, scratch, arguments.meters, arguments.sockets)
+            generator.run(server, count=3000, duration_s=10, outstanding=arguments.outstanding)  # warm-up
+            consumer_pid = server.process.pid
+            for number in range(arguments.rounds):
+                pids = bench_compare.tree_pids(consumer_pid)
+                spies: list[subprocess.Popen[bytes]] = []
+                if arguments.py_spy is not None and number == arguments.rounds - 1:
+                    arguments.py_spy.mkdir(parents=True, exist_ok=True)
+                    py_spy = Path(sys.executable).parent / "py-spy"
+                    for pid in pids:
+                        role = "consumer" if pid == consumer_pid else f"worker-{pid}"
+                        output = arguments.py_spy / f"{role}.speedscope.json"
+                        spies.append(
+                            subprocess.Popen(
+                                [str(py_spy), "record", "-p", str(pid), "-d", str(int(arguments.duration_s)),
+                                 "-r", "100", "--nonblocking", "--format", "speedscope", "-o", str(output)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            )
+                        )  # fmt: skip
+                before = process_cpu(pids)
+                load = generator.run(
+                    server, count=arguments.count, duration_s=arguments.duration_s, outstanding=arguments.outstanding
+                )
+                after = process_cpu(pids)
+                for spy in spies:
+                    spy.wait()
+                acked = max(int(load.report["acknowledged"]), 1)
+                per_process = {
+                    ("consumer" if pid == consumer_pid else f"worker {pid}"): round(
+                        (after[pid] - before[pid]) * 1000 / acked, 3
+                    )
+                    for pid in before
+                    if pid in after
+                }
+                rounds.append(
+                    {
+                        "readings_per_s": round(load.rate),
+                        "acknowledged": load.report["acknowledged"],
+                        "other_code": load.report["other_code"],
+                        "timed_out": load.report["timed_out"],
+                        "cpu_ms_per_reading": per_process,
+                        "cpu_ms_per_reading_all": round(sum(per_process.values()), 3),
+                        "load_average_1": round(os.getloadavg()[0], 2),
+                    }
+                )
+        missing = bench_compare.missing_from_store(db, generator.acknowledged())
+    print(json.dumps({"workers": arguments.workers, "rounds": rounds, "acknowledged_missing": missing}, indent=2))
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
