@@ -3,8 +3,10 @@
 Starts the consumer (``--device-auth none``, the bench fleet) with ``--workers N`` (1: one process), warms
 it up, then drives the closed loop of ``coapload`` (``--outstanding`` in flight) ``--rounds`` times and
 prints, for each round, the readings/s and the CPU ms per acknowledged reading of the consumer process,
-of each worker and of all of them (``/proc/PID/stat``). ``--py-spy DIR`` also records a speedscope profile
-of every process during the last round (``py-spy record --nonblocking``, into DIR).
+of each worker and of all of them (``/proc/PID/stat``), and of the consumer process's main thread alone
+(its event loop: the one thread every reading passes; the store's thread is the rest of that process).
+``--py-spy DIR`` also records a speedscope profile of every process during the last round (``py-spy
+record --nonblocking``, into DIR).
 
 Run: ``python consumer/bench/bench_workers.py --workers 2`` (after ``make .venv/bin/coapload``). What it
 measured is in docs/benchmarks.md ("The hand-off of ``--workers``").
@@ -23,15 +25,27 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-import bench_compare  # noqa: E402
-import bench_ingest  # noqa: E402
+import bench_compare  # noqa: E402  (the generator, the server under test, the store check)
+import bench_ingest  # noqa: E402  (the bench fleet file)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu(pids: list[int]) -> dict[int, float]:
-    cpu: dict[int, float] = {}
+def cpu_seconds(stat_path: Path) -> float:
+    """User and system CPU time of a process or thread (its ``/proc/.../stat``)."""
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_cpu(pids: list[int], consumer_pid: int) -> dict[str, float]:
+    """CPU seconds so far of each process, and of the consumer process's main thread (its event loop)."""
+    cpu: dict[str, float] = {}
     for pid in pids:
+        role = "consumer" if pid == consumer_pid else f"worker {pid}"
         try:
-            cpu[pid] = bench_ingest.cpu_seconds(pid)
+            cpu[role] = cpu_seconds(Path(f"/proc/{pid}/stat"))
+            if pid == consumer_pid:
+                cpu["consumer event loop"] = cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
         except OSError:
             continue
     return cpu
@@ -78,21 +92,18 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             )
                         )  # fmt: skip
-                before = process_cpu(pids)
+                before = process_cpu(pids, consumer_pid)
                 load = generator.run(
                     server, count=arguments.count, duration_s=arguments.duration_s, outstanding=arguments.outstanding
                 )
-                after = process_cpu(pids)
+                after = process_cpu(pids, consumer_pid)
                 for spy in spies:
                     spy.wait()
                 acked = max(int(load.report["acknowledged"]), 1)
                 per_process = {
-                    ("consumer" if pid == consumer_pid else f"worker {pid}"): round(
-                        (after[pid] - before[pid]) * 1000 / acked, 3
-                    )
-                    for pid in before
-                    if pid in after
+                    role: round((after[role] - before[role]) * 1000 / acked, 3) for role in before if role in after
                 }
+                loop_share = per_process.pop("consumer event loop", 0.0)
                 rounds.append(
                     {
                         "readings_per_s": round(load.rate),
@@ -101,6 +112,7 @@ def main() -> int:
                         "timed_out": load.report["timed_out"],
                         "cpu_ms_per_reading": per_process,
                         "cpu_ms_per_reading_all": round(sum(per_process.values()), 3),
+                        "consumer_event_loop_cpu_ms_per_reading": loop_share,
                         "load_average_1": round(os.getloadavg()[0], 2),
                     }
                 )
