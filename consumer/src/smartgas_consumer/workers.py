@@ -54,6 +54,7 @@ from smartgas_consumer.handoff import (
     encode_result,
 )
 from smartgas_consumer.intake import ReadingIntake
+from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.reading import Reading
 from smartgas_consumer.store import CommitResult, Enrichment
 
@@ -162,11 +163,32 @@ class ConsumerLink(FrameLink):
         await self.closed.wait()
 
 
+class UnscrapedMetrics(Metrics):
+    """A worker's metrics: nothing scrapes a worker (``/metrics`` is the consumer process's, which counts
+    the readings it commits), so a worker spends nothing per reading on them."""
+
+    def __init__(self) -> None:
+        super().__init__(process=False)
+
+    def reading_received(self, transport: str = "coap") -> None:
+        pass
+
+    def reading_accepted(self, transport: str = "coap") -> None:
+        pass
+
+    def reading_rejected(self, reason: str, transport: str = "coap") -> None:
+        pass
+
+    def ack_latency(self, seconds: float) -> None:
+        pass
+
+
 class ForwardingIntake(ReadingIntake):
     """A worker's intake: validates and computes as the consumer's does, then the consumer commits."""
 
     def __init__(self, link: ConsumerLink, **options: Any) -> None:
-        super().__init__(None, **options)  # type: ignore[arg-type]  # no store here: commit() forwards
+        # No store here: commit() forwards.
+        super().__init__(None, metrics=UnscrapedMetrics(), **options)  # type: ignore[arg-type]
         self._link = link
 
     async def commit(
