@@ -1,15 +1,16 @@
 """Where a ``--workers`` consumer spends its CPU: each of its processes' CPU per acknowledged reading.
 
 Starts the consumer (``--device-auth none``, the bench fleet) with ``--workers N`` (1: one process), warms
-it up, then drives the closed loop of ``coapload`` (``--outstanding`` in flight) ``--rounds`` times and
-prints, for each round, the readings/s and the CPU ms per acknowledged reading of the consumer process,
-of each worker and of all of them (``/proc/PID/stat``), and of the consumer process's main thread alone
-(its event loop: the one thread every reading passes; the store's thread is the rest of that process).
+it up, then drives ``coapload``'s closed loop (``--outstanding`` in flight), or an open loop at ``--rate``,
+``--rounds`` times, and prints for each round the readings/s and the CPU ms per acknowledged reading of
+the consumer process, of each worker and of all of them (``/proc/PID/stat``), and of the consumer
+process's main thread alone (its event loop: the one thread every reading passes; the store's thread is
+the rest of that process).
 ``--py-spy DIR`` also records a speedscope profile of every process during the last round (``py-spy
 record --nonblocking``, into DIR).
 
 Run: ``python consumer/bench/bench_workers.py --workers 2`` (after ``make .venv/bin/coapload``). What it
-measured is in docs/benchmarks.md ("The hand-off of ``--workers``").
+measured is in docs/benchmarks.md ("``--workers 2``: the hand-off").
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> int:
     parser.add_argument("--meters", type=int, default=1000)
     parser.add_argument("--sockets", type=int, default=64)
     parser.add_argument("--outstanding", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=0, help="an open loop at this rate instead (0: closed loop)")
     parser.add_argument("--count", type=int, default=40000, help="requests of a round")
     parser.add_argument("--duration-s", type=float, default=15.0, help="longest a round lasts")
     parser.add_argument("--rounds", type=int, default=1)
@@ -94,7 +96,11 @@ def main() -> int:
                         )  # fmt: skip
                 before = process_cpu(pids, consumer_pid)
                 load = generator.run(
-                    server, count=arguments.count, duration_s=arguments.duration_s, outstanding=arguments.outstanding
+                    server,
+                    count=arguments.count,
+                    duration_s=arguments.duration_s,
+                    rate=arguments.rate,
+                    outstanding=arguments.outstanding if not arguments.rate else 8192,
                 )
                 after = process_cpu(pids, consumer_pid)
                 for spy in spies:
