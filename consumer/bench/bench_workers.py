@@ -62,6 +62,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=40000, help="requests of a round")
     parser.add_argument("--duration-s", type=float, default=15.0, help="longest a round lasts")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--warm-up", type=int, default=3000, help="requests before the first round")
     parser.add_argument("--py-spy", type=Path, help="record every process during the last round into this folder")
     parser.add_argument("--consumer-arg", action="append", default=[], help="one more flag for the consumer")
     parser.add_argument("--generator", type=Path, default=BENCH_DIR.parents[1] / ".venv" / "bin" / "coapload")
@@ -76,8 +77,9 @@ def main() -> int:
         command = bench_compare.consumer_command(db, fleet, extra)
         with bench_compare.started("consumer", command, db) as server:
             generator = bench_compare.Generator(binary, scratch, arguments.meters, arguments.sockets)
-            generator.run(server, count=3000, duration_s=10, outstanding=arguments.outstanding)  # warm-up
+            generator.run(server, count=arguments.warm_up, duration_s=10, outstanding=arguments.outstanding)
             consumer_pid = server.process.pid
+            worker_pids = [pid for pid in bench_compare.tree_pids(consumer_pid) if pid != consumer_pid]
             for number in range(arguments.rounds):
                 pids = bench_compare.tree_pids(consumer_pid)
                 spies: list[subprocess.Popen[bytes]] = []
@@ -123,7 +125,9 @@ def main() -> int:
                     }
                 )
         missing = bench_compare.missing_from_store(db, generator.acknowledged())
-    print(json.dumps({"workers": arguments.workers, "rounds": rounds, "acknowledged_missing": missing}, indent=2))
+    report = {"workers": arguments.workers, "worker_pids": worker_pids, "rounds": rounds}
+    report["acknowledged_missing"] = missing
+    print(json.dumps(report, indent=2))
     return 1 if missing else 0
 
 
