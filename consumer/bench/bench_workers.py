@@ -118,6 +118,7 @@ def main() -> int:
                         "acknowledged": load.report["acknowledged"],
                         "other_code": load.report["other_code"],
                         "timed_out": load.report["timed_out"],
+                        "ack_p50_p99_ms": [load.report.get("latency_ms_p50"), load.report.get("latency_ms_p99")],
                         "cpu_ms_per_reading": per_process,
                         "cpu_ms_per_reading_all": round(sum(per_process.values()), 3),
                         "consumer_event_loop_cpu_ms_per_reading": loop_share,
