@@ -93,9 +93,9 @@ class ConsumerLink(FrameLink):
     Its frames follow Nagle's rule: while a frame sent waits for its answers, the readings of later turns
     are held and leave together when the next answers come. The consumer answers once per group commit,
     so the worker sends about one frame per group commit instead of one per reading (each a system call
-    here and a wake-up, a read and a task there), and a reading held so waits no longer than it would have
-    in the consumer's queue for the commit after the one under way. When nothing waits, a reading leaves
-    at the end of its turn, so a quiet link adds no delay."""
+    here and a wake-up, a read and a task there); a reading held so waits about as long as it would have
+    waited in the consumer's queue for the commit after the one under way. When nothing waits, a reading
+    leaves at the end of its turn, so a quiet link adds no delay."""
 
     def __init__(self, max_waiting: int = MAX_WAITING_PER_WORKER) -> None:
         super().__init__("the consumer process")
