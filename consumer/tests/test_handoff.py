@@ -228,3 +228,18 @@ async def test_a_garbled_answer_closes_the_workers_link_and_its_readings_are_ref
         await asyncio.wait_for(waiting, 10)
     assert worker.closed.is_set()
     test_socket.close()
+
+
+async def test_a_health_question_is_answered_even_when_the_store_probe_fails(consumer_end: ConsumerEnd) -> None:
+    """The worker holds its next readings until an answer comes, so every question gets one: a probe that
+    raises (a stand-in for a bug in it: the real probe cannot be made to) is answered with its error, and
+    a reading sent after it is still forwarded and committed."""
+
+    async def broken_probe() -> str | None:
+        raise RuntimeError("probe bug")
+
+    consumer_end.pool.store_fault = broken_probe
+    worker, _ = await linked(consumer_end)
+    assert await asyncio.wait_for(worker.fault(), 10) == "the store probe failed: probe bug"
+    assert (await asyncio.wait_for(worker.commit(reading("after-probe", 1), 1.0, Enrichment()), 30)).stored
+    await worker.wait_closed()

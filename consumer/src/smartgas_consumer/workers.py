@@ -312,7 +312,12 @@ class WorkerLink(FrameLink):
             self.send(encode_result(request_id, outcome))
 
     async def _fault(self, request_id: int) -> None:
-        fault = await self._pool.store_fault()
+        # Always answered: the worker holds its next readings until an answer comes (ConsumerLink).
+        try:
+            fault = await self._pool.store_fault()
+        except Exception as err:  # a bug of ours: /health says so rather than the worker waiting for ever
+            _LOG.exception("the store probe for CoAP worker %d failed", self.number)
+            fault = f"the store probe failed: {err}"
         self.send((request_id, FAULT_TEXT, fault))
 
 
