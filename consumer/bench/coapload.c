@@ -213,14 +213,17 @@ int main(int argc, char **argv) {
                 next_send += 1.0 / rate;
             }
         }
-        /* Wait for answers until the next send is due (or briefly). */
-        int wait_ms = 50;
+        /* Wait for answers until the next send is due (or briefly). In nanoseconds (ppoll), not poll's
+         * milliseconds: at an open loop's rate above 1,000/s the wait is under 1 ms, which poll rounds down
+         * to 0, and the generator spun on a whole core beside the server it measures. */
+        double wait_s = 0.05;
         if (sending && rate > 0 && free_head >= 0) {
-            double until = (next_send - now_s()) * 1000;
-            wait_ms = until < 0 ? 0 : until > 50 ? 50 : (int)until;
+            double until = next_send - now_s();
+            wait_s = until < 0 ? 0 : until > 0.05 ? 0.05 : until;
         }
-        if (sending && rate <= 0 && free_head >= 0) wait_ms = 0;
-        int ready = poll(fds, sockets, wait_ms);
+        if (sending && rate <= 0 && free_head >= 0) wait_s = 0;
+        struct timespec wait = {.tv_sec = 0, .tv_nsec = (long)(wait_s * 1e9)};
+        int ready = ppoll(fds, sockets, &wait, NULL);
         if (ready < 0 && errno != EINTR) {
             perror("coapload: poll");
             return 1;

@@ -39,3 +39,18 @@ def test_bench_smoke_run_stores_every_acknowledged_reading(tmp_path: Path) -> No
     assert consumer["acknowledged_missing_from_store"] == 0
     assert consumer["rss_mb_end"] > 0
     assert results["oscore"]["acknowledged_missing_from_store"] == 0
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc (the bench's C load generator) is not installed")
+def test_bench_workers_smoke_run_measures_each_process(tmp_path: Path) -> None:
+    """``bench_workers.py`` (where a ``--workers`` consumer spends its CPU) still runs, with tiny counts."""
+    generator = tmp_path / "coapload"
+    command = [sys.executable, str(BENCH.with_name("bench_workers.py")), "--workers", "2", "--generator"]
+    options = ["--meters", "20", "--sockets", "4", "--warm-up", "20", "--count", "200", "--duration-s", "5"]
+    completed = subprocess.run([*command, str(generator), *options], capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    assert report["acknowledged_missing"] == 0
+    (round_,) = report["rounds"]
+    assert round_["acknowledged"] > 0
+    assert set(round_["cpu_ms_per_reading"]) == {"consumer", *(f"worker {pid}" for pid in report["worker_pids"])}

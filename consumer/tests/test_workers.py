@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import marshal
 import os
 import re
 import signal
 import socket
 import sqlite3
+import struct
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,9 +26,10 @@ from running import consumer_process
 
 from smartgas_consumer.config import ConfigError, ConsumerConfig
 from smartgas_consumer.error import StoreUnavailable
+from smartgas_consumer.handoff import decode_commit
 from smartgas_consumer.reading import Reading
 from smartgas_consumer.store import Enrichment
-from smartgas_consumer.workers import CommitRequest, ConsumerLink, read_frame
+from smartgas_consumer.workers import ConsumerLink
 
 #: Meters not in any fleet file (no fleet: the workers start without building gas models), all admitted.
 UNKNOWN_METERS = ("--max-unknown-meters", "200", "--unknown-meters-per-minute", "6000", "--device-auth", "none")
@@ -77,26 +80,34 @@ def test_workers_above_one_refuse_oscore_and_coap_get() -> None:
     assert ConsumerConfig(workers=1, device_auth="oscore").workers == 1
 
 
+async def read_items(reader: asyncio.StreamReader, count: int) -> list[tuple[object, ...]]:
+    """The next ``count`` items of the marshal frames (a 4-byte length, then the body) on ``reader``."""
+    items: list[tuple[object, ...]] = []
+    while len(items) < count:
+        (length,) = struct.unpack("!I", await asyncio.wait_for(reader.readexactly(4), 10))
+        items.extend(marshal.loads(await asyncio.wait_for(reader.readexactly(length), 10)))
+    return items
+
+
 async def test_a_worker_answers_503_at_once_when_too_many_readings_wait_for_the_commit() -> None:
     """A consumer that does not answer (the far end of a real socket pair that only reads: a stand-in for a
     consumer slower than its workers) holds at most ``max_waiting`` readings of a worker; the next is
     refused 5.03 at once instead of piling up in memory."""
     worker_end, consumer_end = socket.socketpair()
-    reader, writer = await asyncio.open_unix_connection(sock=worker_end)
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_unix_connection(lambda: ConsumerLink(max_waiting=2), sock=worker_end)
     consumer_reader, consumer_writer = await asyncio.open_unix_connection(sock=consumer_end)
-    link = ConsumerLink(reader, writer, max_waiting=2)
-    link.start()
     reading = Reading("slow-0001", 1, datetime.now(UTC), 180.0, 15.0, 50.0)
     waiting = [asyncio.create_task(link.commit(reading, 1.0, Enrichment())) for _ in range(2)]
-    received = [await asyncio.wait_for(read_frame(consumer_reader), 10) for _ in range(2)]
-    assert all(isinstance(request, CommitRequest) for request in received)
+    received = await read_items(consumer_reader, 2)
+    assert [decode_commit(item)[0] for item in received] == [reading, reading]
     with pytest.raises(StoreUnavailable, match="2 readings of this worker wait for the commit"):
         await link.commit(reading, 1.0, Enrichment())
     consumer_writer.close()  # the consumer goes: the waiting readings are refused 5.03, not left hanging
     for task in waiting:
         with pytest.raises(StoreUnavailable, match="the consumer stopped"):
             await asyncio.wait_for(task, 10)
-    await link.close()
+    await link.wait_closed()
 
 
 @pytest.mark.integration

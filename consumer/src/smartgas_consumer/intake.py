@@ -8,13 +8,14 @@ here feed the status log (and the metrics endpoint).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from aiocoap.error import ConstructionRenderableError
 
@@ -36,6 +37,8 @@ from smartgas_consumer.store import (
 )
 
 _LOG = logging.getLogger(__name__)
+#: A forwarded reading while its batch is committed: the future of its result, or its refusal.
+_Pending: TypeAlias = "asyncio.Future[CommitResult] | ConstructionRenderableError"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,13 @@ class IntakeCounters:
             f"missing={self.missing} reboots={self.reboots} "
             f"rejected={sum(self.rejected.values())}" + (f" ({refused})" if refused else "")
         )
+
+
+def _commit_refusal(err: ReadingRefused | StoreClosed) -> ConstructionRenderableError:
+    """The CoAP-coded refusal of a reading the store did not commit."""
+    if isinstance(err, ReadingRefused):
+        return ImplausibleReading(str(err))
+    return StoreUnavailable(f"reading not stored, retry later: {err}")
 
 
 def rejection_reason(error: Exception) -> str:
@@ -213,40 +223,68 @@ class ReadingIntake:
     ) -> CommitResult:
         """A validated, computed reading into the store (admission of unknown meters, the durable commit),
         then the listeners. In a ``--workers`` worker this is the one step done by the consumer process
-        (``workers.py``: ``ForwardingIntake``)."""
+        (``workers.py``: ``ForwardingIntake``; there ``commit_forwarded`` does it for a batch)."""
         if meter is None and self.unknown_meters is not None:
             self.unknown_meters.admit(reading.meter_id)  # 4.03 beyond the cap, 4.29 beyond the rate
         received_at = self._clock()
         try:
             result = await self.store.add(reading, moles, received_at, enrichment)
-        except ReadingRefused as err:
-            raise ImplausibleReading(str(err)) from err
-        except StoreClosed as err:
-            raise StoreUnavailable(f"reading not stored, retry later: {err}") from err
+        except (ReadingRefused, StoreClosed) as err:
+            raise _commit_refusal(err) from err
+        self._committed(StoredEvent(reading, moles, received_at, result, enrichment, meter))
+        return result
+
+    def _committed(self, event: StoredEvent) -> None:
+        """What follows a commit: the counters, and for a reading newly stored, the listeners."""
+        result = event.result
         self.metrics.reading_stored(result)
         if result.stored:
             self.counters.stored += 1
             self.counters.missing += result.missing
             self.counters.reboots += result.outcome is SequenceOutcome.REBOOT
-            event = StoredEvent(reading, moles, received_at, result, enrichment, meter)
             for listener in self.on_stored:
                 listener(event)
         else:
             self.counters.duplicates += 1
-        return result
 
-    async def commit_forwarded(self, reading: Reading, moles: float, enrichment: Enrichment) -> CommitResult:
-        """``commit`` for a reading a worker process validated and computed (``--workers``): counted here
-        as received, and as rejected if the commit refuses it, so the consumer's counters cover it."""
-        self.counters.received += 1
-        self.metrics.reading_received("coap")  # the workers take CoAP only; MQTT stays in this process
-        try:
-            result = await self.commit(reading, moles, enrichment, self.fleet.meter(reading.meter_id))
-        except ConstructionRenderableError as err:
-            self._count_refusal(reading.meter_id, err, "coap")
-            raise
-        self.metrics.reading_accepted("coap")
-        return result
+    async def commit_forwarded(
+        self, forwarded: Sequence[tuple[Reading, float, Enrichment]]
+    ) -> list[CommitResult | ConstructionRenderableError]:
+        """``commit`` for a batch of readings that a worker process validated and computed (``--workers``):
+        all queued for the group commit at once, then waited for, so a batch costs one coroutine, not one
+        task a reading. Each gets its result or its refusal (the others of the batch are not affected).
+        Counted here as received, and as rejected if refused, so the consumer's counters cover them."""
+        received_at = self._clock()
+        queued: list[tuple[Reading, float, Enrichment, FleetMeter | None, _Pending]] = []
+        for reading, moles, enrichment in forwarded:
+            self.counters.received += 1
+            self.metrics.reading_received("coap")  # the workers take CoAP only; MQTT stays in this process
+            meter = self.fleet.meter(reading.meter_id)
+            pending: _Pending
+            try:
+                if meter is None and self.unknown_meters is not None:
+                    self.unknown_meters.admit(reading.meter_id)  # 4.03 beyond the cap, 4.29 beyond the rate
+                pending = self.store.submit(reading, moles, received_at, enrichment)
+            except StoreClosed as err:
+                pending = _commit_refusal(err)
+            except ConstructionRenderableError as err:
+                pending = err
+            queued.append((reading, moles, enrichment, meter, pending))
+        outcomes: list[CommitResult | ConstructionRenderableError] = []
+        for reading, moles, enrichment, meter, pending in queued:
+            if isinstance(pending, asyncio.Future):
+                try:
+                    result = await pending
+                except (ReadingRefused, StoreClosed) as err:
+                    pending = _commit_refusal(err)
+                else:
+                    self._committed(StoredEvent(reading, moles, received_at, result, enrichment, meter))
+                    self.metrics.reading_accepted("coap")
+                    outcomes.append(result)
+                    continue
+            self._count_refusal(reading.meter_id, pending, "coap")
+            outcomes.append(pending)
+        return outcomes
 
     async def latest(self, meter_id: str) -> StoredReading | None:
         """The meter's latest stored reading (CoAP GET)."""

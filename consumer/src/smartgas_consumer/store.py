@@ -406,11 +406,19 @@ class ReadingStore:
         self, reading: Reading, moles: float, received_at: datetime, enrichment: Enrichment | None = None
     ) -> CommitResult:
         """Store a reading durably; return only once its transaction has committed."""
+        return await self.submit(reading, moles, received_at, enrichment)
+
+    def submit(
+        self, reading: Reading, moles: float, received_at: datetime, enrichment: Enrichment | None = None
+    ) -> asyncio.Future[CommitResult]:
+        """``add`` without the wait: queue the reading for the next group commit and return the future of its
+        result, so that one coroutine can queue many readings and then wait for them (a ``--workers``
+        worker's batch) instead of one task each."""
         if self._closing or self._committer is None:
             raise StoreClosed("the store is closed")
         done: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_PendingReading(reading, moles, enrichment or Enrichment(), received_at, done))
-        return await done
+        return done
 
     async def _commit_loop(self) -> None:
         while True:

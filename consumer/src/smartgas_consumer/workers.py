@@ -13,7 +13,8 @@ acknowledged reading is committed durably before its ack, as with one process, a
 one store, locked against a second consumer (docs/architecture.md).
 
 The socket pair is made by the consumer and inherited by its own child only (no path in the file system,
-nothing another process can connect to), so the frames on it are pickles of the package's own dataclasses.
+nothing another process can connect to). What crosses it, and how (a frame per turn of each event loop,
+a reading as a flat tuple, a batch committed by one coroutine), is ``handoff.py``'s.
 
 A worker that dies (killed, crashed) is restarted by the consumer after ``RESTART_DELAY_S``; the requests it
 held were not acknowledged, and meters re-send them (the store answers a re-send as a duplicate). A worker
@@ -29,12 +30,10 @@ import gc
 import itertools
 import logging
 import os
-import pickle
 import signal
 import socket
-import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiocoap
@@ -43,13 +42,23 @@ from aiocoap.error import ConstructionRenderableError
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.error import ImplausibleReading, NewMeterRateLimited, StoreUnavailable, UnknownMeterRefused
 from smartgas_consumer.fleet import FleetMeter
+from smartgas_consumer.handoff import (
+    COMMIT,
+    FAULT,
+    FAULT_TEXT,
+    FrameLink,
+    GarbledFrame,
+    decode_commit,
+    decode_result,
+    encode_commit,
+    encode_result,
+)
 from smartgas_consumer.intake import ReadingIntake
+from smartgas_consumer.metrics import Metrics
 from smartgas_consumer.reading import Reading
 from smartgas_consumer.store import CommitResult, Enrichment
 
 _LOG = logging.getLogger(__name__)
-#: Frames on the socket pair: a 4-byte length, then a pickle.
-_LENGTH = struct.Struct("!I")
 #: Readings a worker may have waiting for the consumer's commit; beyond, it answers 5.03 at once. The
 #: consumer's share per reading is its bound: without this, workers reading faster than it commits would
 #: pile readings up in its memory without end (measured: RSS past 1 GB under a sustained overload).
@@ -64,130 +73,122 @@ WORKER_STOP_TIMEOUT_S = 30.0
 _REFUSALS: dict[str, type[ConstructionRenderableError]] = {
     error.__name__: error for error in (ImplausibleReading, StoreUnavailable, UnknownMeterRefused)
 }
-
-
-@dataclass(frozen=True, slots=True)
-class CommitRequest:
-    """Worker → consumer: commit this reading (validated and computed by the worker)."""
-
-    request_id: int
-    reading: Reading
-    moles: float
-    enrichment: Enrichment
-
-
-@dataclass(frozen=True, slots=True)
-class FaultRequest:
-    """Worker → consumer: why the store cannot commit now, if it cannot (``/health``)."""
-
-    request_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """Consumer → worker: the result, or the refusal's class name, text and Max-Age (4.29)."""
-
-    request_id: int
-    result: CommitResult | str | None = None
-    refusal: tuple[str, str, int] | None = None
+_CONSUMER_STOPPED = "reading not stored, retry later: the consumer stopped"
 
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """Worker → consumer, once: the worker has bound the CoAP port."""
+    """Worker → consumer, the worker's first frame: it has bound the CoAP port."""
 
     pid: int
     port: int
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    """The next frame's object; None at the end of the stream."""
-    try:
-        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-        return pickle.loads(await reader.readexactly(length))
-    except asyncio.IncompleteReadError:
-        return None
-
-
-def write_frame(writer: asyncio.StreamWriter, item: object) -> None:
-    body = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_LENGTH.pack(len(body)) + body)
-
-
 # -- the worker's side ----------------------------------------------------------------------------------
 
 
-class ConsumerLink:
-    """A worker's end of the socket pair: requests out, answers matched to them by id."""
+class ConsumerLink(FrameLink):
+    """A worker's end of the socket pair: readings out, answers matched to them by id.
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_waiting: int = MAX_WAITING_PER_WORKER
-    ) -> None:
-        self._reader, self._writer = reader, writer
+    Its frames follow Nagle's rule: while a frame sent waits for its answers, the readings of later turns
+    are held and leave together when the next answers come. The consumer answers once per group commit,
+    so the worker sends about one frame per group commit instead of one per reading (each a system call
+    here and a wake-up, a read and a task there); a reading held so waits about as long as it would have
+    waited in the consumer's queue for the commit after the one under way. When nothing waits, a reading
+    leaves at the end of its turn, so a quiet link adds no delay."""
+
+    def __init__(self, max_waiting: int = MAX_WAITING_PER_WORKER) -> None:
+        super().__init__("the consumer process")
         self.max_waiting = max_waiting
         self._ids = itertools.count()
-        self._waiting: dict[int, asyncio.Future[Answer]] = {}
-        self.closed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._answer_due = False  # a frame left since the last answers came
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._receive(), name="consumer-link")
+    def items_received(self, items: list[Any]) -> None:
+        for item in items:
+            answer = item[2] if item[1] == FAULT_TEXT else decode_result(item)
+            waiter = self._waiting.pop(item[0], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(answer)
+        self._answer_due = False
+        if self.has_outgoing():
+            self.flush()
 
-    async def _receive(self) -> None:
-        try:
-            while (answer := await read_frame(self._reader)) is not None:
-                waiter = self._waiting.pop(answer.request_id, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(answer)
-        finally:
-            self.closed.set()
-            for waiter in self._waiting.values():
-                if not waiter.done():
-                    waiter.set_exception(StoreUnavailable("reading not stored, retry later: the consumer stopped"))
-            self._waiting.clear()
+    def flush(self) -> None:
+        if self._answer_due:
+            self.hold()  # sent when the next answers come (items_received)
+            return
+        self._answer_due = True
+        super().flush()
 
-    async def _ask(self, make: Any) -> Answer:
+    def link_closed(self) -> None:
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(StoreUnavailable(_CONSUMER_STOPPED))
+        self._waiting.clear()
+
+    def _waiter(self) -> tuple[int, asyncio.Future[Any]]:
         if self.closed.is_set():
-            raise StoreUnavailable("reading not stored, retry later: the consumer stopped")
+            raise StoreUnavailable(_CONSUMER_STOPPED)
         if len(self._waiting) >= self.max_waiting:
             raise StoreUnavailable(
                 f"reading not stored, retry later: {len(self._waiting)} readings of this worker wait for the commit"
             )
         request_id = next(self._ids)
-        waiter: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = waiter
-        write_frame(self._writer, make(request_id))
-        return await waiter
+        return request_id, waiter
 
     async def commit(self, reading: Reading, moles: float, enrichment: Enrichment) -> CommitResult:
-        answer = await self._ask(lambda request_id: CommitRequest(request_id, reading, moles, enrichment))
-        if answer.refusal is not None:
-            name, message, max_age_s = answer.refusal
-            if name == NewMeterRateLimited.__name__:
-                raise NewMeterRateLimited(message, max_age_s)
-            raise _REFUSALS.get(name, StoreUnavailable)(message)
-        assert isinstance(answer.result, CommitResult)
-        return answer.result
+        request_id, waiter = self._waiter()
+        self.send(encode_commit(request_id, reading, moles, enrichment))
+        answer = await waiter
+        if isinstance(answer, CommitResult):
+            return answer
+        name, message, max_age_s = answer
+        if name == NewMeterRateLimited.__name__:
+            raise NewMeterRateLimited(message, max_age_s)
+        raise _REFUSALS.get(name, StoreUnavailable)(message)
 
     async def fault(self) -> str | None:
         if self.closed.is_set():
             return "unreachable: the consumer process stopped"
-        answer = await self._ask(FaultRequest)
-        return answer.result if isinstance(answer.result, str) else None
+        request_id, waiter = self._waiter()
+        self.send((request_id, FAULT))
+        answer = await waiter
+        return answer if isinstance(answer, str) else None
 
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+    async def wait_closed(self) -> None:
+        self.close()
+        await self.closed.wait()
+
+
+class UnscrapedMetrics(Metrics):
+    """A worker's metrics: nothing scrapes a worker (``/metrics`` is the consumer process's, which counts
+    the readings it commits), so a worker spends nothing per reading on them."""
+
+    def __init__(self) -> None:
+        super().__init__(process=False)
+
+    def reading_received(self, transport: str = "coap") -> None:
+        pass
+
+    def reading_accepted(self, transport: str = "coap") -> None:
+        pass
+
+    def reading_rejected(self, reason: str, transport: str = "coap") -> None:
+        pass
+
+    def ack_latency(self, seconds: float) -> None:
+        pass
 
 
 class ForwardingIntake(ReadingIntake):
     """A worker's intake: validates and computes as the consumer's does, then the consumer commits."""
 
     def __init__(self, link: ConsumerLink, **options: Any) -> None:
-        super().__init__(None, **options)  # type: ignore[arg-type]  # no store here: commit() forwards
+        # No store here: commit() forwards.
+        super().__init__(None, metrics=UnscrapedMetrics(), **options)  # type: ignore[arg-type]
         self._link = link
 
     async def commit(
@@ -214,8 +215,12 @@ async def run_worker(fd: int) -> int:
         udp_socket,
     )
 
-    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
-    config = await read_frame(reader)
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_unix_connection(ConsumerLink, sock=socket.socket(fileno=fd))
+    try:
+        config = await link.first_frame
+    except ConnectionError:
+        return 1
     if not isinstance(config, ConsumerConfig):
         return 1
     logging.basicConfig(
@@ -226,8 +231,6 @@ async def run_worker(fd: int) -> int:
     if config.log_level != "DEBUG":
         logging.getLogger(COAP_LOGGER).setLevel(logging.WARNING)
     fleet = load_fleet(config.fleet) if config.fleet is not None else Fleet()
-    link = ConsumerLink(reader, writer)
-    link.start()
     intake = ForwardingIntake(
         link,
         fleet=fleet,
@@ -238,7 +241,6 @@ async def run_worker(fd: int) -> int:
     )
     coap_log = logging.getLogger(COAP_LOGGER)
     coap_log.addFilter(PeerNoiseFilter())
-    loop = asyncio.get_running_loop()
     loop.set_exception_handler(datagram_error_handler(coap_log))
     os.environ[AIOCOAP_REUSE_PORT] = "1"
     limits = DedupLimits(config.coap_dedup_entries, config.coap_dedup_lifetime_s)
@@ -252,7 +254,7 @@ async def run_worker(fd: int) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.udp_receive_buffer_bytes)
     with contextlib.suppress(OSError):  # beyond net.core.rmem_max, for a privileged process
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, config.udp_receive_buffer_bytes)
-    write_frame(writer, Ready(os.getpid(), sock.getsockname()[1]))
+    link.send_first(Ready(os.getpid(), sock.getsockname()[1]))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -265,7 +267,7 @@ async def run_worker(fd: int) -> int:
         wait.cancel()
     await context.shutdown()
     _LOG.info("worker %d stopped: %s", os.getpid(), intake.counters.describe())
-    await link.close()
+    await link.wait_closed()
     return 0
 
 
@@ -276,12 +278,54 @@ def main() -> int:
 # -- the consumer's side --------------------------------------------------------------------------------
 
 
+class WorkerLink(FrameLink):
+    """The consumer's end of one worker's socket pair: each read's readings committed as one batch, by one
+    coroutine, and answered in the frame of the turn their group commit ends."""
+
+    def __init__(self, number: int, pool: WorkerPool) -> None:
+        super().__init__(f"CoAP worker {number}")
+        self.number = number
+        self._pool = pool
+
+    def items_received(self, items: list[Any]) -> None:
+        request_ids: list[int] = []
+        forwarded: list[tuple[Reading, float, Enrichment]] = []
+        for item in items:
+            if item[1] == COMMIT:
+                forwarded.append(decode_commit(item))
+                request_ids.append(item[0])
+            elif item[1] == FAULT:
+                self._pool.spawn(self._fault(item[0]), f"worker-{self.number}-fault")
+            else:
+                raise GarbledFrame(f"a request of kind {item[1]!r}")
+        if forwarded:
+            self._pool.spawn(self._commit(request_ids, forwarded), f"worker-{self.number}-commit")
+
+    async def _commit(self, request_ids: list[int], forwarded: list[tuple[Reading, float, Enrichment]]) -> None:
+        outcomes: list[CommitResult | ConstructionRenderableError]
+        try:
+            outcomes = await self._pool.intake.commit_forwarded(forwarded)
+        except Exception as err:  # a bug of ours: the worker answers 5.03 rather than wait for ever
+            _LOG.exception("commit of %d readings from CoAP worker %d failed", len(forwarded), self.number)
+            outcomes = [StoreUnavailable(f"reading not stored: {err}")] * len(forwarded)
+        for request_id, outcome in zip(request_ids, outcomes, strict=True):
+            self.send(encode_result(request_id, outcome))
+
+    async def _fault(self, request_id: int) -> None:
+        # Always answered: the worker holds its next readings until an answer comes (ConsumerLink).
+        try:
+            fault = await self._pool.store_fault()
+        except Exception as err:  # a bug of ours: /health says so rather than the worker waiting for ever
+            _LOG.exception("the store probe for CoAP worker %d failed", self.number)
+            fault = f"the store probe failed: {err}"
+        self.send((request_id, FAULT_TEXT, fault))
+
+
 @dataclass
 class _Worker:
     number: int
     process: asyncio.subprocess.Process
-    writer: asyncio.StreamWriter
-    reader: asyncio.StreamReader
+    link: WorkerLink = field(repr=False)
 
 
 class WorkerPool:
@@ -290,7 +334,7 @@ class WorkerPool:
     def __init__(self, config: ConsumerConfig, intake: ReadingIntake, store_fault: Any) -> None:
         self.config = config
         self.intake = intake
-        self._store_fault = store_fault
+        self.store_fault = store_fault
         self.port: int | None = None
         self._workers: dict[int, _Worker] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -321,39 +365,41 @@ class WorkerPool:
             )
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_unix_connection(lambda: WorkerLink(number, self), sock=ours)
         port = self.port if self.port is not None else self.config.coap_port
-        write_frame(writer, _replace_port(self.config, port))
+        link.send_first(_replace_port(self.config, port))
         try:
-            ready = await asyncio.wait_for(read_frame(reader), WORKER_START_TIMEOUT_S)
-        except TimeoutError:
+            ready = await asyncio.wait_for(link.first_frame, WORKER_START_TIMEOUT_S)
+        except (TimeoutError, ConnectionError):
             ready = None
         if not isinstance(ready, Ready):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
-            writer.close()
+            link.close()
             raise OSError(f"CoAP worker {number} did not start (exit code {process.returncode}; its error is above)")
         self.port = ready.port
-        worker = _Worker(number, process, writer, reader)
+        worker = _Worker(number, process, link)
         self._workers[number] = worker
         _LOG.info("CoAP worker %d started, PID %d, on UDP port %d", number, process.pid, ready.port)
-        self._spawn(self._serve(worker), f"worker-{number}")
+        self.spawn(self._serve(worker), f"worker-{number}")
 
-    def _spawn(self, coroutine: Any, name: str) -> None:
+    def spawn(self, coroutine: Any, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, worker: _Worker) -> None:
-        while (request := await read_frame(worker.reader)) is not None:
-            if isinstance(request, CommitRequest):
-                self._spawn(self._commit(worker, request), "worker-commit")
-            elif isinstance(request, FaultRequest):
-                self._spawn(self._fault(worker, request), "worker-fault")
-        # The worker is gone: its end closed (it stopped, or was killed).
-        returncode = await worker.process.wait()
-        worker.writer.close()
+        await worker.link.closed.wait()
+        # The worker is gone (it stopped, or was killed), or sent a frame that cannot be read (then it stops
+        # on the link's end; a worker that does not is killed).
+        try:
+            returncode = await asyncio.wait_for(worker.process.wait(), WORKER_STOP_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+            returncode = await worker.process.wait()
         if self._stopping:
             return
         del self._workers[worker.number]
@@ -372,25 +418,6 @@ class WorkerPool:
             except OSError as err:
                 _LOG.error("%s; trying again in %.0f s", err, RESTART_DELAY_S)
                 await asyncio.sleep(RESTART_DELAY_S)
-
-    async def _commit(self, worker: _Worker, request: CommitRequest) -> None:
-        try:
-            result = await self.intake.commit_forwarded(request.reading, request.moles, request.enrichment)
-        except ConstructionRenderableError as err:
-            max_age_s = int(getattr(err, "max_age_s", 0))
-            answer = Answer(request.request_id, refusal=(type(err).__name__, str(err.message), max_age_s))
-        except Exception as err:  # a bug of ours: the worker answers 5.03 rather than wait for ever
-            _LOG.exception("commit of a reading from CoAP worker %d failed", worker.number)
-            answer = Answer(request.request_id, refusal=("StoreUnavailable", f"reading not stored: {err}", 0))
-        else:
-            answer = Answer(request.request_id, result=result)
-        if not worker.writer.is_closing():
-            write_frame(worker.writer, answer)
-
-    async def _fault(self, worker: _Worker, request: FaultRequest) -> None:
-        fault = await self._store_fault()
-        if not worker.writer.is_closing():
-            write_frame(worker.writer, Answer(request.request_id, result=fault))
 
     async def stop(self) -> None:
         """Ask every worker to stop (each answers what it holds first), then wait for them and their commits."""
