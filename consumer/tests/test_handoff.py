@@ -172,6 +172,44 @@ async def test_readings_held_while_a_frame_waits_for_its_answers_leave_in_one_fr
     await worker.wait_closed()
 
 
+async def test_a_flush_scheduled_before_the_answers_came_does_not_hold_the_next_readings_for_ever() -> None:
+    """The race that stalled a worker for good (found by the bench at 256 requests in flight): a reading
+    queued a flush for the next turn, the answers came in the same turn and sent it at once, and the
+    flush that then ran had nothing to send but marked the link as holding; after the next answers
+    nothing flushed again, and every later reading of that worker waited for ever. The answers are handed
+    to the protocol's ``items_received`` directly here, in the turn between the queueing and the flush:
+    a socket cannot be made to deliver them at exactly that point."""
+    worker_socket, test_socket = socket.socketpair()
+    _, worker = await asyncio.get_running_loop().create_unix_connection(ConsumerLink, sock=worker_socket)
+    reader, writer = await asyncio.open_unix_connection(sock=test_socket)
+    writer.write(frame(pickle.dumps("config")))
+    await asyncio.wait_for(worker.first_frame, 10)
+
+    async def next_frame() -> list[tuple[object, ...]]:
+        (length,) = struct.unpack("!I", await asyncio.wait_for(reader.readexactly(4), 10))
+        items: list[tuple[object, ...]] = marshal.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+        return items
+
+    result = CommitResult(SequenceOutcome.FIRST, 1.0, 0)
+    first = asyncio.create_task(worker.commit(reading("race", 1), 1.0, Enrichment()))
+    (sent,) = await next_frame()
+    second = asyncio.create_task(worker.commit(reading("race", 2), 1.0, Enrichment()))
+    await asyncio.sleep(0)  # its step ran: its reading is queued, a flush is due at the next turn
+    assert worker.has_outgoing()
+    worker.items_received([encode_result(sent[0], result)])  # type: ignore[arg-type]
+    (sent,) = await next_frame()  # the second reading left with the answers
+    await asyncio.sleep(0)  # the flush queued by the second reading runs, with nothing to send
+    writer.write(frame(marshal.dumps([encode_result(sent[0], result)])))  # type: ignore[arg-type]
+    assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [result] * 2
+    third = asyncio.create_task(worker.commit(reading("race", 3), 1.0, Enrichment()))
+    (sent,) = await next_frame()  # before the fix: never sent
+    assert decode_commit(sent)[0].seq == 3
+    writer.write(frame(marshal.dumps([encode_result(sent[0], result)])))  # type: ignore[arg-type]
+    assert await asyncio.wait_for(third, 10) == result
+    writer.close()
+    await worker.wait_closed()
+
+
 GARBLED = {
     "not marshal": frame(b"\xff\x00garbage"),
     "a frame longer than any": struct.pack("!I", MAX_FRAME_BYTES + 1) + b"x" * 64,

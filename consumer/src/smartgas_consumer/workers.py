@@ -115,6 +115,11 @@ class ConsumerLink(FrameLink):
             self.flush()
 
     def flush(self) -> None:
+        if not self.has_outgoing():
+            # A flush queued by a reading that the answers' own flush already sent: it must not mark the
+            # link as holding, or after the next answers nothing would flush again (a worker silenced).
+            super().flush()
+            return
         if self._answer_due:
             self.hold()  # sent when the next answers come (items_received)
             return
