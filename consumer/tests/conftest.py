@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,15 @@ def restartable_elasticsearch(elasticsearch_node: ElasticsearchNode | str) -> El
     if elasticsearch_node.startswith("http"):
         pytest.skip("SMARTGAS_TEST_ELASTICSEARCH_URL names an external node, which this test cannot kill")
     pytest.skip(elasticsearch_node)
+
+
+@pytest.fixture
+def peer() -> Iterator[socket.socket]:
+    """A raw UDP socket on loopback, non-blocking: a CoAP peer that sends hand-made datagrams."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock
+    finally:
+        sock.close()

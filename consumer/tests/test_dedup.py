@@ -14,7 +14,7 @@ import gc
 import json
 import shutil
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +111,6 @@ def test_the_settings_and_their_defaults() -> None:
 @pytest.fixture
 def consumer_config(consumer_config: ConsumerConfig) -> ConsumerConfig:
     return dataclasses.replace(consumer_config, coap_dedup_entries=CACHED, coap_dedup_lifetime_s=3600)
-
-
-@pytest.fixture
-def peer() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock
-    finally:
-        sock.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import shutil
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,17 +154,6 @@ def message_manager(consumer: Consumer) -> BoundedDedupMessageManager:
     manager = interface.token_interface
     assert isinstance(manager, BoundedDedupMessageManager)
     return manager
-
-
-@pytest.fixture
-def peer() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock
-    finally:
-        sock.close()
 
 
 async def receive(sock: socket.socket, timeout_s: float = ANSWER_TIMEOUT_S) -> Message:

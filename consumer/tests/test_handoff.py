@@ -140,20 +140,34 @@ async def test_a_refusal_of_the_admission_reaches_only_its_reading(consumer_end:
     await worker.wait_closed()
 
 
-async def test_readings_held_while_a_frame_waits_for_its_answers_leave_in_one_frame() -> None:
-    """Nagle's rule on the worker's end: a reading sent while an earlier frame waits is held, and every
-    reading held leaves in one frame when the answers come."""
+@dataclass
+class FakeConsumerEnd:
+    """The consumer's end of a worker's link, played by the test: frames read and written by hand."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def next_frame(self) -> list[tuple[object, ...]]:
+        (length,) = struct.unpack("!I", await asyncio.wait_for(self.reader.readexactly(4), 10))
+        items: list[tuple[object, ...]] = marshal.loads(await asyncio.wait_for(self.reader.readexactly(length), 10))
+        return items
+
+
+async def worker_end() -> tuple[ConsumerLink, FakeConsumerEnd]:
+    """A worker's ``ConsumerLink`` on a socket pair, past its first frame, and the other end for the test."""
     worker_socket, test_socket = socket.socketpair()
     _, worker = await asyncio.get_running_loop().create_unix_connection(ConsumerLink, sock=worker_socket)
     reader, writer = await asyncio.open_unix_connection(sock=test_socket)
     writer.write(frame(pickle.dumps("config")))
     await asyncio.wait_for(worker.first_frame, 10)
+    return worker, FakeConsumerEnd(reader, writer)
 
-    async def next_frame() -> list[tuple[object, ...]]:
-        (length,) = struct.unpack("!I", await asyncio.wait_for(reader.readexactly(4), 10))
-        items: list[tuple[object, ...]] = marshal.loads(await asyncio.wait_for(reader.readexactly(length), 10))
-        return items
 
+async def test_readings_held_while_a_frame_waits_for_its_answers_leave_in_one_frame() -> None:
+    """Nagle's rule on the worker's end: a reading sent while an earlier frame waits is held, and every
+    reading held leaves in one frame when the answers come."""
+    worker, consumer = await worker_end()
+    writer, next_frame = consumer.writer, consumer.next_frame
     first = asyncio.create_task(worker.commit(reading("held", 1), 1.0, Enrichment()))
     (sent,) = await next_frame()
     later = []
@@ -179,17 +193,8 @@ async def test_a_flush_scheduled_before_the_answers_came_does_not_hold_the_next_
     nothing flushed again, and every later reading of that worker waited for ever. The answers are handed
     to the protocol's ``items_received`` directly here, in the turn between the queueing and the flush:
     a socket cannot be made to deliver them at exactly that point."""
-    worker_socket, test_socket = socket.socketpair()
-    _, worker = await asyncio.get_running_loop().create_unix_connection(ConsumerLink, sock=worker_socket)
-    reader, writer = await asyncio.open_unix_connection(sock=test_socket)
-    writer.write(frame(pickle.dumps("config")))
-    await asyncio.wait_for(worker.first_frame, 10)
-
-    async def next_frame() -> list[tuple[object, ...]]:
-        (length,) = struct.unpack("!I", await asyncio.wait_for(reader.readexactly(4), 10))
-        items: list[tuple[object, ...]] = marshal.loads(await asyncio.wait_for(reader.readexactly(length), 10))
-        return items
-
+    worker, consumer = await worker_end()
+    writer, next_frame = consumer.writer, consumer.next_frame
     result = CommitResult(SequenceOutcome.FIRST, 1.0, 0)
     first = asyncio.create_task(worker.commit(reading("race", 1), 1.0, Enrichment()))
     (sent,) = await next_frame()
