@@ -16,6 +16,7 @@ from elasticsearch_node import ElasticsearchNode, NodeUnavailable, make_node
 from webhook_receiver import Receiver
 
 from smartgas_consumer.config import ConsumerConfig
+from smartgas_consumer.dedup import BoundedDedupMessageManager
 from smartgas_consumer.server import Consumer
 
 WIRE_DIR = Path(__file__).resolve().parents[2] / "docs" / "wire-format"
@@ -134,3 +135,12 @@ def peer() -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
+
+
+def message_manager(consumer: Consumer) -> BoundedDedupMessageManager:
+    """The running consumer's CoAP message layer (``dedup.py``'s subclass of aiocoap's)."""
+    assert consumer._context is not None
+    (interface,) = consumer._context.request_interfaces
+    manager = interface.token_interface
+    assert isinstance(manager, BoundedDedupMessageManager)
+    return manager

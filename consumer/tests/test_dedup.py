@@ -26,9 +26,9 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import BlockOption
 
-from conftest import reading_uri, wire_example
+from conftest import message_manager, reading_uri, wire_example
 from smartgas_consumer.config import ConfigError, ConsumerConfig, load
-from smartgas_consumer.dedup import NOT_ANSWERED, BoundedDedupMessageManager, DedupLimits, RecentRequests
+from smartgas_consumer.dedup import NOT_ANSWERED, DedupLimits, RecentRequests
 from smartgas_consumer.server import SERVING_GC_THRESHOLDS, Consumer
 
 CACHED = 4
@@ -139,14 +139,6 @@ async def exchange(sock: socket.socket, port: int, datagram: bytes) -> bytes:
     loop = asyncio.get_running_loop()
     await loop.sock_sendto(sock, datagram, ("127.0.0.1", port))
     return await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout=ANSWER_TIMEOUT_S)
-
-
-def message_manager(consumer: Consumer) -> BoundedDedupMessageManager:
-    assert consumer._context is not None
-    (interface,) = consumer._context.request_interfaces
-    manager = interface.token_interface
-    assert isinstance(manager, BoundedDedupMessageManager)
-    return manager
 
 
 @pytest.mark.integration

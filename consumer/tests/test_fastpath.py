@@ -38,9 +38,8 @@ from aiocoap.optiontypes import BlockOption
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 from chattr import chattr, immutable  # noqa: F401 (chattr is a fixture)
 
-from conftest import reading_uri, wire_example
+from conftest import message_manager, reading_uri, wire_example
 from smartgas_consumer.config import ConsumerConfig
-from smartgas_consumer.dedup import BoundedDedupMessageManager
 from smartgas_consumer.fastpath import DATAGRAMS_PER_WAKEUP, EMPTY_ACK_DELAY_S, ReadingFastPath
 from smartgas_consumer.reading import MAX_PAYLOAD_BYTES
 from smartgas_consumer.server import Consumer
@@ -146,14 +145,6 @@ def test_the_aiocoap_internals_the_fast_path_rests_on_still_exist() -> None:
 
 
 # -- on real sockets ----------------------------------------------------------------------------------------
-
-
-def message_manager(consumer: Consumer) -> BoundedDedupMessageManager:
-    assert consumer._context is not None
-    (interface,) = consumer._context.request_interfaces
-    manager = interface.token_interface
-    assert isinstance(manager, BoundedDedupMessageManager)
-    return manager
 
 
 async def receive(sock: socket.socket, timeout_s: float = ANSWER_TIMEOUT_S) -> Message:
