@@ -61,14 +61,20 @@ class Unhealthy(Exception):
     """The consumer did not answer the probe as a healthy one does; the message says what it did."""
 
 
-def probe_uri(config: ConsumerConfig) -> str:
-    """Where the probe goes: the configured address and port, or the loopback for a wildcard bind."""
-    if config.coap_port == 0:
-        raise Unhealthy("the CoAP port is 0 (picked at start): the probe needs a fixed --coap-port")
-    host = "127.0.0.1" if config.coap_host in _WILDCARDS else config.coap_host
+def _local_uri(scheme: str, host: str, port: int, path: str, *, label: str, setting: str) -> str:
+    """``scheme://host:port/path`` for a probe of this host: the loopback for a wildcard bind, an IPv6
+    address in brackets; a port of 0 (picked at start) cannot be probed from outside."""
+    if port == 0:
+        raise Unhealthy(f"the {label} port is 0 (picked at start): the probe needs a fixed {setting}")
+    host = "127.0.0.1" if host in _WILDCARDS else host
     if ":" in host:
         host = f"[{host}]"
-    return f"coap://{host}:{config.coap_port}/health"
+    return f"{scheme}://{host}:{port}{path}"
+
+
+def probe_uri(config: ConsumerConfig) -> str:
+    """Where the probe goes: the configured address and port, or the loopback for a wildcard bind."""
+    return _local_uri("coap", config.coap_host, config.coap_port, "/health", label="CoAP", setting="--coap-port")
 
 
 async def probe(uri: str, *, timeout_s: float) -> str:
@@ -93,12 +99,7 @@ async def probe(uri: str, *, timeout_s: float) -> str:
 
 def http_probe_uri(config: ConsumerConfig) -> str:
     """``/healthz`` at the configured HTTP address and port (the loopback for a wildcard bind)."""
-    if config.http_port == 0:
-        raise Unhealthy("the HTTP port is 0 (picked at start): the probe needs a fixed --http-port")
-    host = "127.0.0.1" if config.http_host in _WILDCARDS else config.http_host
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.http_port}/healthz"
+    return _local_uri("http", config.http_host, config.http_port, "/healthz", label="HTTP", setting="--http-port")
 
 
 async def probe_http(uri: str, *, timeout_s: float) -> str:
