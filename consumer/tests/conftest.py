@@ -15,6 +15,7 @@ import pytest
 from elasticsearch_node import ElasticsearchNode, NodeUnavailable, make_node
 from webhook_receiver import Receiver
 
+from smartgas_common.mosquitto import Mosquitto
 from smartgas_consumer.config import ConsumerConfig
 from smartgas_consumer.dedup import BoundedDedupMessageManager
 from smartgas_consumer.server import Consumer
@@ -144,3 +145,11 @@ def message_manager(consumer: Consumer) -> BoundedDedupMessageManager:
     manager = interface.token_interface
     assert isinstance(manager, BoundedDedupMessageManager)
     return manager
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real Mosquitto on a free loopback port, stopped after the test (the MQTT tests skip by name
+    where mosquitto is not installed)."""
+    with Mosquitto(tmp_path / "broker") as running:
+        yield running

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,6 @@ pytestmark = [
 INVALID = wire_example("invalid-readings.json")
 #: Long enough for a loaded 2-core machine; the waits return as soon as the condition holds.
 WAIT_S = 30.0
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    running = Mosquitto(tmp_path / "broker").start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

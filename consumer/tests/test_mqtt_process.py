@@ -7,7 +7,6 @@ import asyncio
 import signal
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,6 @@ pytestmark = [
 #: Bounds for a loaded 2-core machine; every wait returns as soon as its condition holds.
 WAIT_S = 90.0
 METERS = 4
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    running = Mosquitto(tmp_path / "broker").start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 async def until(condition: object, what: str, timeout_s: float = WAIT_S) -> None:

@@ -106,11 +106,8 @@ class Subscriber:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    started = Mosquitto(tmp_path / "broker").start()
-    try:
+    with Mosquitto(tmp_path / "broker") as started:
         yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture

@@ -150,6 +150,12 @@ class Mosquitto:
                 raise BrokerError(f"mosquitto exited at start: {error.strip() or 'no message'} (see {self.log_path})")
         raise BrokerError(f"mosquitto found no free port in {START_ATTEMPTS} attempts")
 
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """Stop the broker cleanly (it saves its persistence file on SIGTERM)."""
         if self.process is None:
