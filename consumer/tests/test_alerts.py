@@ -19,13 +19,14 @@ from smartgas_consumer.alert_rules import (
     LEAK_MIN_STEP_PERIODS,
     SENSOR_CLEAR_STEPS,
     Check,
+    Fit,
     Kind,
     MeterTrack,
     Sample,
     Step,
     Verdict,
     classify_step,
-    fit_loss_rate,
+    fit_points,
     judge,
 )
 from smartgas_consumer.config import ConsumerConfig
@@ -186,6 +187,10 @@ def drain(bench: Bench, moles: float, rate_mol_per_h: float, readings: int, **kw
         results.append(bench.read_moles(moles, **kwargs))
         moles -= rate_mol_per_h * 10 / 3600
     return results
+
+
+def fit_loss_rate(samples: list[Sample]) -> Fit | None:
+    return fit_points([s.ts.timestamp() for s in samples], [s.moles for s in samples])
 
 
 def test_fit_of_a_straight_loss_is_exact() -> None:

@@ -363,13 +363,9 @@ class Fit:
     span_h: float
 
 
-def fit_loss_rate(samples: Sequence[Sample]) -> Fit | None:
-    """The slope of moles over time, as a loss (positive when gas goes), or None below three readings."""
-    return fit_points([s.ts.timestamp() for s in samples], [s.moles for s in samples])
-
-
 def fit_points(times_s: Sequence[float], moles: Sequence[float]) -> Fit | None:
-    """``fit_loss_rate`` of readings given as their times (POSIX seconds, in order) and their moles."""
+    """The slope of moles over time, as a loss (positive when gas goes), of readings given as their times
+    (POSIX seconds, in order) and their moles; None below three readings."""
     n = len(times_s)
     if n < 3:
         return None
