@@ -86,10 +86,18 @@ def sink_for(store: ReadingStore, url: str, data_stream: str, **kwargs: Any) -> 
     return sink
 
 
-async def ship_all(sink: ElasticsearchSink, store: ReadingStore, timeout_s: float = 120.0) -> None:
+async def ship_all(sink: ElasticsearchSink, store: ReadingStore, timeout_s: float = 120.0, *, counted: int = 0) -> None:
+    """Run ``sink`` until the store has nothing pending and, if ``counted``, until the sink's counters hold
+    that many readings: it marks a batch in the store before it counts it, so a stop right after the store
+    is settled could otherwise cancel it between the two (the counters are read after the stop)."""
+
+    async def counted_all() -> bool:
+        return sink.counters.shipped + sink.counters.dead_lettered >= counted
+
     await sink.start()
     try:
         await wait_until(lambda: all_settled(store), timeout_s=timeout_s)
+        await wait_until(counted_all, timeout_s=timeout_s)
     finally:
         await sink.stop()
 
@@ -194,7 +202,7 @@ async def test_replay_is_answered_409_and_counted_as_shipped(
     await store.write(lambda connection: connection.execute("UPDATE readings SET ship_state = 0, shipped_at = NULL"))
     assert (await store.summary()).pending == 10
     replay = sink_for(store, elasticsearch_url, stream)
-    await ship_all(replay, store)
+    await ship_all(replay, store, counted=10)
     assert replay.counters.shipped == 10 and replay.counters.dead_lettered == 0
     assert (await store.summary()).dead_letters == 0
     assert len(await documents(es, stream)) == 10
