@@ -46,7 +46,7 @@ async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
 
 
 async def test_add_then_read_back(tmp_path: Path) -> None:
@@ -368,6 +368,27 @@ async def test_migration_adds_the_refills_table_to_a_version_4_store(tmp_path: P
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("SELECT count(*) FROM refills").fetchone()[0] == 0
         assert connection.execute("SELECT count(*) FROM readings").fetchone()[0] == 1
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_migration_drops_the_meter_seq_index_of_a_version_5_store(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.add(reading(seq=0), 1.0, T0)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:  # as version 5 wrote it: with the index
+        connection.execute("CREATE INDEX readings_meter_seq ON readings (meter_id, seq)")
+        connection.execute("PRAGMA user_version = 5")
+    reopened = await open_store(tmp_path / "s.db")
+    try:
+        assert (await reopened.add(reading(seq=0), 1.0, T0)).outcome is SequenceOutcome.DUPLICATE
+        assert (await reopened.add(reading(seq=1), 1.0, T0)).stored
+    finally:
+        await reopened.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "readings_meter_seq" not in indexes
+        assert "readings_meter_ts" in indexes
+        assert connection.execute("SELECT count(*) FROM readings").fetchone()[0] == 2
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
