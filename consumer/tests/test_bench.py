@@ -39,6 +39,8 @@ def test_bench_smoke_run_stores_every_acknowledged_reading(tmp_path: Path) -> No
     assert consumer["acknowledged_missing_from_store"] == 0
     assert consumer["rss_mb_end"] > 0
     assert results["oscore"]["acknowledged_missing_from_store"] == 0
+    disk = json.loads(completed.stdout)["machine"]["disk_fsync_4k_ms"]
+    assert disk["fsyncs"] == 50 and 0 < disk["p50"] <= disk["p99"] <= disk["max"]
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc (the bench's C load generator) is not installed")
