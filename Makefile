@@ -1,7 +1,7 @@
 # SmartGas: one entry point for running, testing and measuring the system on one machine.
 #   make run    the local pipeline: consumer on its SQLite store + a small simulated fleet
 #   make test   every test tier that runs here, installing what it needs first (what CI runs)
-#   make bench  the consumer side by side with a bare aiocoap server (C load generator), OSCORE, workers, MQTT
+#   make bench  the consumer beside a bare aiocoap server (C load generator), OSCORE, workers, long history, MQTT
 #   make bench-scale  one publisher process driving 10,000 meters on schedule
 #   make e2e    (Docker machines) the compose stack up, the live suite against it, down again
 # Everything installs into .venv from constraints.lock (the whole tree pinned; `make lock` makes it from
@@ -46,7 +46,7 @@ else
 $(error RUN_TRANSPORT=$(RUN_TRANSPORT): must be coap or mqtt)
 endif
 
-.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench bench-mqtt bench-scale e2e clean
+.PHONY: help run test test-consumer test-publisher test-unit test-integration test-live lint typecheck deps venv bench bench-history bench-mqtt bench-scale e2e clean
 
 help:
 	@grep -hE '^#   make' Makefile mk/*.mk | sed 's/^#   //'
@@ -188,8 +188,9 @@ e2e: venv
 	COMPOSE="$(COMPOSE)" PYTHON=$(BIN)/python E2E_WAIT_S=$(E2E_WAIT_S) bash deploy/e2e.sh
 
 # Ingest throughput, acknowledgement latency, drops and memory of the consumer side by side with a bare
-# aiocoap server, driven by a C load generator (consumer/bench/coapload.c, built here); then MQTT ingest
-# beside CoAP (bench-mqtt). See docs/benchmarks.md. BENCH_SUSTAIN_S: the sustained run's length (300 s);
+# aiocoap server, driven by a C load generator (consumer/bench/coapload.c, built here); then the consumer
+# on a store with a long history (bench-history) and MQTT ingest beside CoAP (bench-mqtt). See
+# docs/benchmarks.md. BENCH_SUSTAIN_S: the sustained run's length (300 s);
 # BENCH_WORKERS: the multi-process row.
 BENCH_SUSTAIN_S ?= 300
 BENCH_WORKERS ?= $(shell nproc)
@@ -199,7 +200,13 @@ $(BIN)/coapload: consumer/bench/coapload.c | $(BIN)/python
 bench: venv $(BIN)/coapload
 	BENCH_SUSTAIN_S=$(BENCH_SUSTAIN_S) $(BIN)/python consumer/bench/bench_compare.py --generator $(BIN)/coapload \
 	    --workers $(BENCH_WORKERS)
+	@$(MAKE) --no-print-directory bench-history
 	@$(MAKE) --no-print-directory bench-mqtt
+
+# The consumer on a store whose 1,000 meters hold 2,000 readings each (~5.5 h at 10 s), beside a new store:
+# readings/s, CPU and disk bytes written per reading (consumer/bench/bench_history.py).
+bench-history: venv $(BIN)/coapload
+	$(BIN)/python consumer/bench/bench_history.py --generator $(BIN)/coapload
 
 # MQTT ingest beside CoAP: one consumer fed by the publisher over each transport in turn, through a real
 # Mosquitto; every reading acknowledged checked in the store (consumer/bench/bench_mqtt.py).

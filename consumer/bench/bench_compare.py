@@ -18,8 +18,11 @@ the kernel's UDP receive-buffer drops (``/proc/net/snmp`` Udp RcvbufErrors, mach
 server's runs); the server's CPU per answer (``/proc/PID/stat``: what it spent, whatever else runs).
 For the consumer rows, a sustained open loop at ``--sustain-rate`` (2,000/s) for ``BENCH_SUSTAIN_S``
 seconds (300 by default), the consumer's RSS sampled through it (the last sample, and the growth over the
-last two minutes). After each consumer run the consumer is stopped and every reading the generator saw
-acknowledged is looked up in its store: the bench fails (exit 1) if one is missing.
+last two minutes), and the requests of it answered with another code than 2.04 or not within 5 s.
+Before the runs, the disk under the stores: 1,000 fsyncs of a 4 KiB append, as each group commit makes
+(every acknowledgement waits for one, so that disk's tail is a floor under the latency tail). After each
+consumer run the consumer is stopped and every reading the generator saw acknowledged is looked up in
+its store: the bench fails (exit 1) if one is missing.
 
 Run: ``make bench``, or ``python consumer/bench/bench_compare.py --workers 2``; a smoke run with tiny
 counts: ``python consumer/bench/bench_compare.py --smoke``. Results: docs/benchmarks.md.
@@ -225,13 +228,13 @@ def sustain(server: Server, generator: Generator, rate: float, seconds: float) -
         )
         samples.append((round(time.monotonic() - started), round(tree_rss_mb(server.process.pid), 1)))
     last_two_minutes = [rss for at, rss in samples if at >= samples[-1][0] - 120]
-    sent = sum(load.report["sent"] for load in loads)
     acked = sum(load.report["acknowledged"] for load in loads)
     return {
         "sustain_seconds": round(time.monotonic() - started),
         "sustain_rate": rate,
         "sustain_acknowledged": acked,
-        "sustain_unanswered": sent - acked,
+        "sustain_other_code": sum(load.report["other_code"] for load in loads),
+        "sustain_timed_out": sum(load.report["timed_out"] for load in loads),
         "sustain_udp_drops": sum(load.drops for load in loads),
         "rss_mb_end": samples[-1][1],
         "rss_mb_growth_last_2_min": round(last_two_minutes[-1] - last_two_minutes[0], 1),
@@ -308,6 +311,31 @@ def machine() -> dict[str, Any]:
     }
 
 
+def disk_fsync_ms(directory: Path, count: int = 1000) -> dict[str, float]:
+    """The disk under the stores: ``count`` appends of 4 KiB to a file in ``directory``, each followed by
+    ``fsync``, as a group commit's WAL append is. Every acknowledgement waits for one, so this disk's tail
+    is a floor under the consumer's latency tail."""
+    block = os.urandom(4096)
+    took: list[float] = []
+    path = directory / "fsync-probe"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            os.write(descriptor, block)
+            os.fsync(descriptor)
+            took.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    took.sort()
+
+    def rank(share: float) -> float:  # inclusive: the value at or below which ``share`` of them fell
+        return round(took[min(len(took) - 1, math.ceil(share * len(took)) - 1)], 2)
+
+    return {"fsyncs": count, "p50": rank(0.5), "p99": rank(0.99), "p99_9": rank(0.999), "max": round(took[-1], 2)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meters", type=int, default=1000)
@@ -338,6 +366,7 @@ def main() -> int:
         scratch = Path(scratch_name)
         fleet = scratch / "fleet.yaml"
         bench_ingest.write_fleet(fleet, arguments.meters)
+        disk = disk_fsync_ms(scratch, 50 if arguments.smoke else 1000)
         half: float | None = arguments.half_rate
         if "bare" not in arguments.skip:
             command = [sys.executable, str(BENCH_DIR / "bare_server.py"), "--port", "0"]
@@ -361,7 +390,7 @@ def main() -> int:
     for result in results.values():
         if reference and "saturation_per_s" in result:
             result["ratio_to_bare"] = round(result["saturation_per_s"] / reference, 2)
-    print(json.dumps({"machine": machine(), "results": results}, indent=2))
+    print(json.dumps({"machine": machine() | {"disk_fsync_4k_ms": disk}, "results": results}, indent=2))
     missing = sum(result.get("acknowledged_missing_from_store", 0) for result in results.values())
     if missing:
         print(f"bench: {missing} acknowledged reading(s) missing from the store", file=sys.stderr)

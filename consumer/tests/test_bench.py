@@ -39,6 +39,8 @@ def test_bench_smoke_run_stores_every_acknowledged_reading(tmp_path: Path) -> No
     assert consumer["acknowledged_missing_from_store"] == 0
     assert consumer["rss_mb_end"] > 0
     assert results["oscore"]["acknowledged_missing_from_store"] == 0
+    disk = json.loads(completed.stdout)["machine"]["disk_fsync_4k_ms"]
+    assert disk["fsyncs"] == 50 and 0 < disk["p50"] <= disk["p99"] <= disk["max"]
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc (the bench's C load generator) is not installed")
@@ -54,3 +56,18 @@ def test_bench_workers_smoke_run_measures_each_process(tmp_path: Path) -> None:
     (round_,) = report["rounds"]
     assert round_["acknowledged"] > 0
     assert set(round_["cpu_ms_per_reading"]) == {"consumer", *(f"worker {pid}" for pid in report["worker_pids"])}
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc (the bench's C load generator) is not installed")
+def test_bench_history_smoke_run_goes_on_from_the_history_it_wrote(tmp_path: Path) -> None:
+    """``bench_history.py`` (the consumer on a store whose meters hold a long history) still runs: the store
+    it fills is one the consumer opens and goes on from (every reading a NEXT, none refused or lost)."""
+    command = [sys.executable, str(BENCH.with_name("bench_history.py")), "--smoke", "--generator"]
+    completed = subprocess.run([*command, str(tmp_path / "coapload")], capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    for run in ("new_store", "long_history"):
+        assert report[run]["acknowledged_missing_from_store"] == 0, run
+        (round_,) = report[run]["rounds"]
+        assert round_["readings_per_s"] > 0 and round_["disk_kb_written_per_reading"] > 0, run
+    assert report["long_history"]["history_per_meter"] == 30

@@ -46,7 +46,7 @@ async def test_wal_mode_and_full_sync(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(tmp_path / "s.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
 
 
 async def test_add_then_read_back(tmp_path: Path) -> None:
@@ -371,6 +371,27 @@ async def test_migration_adds_the_refills_table_to_a_version_4_store(tmp_path: P
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+async def test_migration_drops_the_meter_seq_index_of_a_version_5_store(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.add(reading(seq=0), 1.0, T0)
+    await store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:  # as version 5 wrote it: with the index
+        connection.execute("CREATE INDEX readings_meter_seq ON readings (meter_id, seq)")
+        connection.execute("PRAGMA user_version = 5")
+    reopened = await open_store(tmp_path / "s.db")
+    try:
+        assert (await reopened.add(reading(seq=0), 1.0, T0)).outcome is SequenceOutcome.DUPLICATE
+        assert (await reopened.add(reading(seq=1), 1.0, T0)).stored
+    finally:
+        await reopened.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "readings_meter_seq" not in indexes
+        assert "readings_meter_ts" in indexes
+        assert connection.execute("SELECT count(*) FROM readings").fetchone()[0] == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_migrations_are_ordered_and_end_at_the_schema_version() -> None:
     versions = [migration.version for migration in MIGRATIONS]
     assert versions == sorted(set(versions)) and versions[-1] == SCHEMA_VERSION
@@ -436,3 +457,38 @@ async def test_the_summary_is_right_and_walks_one_index_entry_per_reading(tmp_pa
     assert (large.readings, large.pending, large.newest_received_at) == (2000, 1500, format_timestamp(received[-1]))
     assert large.oldest_pending_received_at == format_timestamp(received[500])
     assert (large_steps - small_steps) / 1000 <= 4
+
+
+async def test_storing_a_reading_costs_the_same_whatever_the_meters_history(tmp_path: Path) -> None:
+    """Every reading is checked for being a re-send of one stored (same meter, seq and timestamp). That
+    check walked every reading the meter had ever sent (SQLite served its ORDER BY from the (meter_id,
+    epoch, seq) index): at a reading every 10 s, 8,640 more a day, each insert slower than the last. The
+    cost of one more reading is counted in SQLite virtual-machine steps, after 20 and after 2,000."""
+    store = await open_store(tmp_path / "s.db")
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0  # go on
+
+    async def steps_of_one_more(seq: int) -> int:
+        await store.write(lambda connection: connection.set_progress_handler(count, 1))
+        steps[0] = 0
+        result = await store.add(reading("long-lived", seq), 1.0, T0 + timedelta(seconds=10 * seq))
+        await store.write(lambda connection: connection.set_progress_handler(None, 1))
+        assert result.stored
+        return steps[0]
+
+    try:
+        await asyncio.gather(*(store.add(reading("long-lived", seq), 1.0, T0) for seq in range(20)))
+        young = await steps_of_one_more(20)
+        for start in range(21, 2021, 500):
+            await asyncio.gather(
+                *(store.add(reading("long-lived", seq), 1.0, T0) for seq in range(start, min(start + 500, 2021)))
+            )
+        old = await steps_of_one_more(2021)
+        resent = await store.add(reading("long-lived", 1500), 1.0, T0)
+    finally:
+        await store.close()
+    assert resent.outcome is SequenceOutcome.DUPLICATE  # the check still finds a copy deep in the history
+    assert old <= young * 1.5, (young, old)

@@ -484,10 +484,12 @@ class ReadingStore:
             "SELECT epoch, last_seq, last_ts, last_seen FROM meters WHERE meter_id = ?", (reading.meter_id,)
         ).fetchone()
         missing = 0
+        # INDEXED BY: left to itself, SQLite serves the ORDER BY from the (meter_id, epoch, seq) index and
+        # walks every reading the meter ever sent; (meter_id, ts) finds the one candidate, or none.
         copy = connection.execute(
             "SELECT moles, compressibility_z, real_moles, mass_kg, standard_volume_m3, liquid_state FROM readings"
-            " WHERE meter_id = ? AND seq = ? AND ts = ? ORDER BY epoch DESC LIMIT 1",
-            (reading.meter_id, reading.seq, ts),
+            " INDEXED BY readings_meter_ts WHERE meter_id = ? AND ts = ? AND seq = ? ORDER BY epoch DESC LIMIT 1",
+            (reading.meter_id, ts, reading.seq),
         ).fetchone()
         if copy is not None and meter is not None:
             # A re-send: the first copy stays, and its moles and real-gas fields are the answer.
