@@ -26,7 +26,7 @@ from smartgas_consumer.elasticsearch_sink import Backoff, ElasticsearchSink
 from smartgas_consumer.fleet import Fleet
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.provision import INDEX_TEMPLATES, prepare_data_stream, template_body
-from smartgas_consumer.store import ReadingStore
+from smartgas_consumer.store import ReadingStore, format_timestamp
 
 pytestmark = pytest.mark.integration
 
@@ -551,3 +551,56 @@ async def test_a_backlog_is_judged_a_few_readings_per_turn_of_the_event_loop(rig
     stop.set()
     await counter
     assert turns >= readings // READINGS_PER_TURN - 1
+
+
+async def steps_of(store: ReadingStore, query: Callable[[], Awaitable[Any]]) -> int:
+    """SQLite virtual-machine steps of what ``query`` runs on the store's reader."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0  # go on
+
+    await store.read(lambda connection: connection.set_progress_handler(count, 1))
+    await query()
+    await store.read(lambda connection: connection.set_progress_handler(None, 1))
+    return steps[0]
+
+
+async def test_listing_alerts_costs_the_same_whatever_the_alert_history(rig: Rig) -> None:
+    """The alert list (newest first, at most ``limit``) read and sorted every alert ever opened, or every
+    alert of the client for a client and a state: 65,000 SQLite steps at 2,000 alerts, 405,000 at 20,000,
+    at each request. Counted here at 300 and at 3,000 resolved alerts, with 20 returned."""
+    assert rig.store is not None and rig.engine is not None
+    store, engine = rig.store, rig.engine
+
+    async def add_resolved(first: int, count: int) -> None:
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "INSERT INTO alerts (alert_id, meter_id, client_id, kind, severity, state, message, opened_at,"
+                " updated_at, revision) VALUES (?, ?, ?, 'leak', 'warning', 'resolved', 'old', ?, ?, ?)",
+                [
+                    (f"h{n}:leak:{n}", f"h{n % 50}", f"client-{n % 3}", stamp, stamp, 1_000_000 + n)
+                    for n in range(first, first + count)
+                    for stamp in [format_timestamp(T0 - timedelta(hours=first + count - n))]
+                ],
+            )
+
+        await store.write(insert)
+
+    def listings() -> list[Callable[[], Awaitable[Any]]]:
+        return [
+            lambda: engine.list_alerts(limit=20),
+            lambda: engine.list_alerts(client_id="client-1", state="resolved", limit=20),
+        ]
+
+    await add_resolved(0, 300)
+    young = [await steps_of(store, listing) for listing in listings()]
+    await add_resolved(300, 2700)
+    old = [await steps_of(store, listing) for listing in listings()]
+    assert len(await engine.list_alerts(limit=20)) == 20
+    newest = await engine.list_alerts(client_id="client-1", state="resolved", limit=20)
+    assert [alert["client_id"] for alert in newest] == ["client-1"] * 20
+    assert newest[0]["opened_at"] >= newest[-1]["opened_at"]
+    for before, after in zip(young, old, strict=True):
+        assert after <= before * 1.5, (young, old)

@@ -39,6 +39,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open ON alerts (meter_id, kind) WHE
 CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (revision) WHERE ship_state = 0;
 CREATE INDEX IF NOT EXISTS alerts_client_opened ON alerts (client_id, opened_at);
 CREATE INDEX IF NOT EXISTS alerts_meter_opened ON alerts (meter_id, opened_at);
+-- The alert list (newest first, LIMIT): without these, every alert ever opened (a client's, for a client
+-- and a state) was read and sorted at each request. CREATE ... IF NOT EXISTS: older stores get them at start.
+CREATE INDEX IF NOT EXISTS alerts_opened ON alerts (opened_at);
+CREATE INDEX IF NOT EXISTS alerts_client_state_opened ON alerts (client_id, state, opened_at);
 -- What people did to an alert (a table of its own, so stores made before acknowledgement need no migration).
 CREATE TABLE IF NOT EXISTS alert_handling (
     alert_id        TEXT    PRIMARY KEY REFERENCES alerts (alert_id),
