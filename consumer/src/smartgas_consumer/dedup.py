@@ -151,12 +151,8 @@ class BoundedDedupMessageManager(MessageManager):  # type: ignore[misc]
         if fast_path is None or not fast_path.takes(message):
             super().dispatch_message(message)
             return
-        key = (message.remote, message.mid)
-        answer = self.recent_requests.seen(key)
-        if answer is None:
-            fast_path.handle(message, key, self)
-        elif message.mtype is CON and answer != NOT_ANSWERED:
-            self.send_encoded(message.remote.as_response_address(), answer)
+        if not self._deduplicate_message(message):
+            fast_path.handle(message, (message.remote, message.mid), self)
 
     def send_encoded(self, remote: EndpointAddress, data: bytes) -> None:
         """Put an encoded answer on the wire as it is (aiocoap's transport, with its error attribution)."""
