@@ -99,6 +99,11 @@ MAX_LOCAL_ADDRESSES = 256
 PutReading = Callable[[str, Message, float], Awaitable[Message]]
 
 
+def is_reading_path(path: tuple[str, ...]) -> bool:
+    """Whether a request's Uri-Path is ``meters/{id}/reading``."""
+    return len(path) == 3 and path[0] == "meters" and path[2] == "reading"
+
+
 class ReadingFastPath:
     """Answers readings' PUTs for the message layer; ``taken`` counts the requests it took."""
 
@@ -124,8 +129,7 @@ class ReadingFastPath:
             return False
         if not message.opt._options.keys() <= FAST_PATH_OPTIONS:
             return False
-        path = message.opt.uri_path
-        return len(path) == 3 and path[0] == "meters" and path[2] == "reading"
+        return is_reading_path(message.opt.uri_path)
 
     def handle(self, message: Message, key: Hashable, manager: BoundedDedupMessageManager) -> None:
         self.taken += 1

@@ -44,7 +44,7 @@ from aiocoap.util.linkformat import LinkFormat
 
 from smartgas_consumer.device_auth import MeterContext
 from smartgas_consumer.error import MeterNotFound, NotAuthenticated, PayloadTooLarge, StoreUnavailable, WrongMeter
-from smartgas_consumer.fastpath import ReadingFastPath
+from smartgas_consumer.fastpath import ReadingFastPath, is_reading_path
 from smartgas_consumer.intake import ReadingIntake
 from smartgas_consumer.reading import CONTENT_FORMAT_CBOR, CONTENT_FORMAT_JSON, MAX_PAYLOAD_BYTES, check_meter_id
 
@@ -328,7 +328,7 @@ class ReadingSite(Site):
             " (RFC 7252 §5.4.1: a request carrying one is refused, not processed without it)"
         )
         path = request.opt.uri_path
-        if request.code == Code.PUT and len(path) == 3 and path[0] == "meters" and path[2] == "reading":
+        if request.code == Code.PUT and is_reading_path(path):
             self._meters.refused_early(request, path[1], err)  # counted as a refused reading, logged per peer
         raise err
 
