@@ -29,7 +29,8 @@ def test_bench_smoke_run_stores_every_acknowledged_reading(tmp_path: Path) -> No
         timeout=240,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(completed.stdout)["results"]
+    report = json.loads(completed.stdout)
+    results = report["results"]
     assert set(results) == {"bare", "consumer", "oscore"}
     for name in ("bare", "consumer"):
         # Every answer of the saturation run (200 requests; one may time out on a loaded machine) is 2.04.
@@ -39,8 +40,9 @@ def test_bench_smoke_run_stores_every_acknowledged_reading(tmp_path: Path) -> No
     assert consumer["acknowledged_missing_from_store"] == 0
     assert consumer["rss_mb_end"] > 0
     assert results["oscore"]["acknowledged_missing_from_store"] == 0
-    disk = json.loads(completed.stdout)["machine"]["disk_fsync_4k_ms"]
-    assert disk["fsyncs"] == 50 and 0 < disk["p50"] <= disk["p99"] <= disk["max"]
+    disk = report["machine"]["disk_fsync_4k_ms"]
+    # 0 is a true figure on tmpfs, where an fsync rounds to 0.00 ms.
+    assert disk["fsyncs"] == 50 and 0 <= disk["p50"] <= disk["p99"] <= disk["p99_9"] <= disk["max"]
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc (the bench's C load generator) is not installed")
