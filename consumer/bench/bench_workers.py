@@ -28,14 +28,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import bench_compare  # noqa: E402  (the generator, the server under test, the store check)
 import bench_ingest  # noqa: E402  (the bench fleet file)
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(stat_path: Path) -> float:
-    """User and system CPU time of a process or thread (its ``/proc/.../stat``)."""
-    fields = stat_path.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+import serving  # noqa: E402  (CPU time from /proc)
 
 
 def process_cpu(pids: list[int], consumer_pid: int) -> dict[str, float]:
@@ -44,9 +37,9 @@ def process_cpu(pids: list[int], consumer_pid: int) -> dict[str, float]:
     for pid in pids:
         role = "consumer" if pid == consumer_pid else f"worker {pid}"
         try:
-            cpu[role] = cpu_seconds(Path(f"/proc/{pid}/stat"))
+            cpu[role] = serving.cpu_seconds(pid)
             if pid == consumer_pid:
-                cpu["consumer event loop"] = cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+                cpu["consumer event loop"] = serving.stat_cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
         except OSError:
             continue
     return cpu

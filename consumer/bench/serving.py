@@ -26,7 +26,12 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of process ``pid`` so far: what it spent, whatever else shares the cores."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def stat_cpu_seconds(stat_path: Path) -> float:
+    """User and system CPU time in a process's or a thread's ``/proc/.../stat`` (``.../task/TID/stat``)."""
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
