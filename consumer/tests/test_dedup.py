@@ -14,7 +14,6 @@ import gc
 import json
 import shutil
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +110,6 @@ def test_the_settings_and_their_defaults() -> None:
 @pytest.fixture
 def consumer_config(consumer_config: ConsumerConfig) -> ConsumerConfig:
     return dataclasses.replace(consumer_config, coap_dedup_entries=CACHED, coap_dedup_lifetime_s=3600)
-
-
-@pytest.fixture
-async def coap() -> AsyncIterator[aiocoap.Context]:
-    context = await aiocoap.Context.create_client_context(transports=["udp6"])
-    try:
-        yield context
-    finally:
-        await context.shutdown()
 
 
 def put(mtype: Type, mid: int, seq: int, meter_id: str = "bottle-0001", **options: Any) -> bytes:

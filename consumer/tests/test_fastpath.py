@@ -421,11 +421,7 @@ async def test_overload_5_03_and_a_slow_commit_answered_separately_alike(pair: P
 @pytest.mark.usefixtures("chattr")
 async def test_a_store_that_cannot_commit_gets_5_03_alike(pair: Pair) -> None:
     await pair.both(datagram(Type.CON, 70, b"ok", payload=as_json(0)))
-    files = [
-        consumer.config.db.with_name(name)
-        for consumer in (pair.fast, pair.full)
-        for name in ("store.db", "store.db-wal")
-    ]
+    files = [consumer.config.db.with_name(name) for consumer in (pair.fast, pair.full) for name in STORE_FILES]
     with immutable(*files):
         fast, _full = await pair.both(datagram(Type.CON, 71, b"ro", payload=as_json(1)))
     assert fast.code == Code.SERVICE_UNAVAILABLE and b"could not commit" in fast.payload
