@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fake_elasticsearch import FakeElasticsearch
 from test_alerts import VOLUME_L, fleet, pressure_for, stored_event
+from test_store import sqlite_steps
 
 from smartgas_consumer.alert_records import ALERT_SCHEMA, AlertNotOpen
 from smartgas_consumer.alert_rules import LEAK_MIN_READINGS
@@ -553,20 +554,6 @@ async def test_a_backlog_is_judged_a_few_readings_per_turn_of_the_event_loop(rig
     assert turns >= readings // READINGS_PER_TURN - 1
 
 
-async def steps_of(store: ReadingStore, query: Callable[[], Awaitable[Any]]) -> int:
-    """SQLite virtual-machine steps of what ``query`` runs on the store's reader."""
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0  # go on
-
-    await store.read(lambda connection: connection.set_progress_handler(count, 1))
-    await query()
-    await store.read(lambda connection: connection.set_progress_handler(None, 1))
-    return steps[0]
-
-
 async def test_listing_alerts_costs_the_same_whatever_the_alert_history(rig: Rig) -> None:
     """The alert list (newest first, at most ``limit``) read and sorted every alert ever opened, or every
     alert of the client for a client and a state: 65,000 SQLite steps at 2,000 alerts, 405,000 at 20,000,
@@ -595,9 +582,9 @@ async def test_listing_alerts_costs_the_same_whatever_the_alert_history(rig: Rig
         ]
 
     await add_resolved(0, 300)
-    young = [await steps_of(store, listing) for listing in listings()]
+    young = [(await sqlite_steps(store, listing))[1] for listing in listings()]
     await add_resolved(300, 2700)
-    old = [await steps_of(store, listing) for listing in listings()]
+    old = [(await sqlite_steps(store, listing))[1] for listing in listings()]
     assert len(await engine.list_alerts(limit=20)) == 20
     newest = await engine.list_alerts(client_id="client-1", state="resolved", limit=20)
     assert [alert["client_id"] for alert in newest] == ["client-1"] * 20

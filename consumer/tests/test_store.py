@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,13 +24,13 @@ from smartgas_consumer.store import (
     ReadingStore,
     SequenceOutcome,
     StoreClosed,
-    StoreSummary,
     StoreUnusable,
     format_timestamp,
     parse_timestamp,
 )
 
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+_T = TypeVar("_T")
 
 
 def reading(meter_id: str = "m1", seq: int = 0, pressure_bar: float = 200.0) -> Reading:
@@ -418,18 +420,25 @@ async def test_migration_adds_the_real_gas_columns_and_keeps_older_readings(tmp_
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-async def summary_and_its_steps(store: ReadingStore) -> tuple[StoreSummary, int]:
-    """The store's summary and how many SQLite virtual-machine steps its statements took."""
+async def sqlite_steps(
+    store: ReadingStore, action: Callable[[], Awaitable[_T]], *, writer: bool = False
+) -> tuple[_T, int]:
+    """What ``action()`` returns, and how many SQLite virtual-machine steps it took on the store's reading
+    connection (``writer``: its writing one): a cost that does not depend on the machine's speed."""
     steps = [0]
 
     def count() -> int:
         steps[0] += 1
         return 0  # go on
 
-    await store.read(lambda connection: connection.set_progress_handler(count, 1))
-    summary = await store.summary()
-    await store.read(lambda connection: connection.set_progress_handler(None, 1))
-    return summary, steps[0]
+    connection_of = store.write if writer else store.read
+    await connection_of(lambda connection: connection.set_progress_handler(count, 1))
+    steps[0] = 0
+    try:
+        result = await action()
+    finally:
+        await connection_of(lambda connection: connection.set_progress_handler(None, 1))
+    return result, steps[0]
 
 
 async def test_the_summary_is_right_and_walks_one_index_entry_per_reading(tmp_path: Path) -> None:
@@ -447,9 +456,9 @@ async def test_the_summary_is_right_and_walks_one_index_entry_per_reading(tmp_pa
                 )
             )
             if start == 0:
-                small, small_steps = await summary_and_its_steps(store)
+                small, small_steps = await sqlite_steps(store, store.summary)
         await store.mark_shipped(range(1, 501), T0)  # ids are the commit order, from 1
-        large, large_steps = await summary_and_its_steps(store)
+        large, large_steps = await sqlite_steps(store, store.summary)
     finally:
         await store.close()
     assert (small.readings, small.pending, small.newest_received_at) == (1000, 1000, format_timestamp(received[999]))
@@ -465,19 +474,13 @@ async def test_storing_a_reading_costs_the_same_whatever_the_meters_history(tmp_
     epoch, seq) index): at a reading every 10 s, 8,640 more a day, each insert slower than the last. The
     cost of one more reading is counted in SQLite virtual-machine steps, after 20 and after 2,000."""
     store = await open_store(tmp_path / "s.db")
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0  # go on
 
     async def steps_of_one_more(seq: int) -> int:
-        await store.write(lambda connection: connection.set_progress_handler(count, 1))
-        steps[0] = 0
-        result = await store.add(reading("long-lived", seq), 1.0, T0 + timedelta(seconds=10 * seq))
-        await store.write(lambda connection: connection.set_progress_handler(None, 1))
+        result, steps = await sqlite_steps(
+            store, lambda: store.add(reading("long-lived", seq), 1.0, T0 + timedelta(seconds=10 * seq)), writer=True
+        )
         assert result.stored
-        return steps[0]
+        return steps
 
     try:
         await asyncio.gather(*(store.add(reading("long-lived", seq), 1.0, T0) for seq in range(20)))
