@@ -36,12 +36,14 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -312,13 +314,37 @@ def machine() -> dict[str, Any]:
     }
 
 
-def disk_fsync_ms(directory: Path, count: int = 1000) -> dict[str, float]:
+def disk_fsync_ms(directory: Path, count: int = 1000, *, beside_checkpoints: bool = False) -> dict[str, float]:
     """The disk under the stores: ``count`` appends of 4 KiB to a file in ``directory``, each followed by
     ``fsync``, as a group commit's WAL append is. Every acknowledgement waits for one, so this disk's tail
-    is a floor under the consumer's latency tail."""
+    is a floor under the consumer's latency tail.
+
+    With ``beside_checkpoints``, the appends are paced as group commits are (one per 2 ms window) while a
+    thread does what SQLite's automatic checkpoint does several times a second at the bench's rates (a WAL
+    of 1,000 pages, ~3 pages a reading): it writes 1,000 pages of 4 KiB at random places in a second file of
+    16 MiB, fsyncs it, and waits 0.2 s. The checkpoint runs inside a commit or on a thread of its own; either
+    way its writes share the disk with the next commit's fsync, and this measures what that costs."""
     block = os.urandom(4096)
     took: list[float] = []
     path = directory / "fsync-probe"
+    database = directory / "fsync-probe-database"
+    finished = threading.Event()
+
+    def checkpoint_shaped_writes() -> None:
+        pages = 16 * 1024 * 1024 // len(block)
+        descriptor = os.open(database, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not finished.is_set():
+                for _ in range(1000):
+                    os.pwrite(descriptor, block, random.randrange(pages) * len(block))
+                os.fsync(descriptor)
+                finished.wait(0.2)
+        finally:
+            os.close(descriptor)
+
+    writer = threading.Thread(target=checkpoint_shaped_writes, name="fsync-probe-checkpoints")
+    if beside_checkpoints:
+        writer.start()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         for _ in range(count):
@@ -326,9 +352,15 @@ def disk_fsync_ms(directory: Path, count: int = 1000) -> dict[str, float]:
             os.write(descriptor, block)
             os.fsync(descriptor)
             took.append((time.perf_counter() - started) * 1000)
+            if beside_checkpoints:
+                time.sleep(0.002)
     finally:
         os.close(descriptor)
+        finished.set()
+        if beside_checkpoints:
+            writer.join()
         path.unlink()
+        database.unlink(missing_ok=True)
     cuts = statistics.quantiles(took, n=1000, method="inclusive")  # as bench_ingest's: never beyond the largest
     return {
         "fsyncs": count,
@@ -369,7 +401,11 @@ def main() -> int:
         scratch = Path(scratch_name)
         fleet = scratch / "fleet.yaml"
         bench_ingest.write_fleet(fleet, arguments.meters)
-        disk = disk_fsync_ms(scratch, 50 if arguments.smoke else 1000)
+        fsyncs = 50 if arguments.smoke else 1000
+        disk = {
+            "disk_fsync_4k_ms": disk_fsync_ms(scratch, fsyncs),
+            "disk_fsync_4k_beside_checkpoints_ms": disk_fsync_ms(scratch, fsyncs, beside_checkpoints=True),
+        }
         half: float | None = arguments.half_rate
         if "bare" not in arguments.skip:
             command = [sys.executable, str(BENCH_DIR / "bare_server.py"), "--port", "0"]
@@ -393,7 +429,7 @@ def main() -> int:
     for result in results.values():
         if reference and "saturation_per_s" in result:
             result["ratio_to_bare"] = round(result["saturation_per_s"] / reference, 2)
-    print(json.dumps({"machine": machine() | {"disk_fsync_4k_ms": disk}, "results": results}, indent=2))
+    print(json.dumps({"machine": machine() | disk, "results": results}, indent=2))
     missing = sum(result.get("acknowledged_missing_from_store", 0) for result in results.values())
     if missing:
         print(f"bench: {missing} acknowledged reading(s) missing from the store", file=sys.stderr)
