@@ -45,10 +45,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -59,6 +62,9 @@ import serving  # noqa: E402  (start a server, learn its ports)
 GENERATOR_SOURCE = BENCH_DIR / "coapload.c"
 #: How long a server may take to say it listens (the consumer builds its gas models first).
 START_TIMEOUT_S = 120.0
+#: The consumer's own histograms (docs/metrics.md) that split the half-rate run's p99: the answer inside it
+#: (from its CoAP resource taking the PUT to the 2.04; not kept by ``--workers`` workers) and one group commit.
+INSIDE_HISTOGRAMS = {"inside_ack": "smartgas_ack_latency_seconds", "commit": "smartgas_store_commit_duration_seconds"}
 #: How long a consumer may take to commit and exit once asked.
 STOP_TIMEOUT_S = 120.0
 
@@ -123,6 +129,7 @@ class Server:
     port: int
     db: Path | None = None
     log: list[str] = field(default_factory=list)
+    http_port: int = 0  # a consumer's API, where its /metrics are; 0 for the bare server
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -137,8 +144,8 @@ class Server:
 
 @contextlib.contextmanager
 def started(name: str, command: list[str], db: Path | None = None) -> Iterator[Server]:
-    running = serving.start(command, name=name, http=False)
-    server = Server(name, running.process, running.coap_port, db, running.log)
+    running = serving.start(command, name=name, http=db is not None)
+    server = Server(name, running.process, running.coap_port, db, running.log, running.http_port)
     try:
         yield server
     finally:
@@ -245,6 +252,30 @@ def sustain(server: Server, generator: Generator, rate: float, seconds: float) -
     }
 
 
+def inside_histograms(server: Server) -> dict[str, dict[float, float]]:
+    """A consumer's own histograms of the latency tail, from its ``/metrics``: {family: {le: count}}.
+    Empty for a server without an API (the bare one)."""
+    if not server.http_port:
+        return {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        family.name: {float(sample.labels["le"]): sample.value for sample in family.samples if "le" in sample.labels}
+        for family in text_string_to_metric_families(text)
+        if family.name in INSIDE_HISTOGRAMS.values()
+    }
+
+
+def quantile_at_most_ms(before: dict[float, float], after: dict[float, float], quantile: float) -> float | None:
+    """The upper edge (ms) of the bucket that holds ``quantile`` of what a histogram observed between two
+    scrapes; None if it observed nothing, or if that bucket is the one beyond the last edge."""
+    total = after.get(math.inf, 0) - before.get(math.inf, 0)
+    if total <= 0:
+        return None
+    edge = next(le for le in sorted(after) if after[le] - before.get(le, 0) >= quantile * total)
+    return None if math.isinf(edge) else round(edge * 1000, 1)
+
+
 def measure(
     server: Server, generator: Generator, arguments: argparse.Namespace, half_rate: float | None
 ) -> dict[str, Any]:
@@ -253,9 +284,11 @@ def measure(
         server, count=arguments.saturation_count, duration_s=arguments.phase_s, outstanding=arguments.outstanding
     )
     rate = half_rate if half_rate is not None else saturation.rate / 2
+    inside_before = inside_histograms(server)
     half = generator.run(
         server, count=max(int(rate * arguments.phase_s), 1), duration_s=arguments.phase_s, rate=rate, outstanding=8192
     )
+    inside_after = inside_histograms(server)
     answered = max(saturation.report["acknowledged"] + saturation.report["other_code"], 1)
     return {
         "saturation_per_s": round(saturation.rate),
@@ -267,6 +300,11 @@ def measure(
         "half_timed_out": half.report["timed_out"],
         "udp_drops": saturation.drops + half.drops,
         "codes": saturation.report["codes"],
+    } | {
+        # Where the tail is: inside the consumer (its resource's answer, its group commits), or before it.
+        f"half_{key}_p99_ms_at_most": quantile_at_most_ms(inside_before[family], inside_after[family], 0.99)
+        for key, family in INSIDE_HISTOGRAMS.items()
+        if family in inside_after
     }
 
 
