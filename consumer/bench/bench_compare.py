@@ -36,17 +36,22 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -57,6 +62,9 @@ import serving  # noqa: E402  (start a server, learn its ports)
 GENERATOR_SOURCE = BENCH_DIR / "coapload.c"
 #: How long a server may take to say it listens (the consumer builds its gas models first).
 START_TIMEOUT_S = 120.0
+#: The consumer's own histograms (docs/metrics.md) that split the half-rate run's p99: the answer inside it
+#: (from its CoAP resource taking the PUT to the 2.04; not kept by ``--workers`` workers) and one group commit.
+INSIDE_HISTOGRAMS = {"inside_ack": "smartgas_ack_latency_seconds", "commit": "smartgas_store_commit_duration_seconds"}
 #: How long a consumer may take to commit and exit once asked.
 STOP_TIMEOUT_S = 120.0
 
@@ -121,6 +129,7 @@ class Server:
     port: int
     db: Path | None = None
     log: list[str] = field(default_factory=list)
+    http_port: int = 0  # a consumer's API, where its /metrics are; 0 for the bare server
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -135,8 +144,8 @@ class Server:
 
 @contextlib.contextmanager
 def started(name: str, command: list[str], db: Path | None = None) -> Iterator[Server]:
-    running = serving.start(command, name=name, http=False)
-    server = Server(name, running.process, running.coap_port, db, running.log)
+    running = serving.start(command, name=name, http=db is not None)
+    server = Server(name, running.process, running.coap_port, db, running.log, running.http_port)
     try:
         yield server
     finally:
@@ -243,6 +252,30 @@ def sustain(server: Server, generator: Generator, rate: float, seconds: float) -
     }
 
 
+def inside_histograms(server: Server) -> dict[str, dict[float, float]]:
+    """A consumer's own histograms of the latency tail, from its ``/metrics``: {family: {le: count}}.
+    Empty for a server without an API (the bare one)."""
+    if not server.http_port:
+        return {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        family.name: {float(sample.labels["le"]): sample.value for sample in family.samples if "le" in sample.labels}
+        for family in text_string_to_metric_families(text)
+        if family.name in INSIDE_HISTOGRAMS.values()
+    }
+
+
+def quantile_at_most_ms(before: dict[float, float], after: dict[float, float], quantile: float) -> float | None:
+    """The upper edge (ms) of the bucket that holds ``quantile`` of what a histogram observed between two
+    scrapes; None if it observed nothing, or if that bucket is the one beyond the last edge."""
+    total = after.get(math.inf, 0) - before.get(math.inf, 0)
+    if total <= 0:
+        return None
+    edge = next(le for le in sorted(after) if after[le] - before.get(le, 0) >= quantile * total)
+    return None if math.isinf(edge) else round(edge * 1000, 1)
+
+
 def measure(
     server: Server, generator: Generator, arguments: argparse.Namespace, half_rate: float | None
 ) -> dict[str, Any]:
@@ -251,9 +284,11 @@ def measure(
         server, count=arguments.saturation_count, duration_s=arguments.phase_s, outstanding=arguments.outstanding
     )
     rate = half_rate if half_rate is not None else saturation.rate / 2
+    inside_before = inside_histograms(server)
     half = generator.run(
         server, count=max(int(rate * arguments.phase_s), 1), duration_s=arguments.phase_s, rate=rate, outstanding=8192
     )
+    inside_after = inside_histograms(server)
     answered = max(saturation.report["acknowledged"] + saturation.report["other_code"], 1)
     return {
         "saturation_per_s": round(saturation.rate),
@@ -265,6 +300,11 @@ def measure(
         "half_timed_out": half.report["timed_out"],
         "udp_drops": saturation.drops + half.drops,
         "codes": saturation.report["codes"],
+    } | {
+        # Where the tail is: inside the consumer (its resource's answer, its group commits), or before it.
+        f"half_{key}_p99_ms_at_most": quantile_at_most_ms(inside_before[family], inside_after[family], 0.99)
+        for key, family in INSIDE_HISTOGRAMS.items()
+        if family in inside_after
     }
 
 
@@ -312,13 +352,37 @@ def machine() -> dict[str, Any]:
     }
 
 
-def disk_fsync_ms(directory: Path, count: int = 1000) -> dict[str, float]:
+def disk_fsync_ms(directory: Path, count: int = 1000, *, beside_checkpoints: bool = False) -> dict[str, float]:
     """The disk under the stores: ``count`` appends of 4 KiB to a file in ``directory``, each followed by
     ``fsync``, as a group commit's WAL append is. Every acknowledgement waits for one, so this disk's tail
-    is a floor under the consumer's latency tail."""
+    is a floor under the consumer's latency tail.
+
+    With ``beside_checkpoints``, the appends are paced as group commits are (one per 2 ms window) while a
+    thread does what SQLite's automatic checkpoint does several times a second at the bench's rates (a WAL
+    of 1,000 pages, ~3 pages a reading): it writes 1,000 pages of 4 KiB at random places in a second file of
+    16 MiB, fsyncs it, and waits 0.2 s. The checkpoint runs inside a commit or on a thread of its own; either
+    way its writes share the disk with the next commit's fsync, and this measures what that costs."""
     block = os.urandom(4096)
     took: list[float] = []
     path = directory / "fsync-probe"
+    database = directory / "fsync-probe-database"
+    finished = threading.Event()
+
+    def checkpoint_shaped_writes() -> None:
+        pages = 16 * 1024 * 1024 // len(block)
+        descriptor = os.open(database, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not finished.is_set():
+                for _ in range(1000):
+                    os.pwrite(descriptor, block, random.randrange(pages) * len(block))
+                os.fsync(descriptor)
+                finished.wait(0.2)
+        finally:
+            os.close(descriptor)
+
+    writer = threading.Thread(target=checkpoint_shaped_writes, name="fsync-probe-checkpoints")
+    if beside_checkpoints:
+        writer.start()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         for _ in range(count):
@@ -326,9 +390,15 @@ def disk_fsync_ms(directory: Path, count: int = 1000) -> dict[str, float]:
             os.write(descriptor, block)
             os.fsync(descriptor)
             took.append((time.perf_counter() - started) * 1000)
+            if beside_checkpoints:
+                time.sleep(0.002)
     finally:
         os.close(descriptor)
+        finished.set()
+        if beside_checkpoints:
+            writer.join()
         path.unlink()
+        database.unlink(missing_ok=True)
     cuts = statistics.quantiles(took, n=1000, method="inclusive")  # as bench_ingest's: never beyond the largest
     return {
         "fsyncs": count,
@@ -369,7 +439,11 @@ def main() -> int:
         scratch = Path(scratch_name)
         fleet = scratch / "fleet.yaml"
         bench_ingest.write_fleet(fleet, arguments.meters)
-        disk = disk_fsync_ms(scratch, 50 if arguments.smoke else 1000)
+        fsyncs = 50 if arguments.smoke else 1000
+        disk = {
+            "disk_fsync_4k_ms": disk_fsync_ms(scratch, fsyncs),
+            "disk_fsync_4k_beside_checkpoints_ms": disk_fsync_ms(scratch, fsyncs, beside_checkpoints=True),
+        }
         half: float | None = arguments.half_rate
         if "bare" not in arguments.skip:
             command = [sys.executable, str(BENCH_DIR / "bare_server.py"), "--port", "0"]
@@ -393,7 +467,7 @@ def main() -> int:
     for result in results.values():
         if reference and "saturation_per_s" in result:
             result["ratio_to_bare"] = round(result["saturation_per_s"] / reference, 2)
-    print(json.dumps({"machine": machine() | {"disk_fsync_4k_ms": disk}, "results": results}, indent=2))
+    print(json.dumps({"machine": machine() | disk, "results": results}, indent=2))
     missing = sum(result.get("acknowledged_missing_from_store", 0) for result in results.values())
     if missing:
         print(f"bench: {missing} acknowledged reading(s) missing from the store", file=sys.stderr)

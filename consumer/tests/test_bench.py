@@ -8,6 +8,7 @@ check (every reading the generator saw acknowledged is in the stopped consumer's
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -40,9 +41,27 @@ def test_bench_smoke_run_stores_every_acknowledged_reading(tmp_path: Path) -> No
     assert consumer["acknowledged_missing_from_store"] == 0
     assert consumer["rss_mb_end"] > 0
     assert results["oscore"]["acknowledged_missing_from_store"] == 0
-    disk = report["machine"]["disk_fsync_4k_ms"]
-    # 0 is a true figure on tmpfs, where an fsync rounds to 0.00 ms.
-    assert disk["fsyncs"] == 50 and 0 <= disk["p50"] <= disk["p99"] <= disk["p99_9"] <= disk["max"]
+    # The consumer's own histograms split its half-rate p99 (the bare server has none).
+    assert "half_commit_p99_ms_at_most" not in results["bare"]
+    for key in ("half_inside_ack_p99_ms_at_most", "half_commit_p99_ms_at_most"):
+        assert consumer[key] is None or consumer[key] > 0, key
+    for probe in ("disk_fsync_4k_ms", "disk_fsync_4k_beside_checkpoints_ms"):
+        disk = report["machine"][probe]
+        # 0 is a true figure on tmpfs, where an fsync rounds to 0.00 ms.
+        assert disk["fsyncs"] == 50 and 0 <= disk["p50"] <= disk["p99"] <= disk["p99_9"] <= disk["max"], probe
+
+
+def test_a_histograms_quantile_is_the_edge_of_its_bucket_between_two_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from bench_compare import quantile_at_most_ms
+
+    before = {0.001: 10.0, 0.005: 10.0, 0.01: 10.0, math.inf: 10.0}  # observed before the run: not counted
+    after = {0.001: 100.0, 0.005: 108.0, 0.01: 109.0, math.inf: 110.0}  # 90, 8, 1 and 1 in the run
+    assert quantile_at_most_ms(before, after, 0.5) == 1.0
+    assert quantile_at_most_ms(before, after, 0.95) == 5.0
+    assert quantile_at_most_ms(before, after, 0.99) == 10.0
+    assert quantile_at_most_ms(before, after, 0.999) is None  # beyond the last edge
+    assert quantile_at_most_ms(after, after, 0.99) is None  # nothing observed
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc (the bench's C load generator) is not installed")

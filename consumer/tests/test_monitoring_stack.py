@@ -320,3 +320,20 @@ def test_docs_describe_every_smartgas_metric() -> None:
     for name in sorted(names):
         # A counter's family is its name without _total: `smartgas_readings_received_total` matches.
         assert f"`{name}" in text, f"docs/metrics.md does not describe {name}"
+
+
+def test_every_bucket_a_query_names_is_an_edge_of_its_histogram() -> None:
+    """A ``le="X"`` that is not one of the histogram's edges selects nothing, and the query answers 0 or
+    nothing without an error: the docs' example queries and the dashboards' are checked against the edges."""
+    metrics = Metrics(alert_kinds=["offline"])
+    body, _ = metrics.render()
+    edges: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                edges.setdefault(sample.name, set()).add(sample.labels["le"])
+    queries = [METRICS_DOC.read_text(), *(expr for _, _, expr in dashboard_queries())]
+    named = [(name, le) for text in queries for name, le in re.findall(r'(\w+_bucket)\{[^}]*le="([^"]+)"', text)]
+    assert ("smartgas_ack_latency_seconds_bucket", "1.0") in named  # the docs' query of separate answers
+    for name, le in named:
+        assert le in edges.get(name, set()), f'{name}{{le="{le}"}}: not an edge of {sorted(edges.get(name, []))}'
