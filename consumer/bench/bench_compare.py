@@ -380,8 +380,9 @@ def disk_fsync_ms(directory: Path, count: int = 1000, *, beside_checkpoints: boo
         finally:
             os.close(descriptor)
 
-    writer = threading.Thread(target=checkpoint_shaped_writes, name="fsync-probe-checkpoints")
+    writer: threading.Thread | None = None
     if beside_checkpoints:
+        writer = threading.Thread(target=checkpoint_shaped_writes, name="fsync-probe-checkpoints")
         writer.start()
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -390,12 +391,12 @@ def disk_fsync_ms(directory: Path, count: int = 1000, *, beside_checkpoints: boo
             os.write(descriptor, block)
             os.fsync(descriptor)
             took.append((time.perf_counter() - started) * 1000)
-            if beside_checkpoints:
+            if writer is not None:
                 time.sleep(0.002)
     finally:
         os.close(descriptor)
         finished.set()
-        if beside_checkpoints:
+        if writer is not None:
             writer.join()
         path.unlink()
         database.unlink(missing_ok=True)
