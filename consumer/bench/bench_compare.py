@@ -45,7 +45,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,11 +256,9 @@ def inside_histograms(server: Server) -> dict[str, dict[float, float]]:
     Empty for a server without an API (the bare one)."""
     if not server.http_port:
         return {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
     return {
         family.name: {float(sample.labels["le"]): sample.value for sample in family.samples if "le" in sample.labels}
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(serving.metrics_text(server.http_port))
         if family.name in INSIDE_HISTOGRAMS.values()
     }
 

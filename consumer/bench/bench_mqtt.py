@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import serving  # a sibling module: the script runs as consumer/bench/bench_mqtt.py
@@ -35,8 +34,7 @@ STORED = re.compile(r"^smartgas_readings_stored_total (\S+)$", re.MULTILINE)
 
 
 def stored(http_port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
-        match = STORED.search(response.read().decode())
+    match = STORED.search(serving.metrics_text(http_port))
     return int(float(match.group(1))) if match else 0
 
 
