@@ -20,9 +20,11 @@ For the consumer rows, a sustained open loop at ``--sustain-rate`` (2,000/s) for
 seconds (300 by default), the consumer's RSS sampled through it (the last sample, and the growth over the
 last two minutes), and the requests of it answered with another code than 2.04 or not within 5 s.
 Before the runs, the disk under the stores: 1,000 fsyncs of a 4 KiB append, as each group commit makes
-(every acknowledgement waits for one, so that disk's tail is a floor under the latency tail). After each
-consumer run the consumer is stopped and every reading the generator saw acknowledged is looked up in
-its store: the bench fails (exit 1) if one is missing.
+(every acknowledgement waits for one, so that disk's tail is a floor under the latency tail), then 1,000
+more beside checkpoint-shaped writes into another file (``disk_fsync_ms``). For the consumer rows, the
+half-rate p99 split by the consumer's own histograms (``/metrics``: its answer inside, one group commit),
+read before and after that run. After each consumer run the consumer is stopped and every reading the
+generator saw acknowledged is looked up in its store: the bench fails (exit 1) if one is missing.
 
 Run: ``make bench``, or ``python consumer/bench/bench_compare.py --workers 2``; a smoke run with tiny
 counts: ``python consumer/bench/bench_compare.py --smoke``. Results: docs/benchmarks.md.
@@ -45,7 +47,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,11 +258,9 @@ def inside_histograms(server: Server) -> dict[str, dict[float, float]]:
     Empty for a server without an API (the bare one)."""
     if not server.http_port:
         return {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
     return {
         family.name: {float(sample.labels["le"]): sample.value for sample in family.samples if "le" in sample.labels}
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(serving.metrics_text(server.http_port))
         if family.name in INSIDE_HISTOGRAMS.values()
     }
 

@@ -53,9 +53,9 @@ def fill(db: Path, meters: int, history: int) -> float:
         await store.close()
 
     asyncio.run(create())
-    end = datetime.now(UTC) - timedelta(minutes=1)
-    end = end.replace(microsecond=0)
+    end = (datetime.now(UTC) - timedelta(minutes=1)).replace(microsecond=0)
     first = end - timedelta(seconds=PERIOD_S * (history - 1))
+    last = format_timestamp(end)
     with contextlib.closing(sqlite3.connect(db)) as connection, connection:
         for index in range(meters):
             meter_id = bench_ingest.meter_id(index)
@@ -68,7 +68,6 @@ def fill(db: Path, meters: int, history: int) -> float:
                 " FROM n)",
                 {"history": history, "meter": meter_id, "first": int(first.timestamp()), "period": PERIOD_S},
             )
-            last = format_timestamp(end)
             connection.execute(
                 "INSERT INTO meters (meter_id, known, client_id, site_id, first_seen, last_seen, epoch, last_seq,"
                 " last_ts, readings, last_reading_id) VALUES (?, 1, 'bench', 'lab', ?, ?, 0, ?, ?, ?,"

@@ -1,8 +1,9 @@
 """A server process for a benchmark: started on loopback ephemeral ports, its ports read from its log.
 
 Shared by the benchmark scripts (``bench_compare.py``, ``bench_ingest.py``, ``bench_mqtt.py``,
-``bench_flood.py``, and the publisher's ``bench_scale.py``), which import it as a sibling module (the
-publisher's puts this folder on its path); the tests have their own helper (``consumer/tests/running.py``).
+``bench_workers.py``, ``bench_flood.py``, and the publisher's ``bench_scale.py``), which import it as a
+sibling module (the publisher's puts this folder on its path); the tests have their own helper
+(``consumer/tests/running.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,12 @@ def stat_cpu_seconds(stat_path: Path) -> float:
     """User and system CPU time in a process's or a thread's ``/proc/.../stat`` (``.../task/TID/stat``)."""
     fields = stat_path.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def metrics_text(http_port: int) -> str:
+    """A consumer's ``/metrics`` (Prometheus text format) on its loopback HTTP port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
 
 
 def serve_command(db: Path, *options: str) -> list[str]:

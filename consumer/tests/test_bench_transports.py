@@ -32,6 +32,9 @@ def test_mqtt_bench_smoke_run_stores_every_reading_over_both_transports() -> Non
     assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in completed.stdout.splitlines()[1:]}
     assert rows["in_store"] == ["20", "20"]  # coap, mqtt
+    # Timed from the last look that found nothing stored, 50 ms apart: never shorter than one look (20
+    # readings all stored between two looks were once timed at 0.0 s, millions of readings a second).
+    assert all(float(seconds) >= 0.05 for seconds in rows["seconds"]), rows["seconds"]
 
 
 def test_scale_bench_smoke_run_reports_send_delays() -> None:
